@@ -1,0 +1,46 @@
+"""Export component: an immutable, verified model version in object storage."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model
+
+from components import KFTUNE_IMAGE
+
+
+@dsl.component(base_image=KFTUNE_IMAGE, install_kfp_package=False)
+def export(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    pipeline_root: str,
+    run_name: str,
+    destination: str,
+    version: str,
+) -> str:
+    """Writes the chosen model, a SavedModel and metadata.json to destination/version/.
+
+    An existing version is never overwritten; checksums are read back after upload.
+
+    Args:
+        model: The chosen model.
+        dataset: The dataset it was trained on (its fingerprint is recorded).
+        pipeline_root: The run's pipeline root (set by the pipeline).
+        run_name: The run's name (set by the pipeline), recorded as the source.
+        destination: gs://BUCKET/PREFIX or a local folder; empty: <pipeline root>/exports.
+        version: The version folder; empty: a UTC timestamp (vYYYYMMDD-HHMMSS).
+
+    Returns:
+        The URI of the exported version.
+    """
+    from kftune import export as ex
+    from kftune.errors import user_errors
+
+    metadata = {
+        "source_run": run_name,
+        "candidate": model.metadata.get("candidate", ""),
+        "metrics": {k: model.metadata[k] for k in ("accuracy", "gzip_bytes") if k in model.metadata},
+        "data_fingerprint": dataset.metadata.get("fingerprint", ""),
+    }
+    with user_errors():
+        uri, checksums = ex.export(model.path, destination or f"{pipeline_root.rstrip('/')}/exports", metadata,
+                                   version=version)
+    print(f"export: wrote {len(checksums)} files to {uri}, checksums verified")
+    return uri

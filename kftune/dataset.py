@@ -1,0 +1,398 @@
+"""Ingesting image classification data and reading it back as ``tf.data``.
+
+A kftune dataset is a folder: ``info.json`` (class names, image size, split
+sizes, fingerprint) and TFRecord shards of fixed-size uint8 images, one set of
+shards per split (``train``, ``validation``, ``test``). Every later step reads
+that folder, so ingest is the one place that decodes, resizes and splits.
+
+Sources: the bundled dataset (scikit-learn's handwritten digits, upscaled; it
+ships inside scikit-learn, so no network is needed), a folder with one
+subfolder per class, TFRecord shards with ``image`` (encoded PNG/JPEG) and
+``label`` (int64) features, or a ``gs://`` prefix holding either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from kftune import storage
+from kftune.errors import InputError
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "bundled:digits"
+SPLITS = ("train", "validation", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+INFO_FILE = "info.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+    """How to read and split a dataset.
+
+    Attributes:
+        source: ``bundled:digits``, a local folder, or a ``gs://`` prefix. A
+            folder holds one subfolder of images per class, or ``*.tfrecord``
+            shards with ``image`` and ``label`` features (and optionally a
+            ``labels.txt`` with one class name per line).
+        image_size: Images are resized to ``image_size`` x ``image_size``.
+        channels: 1 (grayscale) or 3 (RGB; what pretrained backbones expect).
+        validation_fraction: Share of each class held out for validation.
+        test_fraction: Share of each class held out for the final test.
+        seed: Seeds the split, so the same seed gives the same split.
+        shard_size: Examples per TFRecord shard.
+        max_corrupt_fraction: Undecodable images are skipped and counted;
+            ingest fails when more than this share of the images are bad.
+    """
+
+    source: str = BUNDLED
+    image_size: int = 32
+    channels: int = 3
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    shard_size: int = 4096
+    max_corrupt_fraction: float = 0.05
+
+    def __post_init__(self):
+        if not str(self.source).strip():
+            raise InputError("`source` is empty: give bundled:digits, a folder, or a gs:// prefix.")
+        if not 8 <= self.image_size <= 1024:
+            raise InputError(f"`image_size` must be between 8 and 1024. Received: image_size={self.image_size}")
+        if self.channels not in (1, 3):
+            raise InputError(f"`channels` must be 1 or 3. Received: channels={self.channels}")
+        for name in ("validation_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise InputError(f"`{name}` must be between 0 and 1 (exclusive). Received: {name}={value}")
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise InputError(
+                "`validation_fraction` + `test_fraction` must leave at least 10% for training. "
+                f"Received: {self.validation_fraction} + {self.test_fraction}"
+            )
+        if self.shard_size < 1:
+            raise InputError(f"`shard_size` must be at least 1. Received: shard_size={self.shard_size}")
+        if not 0.0 <= self.max_corrupt_fraction < 1.0:
+            raise InputError(
+                f"`max_corrupt_fraction` must be in [0, 1). Received: {self.max_corrupt_fraction}"
+            )
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    """What ``info.json`` records about a kftune dataset folder."""
+
+    class_names: list[str]
+    image_size: int
+    channels: int
+    splits: dict[str, int]
+    source: str = ""
+    seed: int = 0
+    fingerprint: str = ""
+    skipped: int = 0
+    # Set when the training split must be augmented online (see kftune.augment).
+    augment: dict | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, self.channels)
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, INFO_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DatasetInfo:
+        path = Path(folder, INFO_FILE)
+        if not path.exists():
+            raise InputError(f"`{folder}` is not a kftune dataset (no {INFO_FILE}): run the ingest step first.")
+        return cls(**json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _bundled_digits() -> tuple[list[str], list[tuple[object, int]]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 8x8 images with values 0..16; scale to the full uint8 range.
+    images = (digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return [str(c) for c in digits.target_names], [
+        (image, int(label)) for image, label in zip(images, digits.target, strict=True)
+    ]
+
+
+def _folder_records(root: Path) -> tuple[list[str], list[tuple[object, int]]]:
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise InputError(
+            f"`{root}` has no class subfolders: put each class's images in its own subfolder "
+            "(data/cat/*.jpg, data/dog/*.jpg) or give TFRecord shards."
+        )
+    records = []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        records.extend((path, label) for path in files)
+    return [d.name for d in class_dirs], records
+
+
+def _tfrecord_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and ".tfrecord" in p.name)
+
+
+def _tfrecord_records(root: Path) -> tuple[list[str], list[tuple[object, int]]]:
+    import tensorflow as tf
+
+    spec = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+    }
+    records = []
+    try:
+        for raw in tf.data.TFRecordDataset([str(p) for p in _tfrecord_files(root)]):
+            example = tf.io.parse_single_example(raw, spec)
+            records.append((example["image"].numpy(), int(example["label"])))
+    except tf.errors.OpError as e:
+        raise InputError(
+            f"TFRecord shards under `{root}` could not be read ({e.message.splitlines()[0]}): "
+            "each example needs an encoded `image` (bytes) and an int64 `label`."
+        ) from e
+    labels_file = root / "labels.txt"
+    num_classes = max((label for _, label in records), default=-1) + 1
+    if labels_file.exists():
+        names = [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
+        if len(names) < num_classes:
+            raise InputError(
+                f"`{labels_file}` names {len(names)} classes but the shards use label {num_classes - 1}: "
+                "add the missing class names."
+            )
+    else:
+        names = [str(i) for i in range(num_classes)]
+    return names, records
+
+
+def _list_source(source: str, workdir: Path) -> tuple[list[str], list[tuple[object, int]]]:
+    if source == BUNDLED:
+        return _bundled_digits()
+    root = storage.fetch(source, workdir) if storage.is_gcs(source) else Path(source)
+    if not root.exists():
+        raise InputError(f"dataset source `{source}` does not exist: give a folder, a gs:// prefix or {BUNDLED}.")
+    if not root.is_dir():
+        raise InputError(f"dataset source `{source}` is a file: give the folder that holds the class subfolders.")
+    if _tfrecord_files(root):
+        return _tfrecord_records(root)
+    return _folder_records(root)
+
+
+# ---------------------------------------------------------------- split
+
+
+def split_indices(labels: list[int], config: IngestConfig, class_names: list[str]) -> dict[str, list[int]]:
+    """Stratified, seeded split: every class is split with the same fractions."""
+    rng = np.random.default_rng(config.seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    splits: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for label in range(len(class_names)):
+        members = by_class.get(label, [])
+        if len(members) < 3:
+            raise InputError(
+                f"class `{class_names[label]}` has {len(members)} image(s): each class needs at least 3 "
+                "(one each for train, validation and test). Add images or remove the class."
+            )
+        members = list(rng.permutation(members))
+        n_test = max(1, round(len(members) * config.test_fraction))
+        n_val = max(1, round(len(members) * config.validation_fraction))
+        splits["test"] += members[:n_test]
+        splits["validation"] += members[n_test : n_test + n_val]
+        splits["train"] += members[n_test + n_val :]
+    return {name: [int(i) for i in rng.permutation(idx)] for name, idx in splits.items()}
+
+
+# ---------------------------------------------------------------- write / read
+
+
+def _to_image(item, config: IngestConfig):
+    """Decodes (if bytes or a path) and resizes one image to uint8 HxWxC."""
+    import tensorflow as tf
+
+    if isinstance(item, Path):
+        item = item.read_bytes()
+    if isinstance(item, bytes):
+        image = tf.io.decode_image(item, channels=config.channels, expand_animations=False)
+    else:
+        image = tf.convert_to_tensor(item)
+        if image.shape.rank == 2:
+            image = image[..., None]
+        if image.shape[-1] != config.channels:
+            image = image[..., :1]
+            image = tf.image.grayscale_to_rgb(image) if config.channels == 3 else image
+    size = (config.image_size, config.image_size)
+    if tuple(image.shape[:2]) != size:
+        image = tf.image.resize(image, size, method="bilinear", antialias=True)
+        image = tf.clip_by_value(tf.round(image), 0, 255)
+    return tf.cast(image, tf.uint8).numpy()
+
+
+def _example(image: np.ndarray, label: int) -> bytes:
+    import tensorflow as tf
+
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+class ShardWriter:
+    """Writes (image, label) pairs of one split into numbered TFRecord shards."""
+
+    def __init__(self, folder: str | Path, split: str, shard_size: int):
+        self.folder, self.split, self.shard_size = Path(folder), split, shard_size
+        self.count = 0
+        self._writer = None
+
+    def write(self, image: np.ndarray, label: int) -> None:
+        import tensorflow as tf
+
+        if self.count % self.shard_size == 0:
+            self.close()
+            shard = self.count // self.shard_size
+            self._writer = tf.io.TFRecordWriter(str(self.folder / f"{self.split}-{shard:05d}.tfrecord"))
+        self._writer.write(_example(image, label))
+        self.count += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def fingerprint(folder: str | Path) -> str:
+    """SHA-256 over the shards' bytes: two datasets with the same data agree."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.tfrecord")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str], None] = log.info) -> DatasetInfo:
+    """Reads ``config.source``, splits it, and writes a kftune dataset to ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        class_names, records = _list_source(config.source, Path(workdir))
+        if not records:
+            raise InputError(f"dataset source `{config.source}` holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+        if len(class_names) < 2:
+            raise InputError(f"dataset source `{config.source}` has {len(class_names)} class: a classifier needs at least 2.")
+        splits = split_indices([label for _, label in records], config, class_names)
+        progress(f"ingest: {len(records)} images, {len(class_names)} classes from {config.source}")
+        skipped = 0
+        counts = {}
+        for split in SPLITS:
+            writer = ShardWriter(output_dir, split, config.shard_size)
+            for index in splits[split]:
+                item, label = records[index]
+                try:
+                    image = _to_image(item, config)
+                except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and counted
+                    skipped += 1
+                    log.warning("skipping %s: %s", item if isinstance(item, Path) else f"record {index}", str(e).splitlines()[0])
+                    continue
+                writer.write(image, label)
+            writer.close()
+            counts[split] = writer.count
+            progress(f"ingest: wrote {writer.count} {split} images")
+    if skipped > config.max_corrupt_fraction * len(records):
+        raise InputError(
+            f"{skipped} of {len(records)} images in `{config.source}` could not be decoded, more than "
+            f"max_corrupt_fraction={config.max_corrupt_fraction}: fix or remove the bad files."
+        )
+    info = DatasetInfo(
+        class_names=class_names,
+        image_size=config.image_size,
+        channels=config.channels,
+        splits=counts,
+        source=config.source,
+        seed=config.seed,
+        fingerprint=fingerprint(output_dir),
+        skipped=skipped,
+    )
+    info.save(output_dir)
+    return info
+
+
+def load_split(folder: str | Path, split: str):
+    """The examples of one split as a ``tf.data.Dataset`` of (uint8 image, int64 label)."""
+    import tensorflow as tf
+
+    info = DatasetInfo.load(folder)
+    if split not in info.splits:
+        raise InputError(f"dataset `{folder}` has no `{split}` split; it has {sorted(info.splits)}.")
+    files = sorted(str(p) for p in Path(folder).glob(f"{split}-*.tfrecord"))
+    spec = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+    def parse(raw):
+        example = tf.io.parse_single_example(raw, spec)
+        image = tf.reshape(tf.io.decode_raw(example["image"], tf.uint8), info.shape)
+        return image, example["label"]
+
+    return tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def load_arrays(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split as numpy arrays (uint8 images, int labels): for small evaluation sets."""
+    images, labels = [], []
+    for image, label in load_split(folder, split).batch(1024).as_numpy_iterator():
+        images.append(image)
+        labels.append(label)
+    info = DatasetInfo.load(folder)
+    if not images:
+        return np.zeros((0, *info.shape), np.uint8), np.zeros((0,), np.int64)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def batches(
+    data,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    transform: Callable | None = None,
+):
+    """Batches a (image, label) ``tf.data.Dataset`` for training or evaluation.
+
+    ``transform`` maps a batch of uint8 images to augmented ones; it is given only
+    for training data (see kftune.augment), never for validation or test.
+    """
+    import tensorflow as tf
+
+    if shuffle:
+        data = data.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
+    data = data.batch(batch_size)
+    if transform is not None:
+        data = data.map(lambda x, y: (transform(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return data.prefetch(tf.data.AUTOTUNE)
+
+
+def iter_split(folder: str | Path, split: str) -> Iterator[tuple[np.ndarray, int]]:
+    for image, label in load_split(folder, split).as_numpy_iterator():
+        yield image, int(label)

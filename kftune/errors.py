@@ -1,0 +1,54 @@
+"""The errors kftune raises on purpose.
+
+A small family, in the manner of keras-tuner's ``errors.py``: each class also
+subclasses the built-in that fits, so callers can catch either. Components map
+them to exit codes: the user's mistakes (``InputError``) are not worth a retry,
+storage faults may be.
+"""
+
+
+class KftuneError(Exception):
+    """Base class of every error kftune raises on purpose."""
+
+
+class InputError(KftuneError, ValueError):
+    """The user gave something kftune cannot use: a bad parameter, spec or dataset.
+
+    The message names the input and says what to do.
+    """
+
+
+class StorageError(KftuneError, RuntimeError):
+    """Object storage refused or failed a request (missing bucket, denied access)."""
+
+
+class ExistsError(KftuneError, FileExistsError):
+    """A destination already holds what kftune would write; kftune never overwrites it."""
+
+
+# Exit codes at the component boundary: a user's mistake is not worth a retry.
+EXIT_INPUT = 2
+EXIT_STORAGE = 3
+
+
+class user_errors:  # noqa: N801 - used as a context manager, reads like one
+    """Turns kftune's own errors into one line on stderr and an exit code.
+
+    A user who gets a parameter wrong sees ``kftune: error: <what and what to
+    do>`` at the end of the step's log, not a traceback from deep inside
+    TensorFlow. Anything else is a bug or a system fault and keeps its traceback.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        import sys
+
+        if isinstance(error, InputError | ExistsError):
+            print(f"kftune: error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INPUT)
+        if isinstance(error, StorageError):
+            print(f"kftune: storage error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_STORAGE)
+        return False

@@ -1,0 +1,209 @@
+"""Fine-tuning: train a new head on a frozen pretrained backbone, then unfreeze gradually.
+
+Two ways in:
+
+* ``backbone=""`` continues training the search winner (the baseline model)
+  on the full training split, with early stopping: the search ran each trial
+  for a few epochs only.
+* ``backbone`` one of :data:`kftune.models.BACKBONES`: phase 1 trains a new
+  head on the frozen base; phase 2 unfreezes the top ``unfreeze_layers`` of the
+  base in ``unfreeze_steps`` steps at ``learning_rate * finetune_lr_factor``,
+  keeping BatchNormalization layers frozen and in inference mode.
+
+Every phase checkpoints each epoch (Keras' BackupAndRestore) under
+``checkpoint_dir``, and records when it has finished, so a process killed
+mid-training and started again resumes from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
+from kftune import dataset, models, storage
+from kftune.augment import AugmentSpec, training_batches
+from kftune.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune.
+
+    Attributes:
+        backbone: "" to continue training the search winner, or one of
+            vgg16, mobilenet_v2, efficientnet_b0, resnet50.
+        weights: For a backbone: ``imagenet`` (downloaded by Keras, needs
+            internet), a weights file path or ``gs://`` URI (for clusters without
+            internet), or ``none`` (random initialisation).
+        epochs: Epochs of the head phase (or of the continued training).
+        finetune_epochs: Epochs of each unfreezing step.
+        unfreeze_layers: How many of the base's top layers end up trainable.
+        unfreeze_steps: In how many steps they are unfrozen.
+        learning_rate: Head learning rate; 0 takes the search's best.
+        finetune_lr_factor: Unfreezing steps train at learning_rate times this.
+        batch_size: 0 takes the search's best.
+        input_size: Backbone input size; 0 keeps the dataset's (at least 32).
+        patience: Early stopping patience (epochs without better val_accuracy).
+        seed: Seeds shuffling, augmentation and initialisation.
+    """
+
+    backbone: str = ""
+    weights: str = "imagenet"
+    epochs: int = 10
+    finetune_epochs: int = 3
+    unfreeze_layers: int = 20
+    unfreeze_steps: int = 2
+    learning_rate: float = 0.0
+    finetune_lr_factor: float = 0.1
+    batch_size: int = 0
+    input_size: int = 0
+    patience: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.backbone and self.backbone not in models.BACKBONES:
+            raise InputError(
+                f"`backbone` must be empty (fine-tune the search winner) or one of {sorted(models.BACKBONES)}. "
+                f"Received: backbone={self.backbone!r}"
+            )
+        for name, low in (("epochs", 1), ("finetune_epochs", 0), ("unfreeze_layers", 0), ("unfreeze_steps", 1),
+                          ("batch_size", 0), ("input_size", 0), ("patience", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise InputError(f"`{name}` must be a whole number >= {low}. Received: {name}={value!r}")
+        if self.learning_rate < 0 or not 0 < self.finetune_lr_factor <= 1:
+            raise InputError(
+                "`learning_rate` must be >= 0 (0: the search's best) and `finetune_lr_factor` in (0, 1]. "
+                f"Received: learning_rate={self.learning_rate}, finetune_lr_factor={self.finetune_lr_factor}"
+            )
+        if self.backbone and not self.weights:
+            raise InputError("`weights` is empty: give imagenet, a weights file or gs:// URI, or none.")
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """Per-phase histories (``{"phase": ..., "history": {metric: [per epoch]}}``)."""
+
+    phases: list[dict]
+    hyperparameters: dict
+
+    @property
+    def final(self) -> dict:
+        history = self.phases[-1]["history"]
+        return {k: v[-1] for k, v in history.items() if v}
+
+
+def _resolve_weights(config: FinetuneConfig, workdir: Path) -> str | None:
+    """Where the base's weights come from; fails fast, before any training."""
+    if not config.backbone or config.weights == "none":
+        return None
+    if config.weights == "imagenet":
+        constructor = getattr(models.keras().applications, models.BACKBONES[config.backbone].constructor)
+        try:
+            constructor(include_top=False, weights="imagenet")
+        except Exception as e:  # noqa: BLE001 - any download failure means the same to the user
+            raise InputError(
+                f"could not download ImageNet weights for {config.backbone} ({type(e).__name__}); "
+                "this cluster may have no internet: set `weights` to a weights file or gs:// URI "
+                "(base.save_weights('base.h5') on a machine with internet), or to `none`."
+            ) from e
+        return "imagenet"
+    return str(storage.fetch(config.weights, workdir))
+
+
+def _fit_phase(model, name: str, train, val, epochs: int, checkpoint_dir: Path, callbacks: list, verbose: int) -> dict:
+    """One fit() that resumes from its last finished epoch, or is skipped if already done."""
+    k = models.keras()
+    done_marker = checkpoint_dir / f"{name}.done.json"
+    weights_file = checkpoint_dir / f"{name}.weights.h5"
+    if done_marker.exists():
+        model.load_weights(weights_file)
+        log.info("fine-tune: phase %s already finished, loaded its weights", name)
+        return json.loads(done_marker.read_text())
+    backup = k.callbacks.BackupAndRestore(str(checkpoint_dir / f"{name}.backup"))
+    history = model.fit(train, validation_data=val, epochs=epochs, callbacks=[backup, *callbacks], verbose=verbose)
+    result = {k_: [float(v) for v in vals] for k_, vals in history.history.items()}
+    model.save_weights(weights_file)
+    done_marker.write_text(json.dumps(result))
+    return result
+
+
+def finetune(
+    dataset_dir: str | Path,
+    baseline_dir: str | Path,
+    config: FinetuneConfig,
+    output_dir: str | Path,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    tensorboard_dir: str | Path | None = None,
+    progress: Callable[[str], None] = print,
+    verbose: int = 2,
+) -> FinetuneResult:
+    """Fine-tunes and saves the model to ``output_dir``; see the module docstring."""
+    import numpy as np
+    import tensorflow as tf
+
+    k = models.keras()
+    info = dataset.DatasetInfo.load(dataset_dir)
+    baseline, meta = models.load(baseline_dir)
+    hyper = dict(meta.hyperparameters) if meta else {}
+    lr = config.learning_rate or float(hyper.get("learning_rate", 1e-3))
+    batch_size = config.batch_size or int(hyper.get("batch_size", 32))
+    hyper.update({"learning_rate": lr, "batch_size": batch_size})
+    with tempfile.TemporaryDirectory() as workdir:
+        weights = _resolve_weights(config, Path(workdir))
+        checkpoint_dir = Path(checkpoint_dir or os.path.join(workdir, "checkpoints"))
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tf.keras.utils.set_random_seed(config.seed)
+        spec = AugmentSpec.from_dict(info.augment) if info.augment else None
+        train = training_batches(dataset.load_split(dataset_dir, "train"), spec, batch_size, config.seed)
+        x_val, y_val = dataset.load_arrays(dataset_dir, "validation")
+        val = (x_val.astype(np.float32), y_val)
+        callbacks = [k.callbacks.EarlyStopping("val_accuracy", patience=config.patience, restore_best_weights=True)]
+        if tensorboard_dir:
+            callbacks.append(k.callbacks.TensorBoard(str(tensorboard_dir)))
+        phases = []
+        if not config.backbone:
+            model = baseline
+            models.compile_model(model, info.num_classes, optimizer=hyper.get("optimizer", "adam"), learning_rate=lr,
+                                 momentum=hyper.get("momentum", 0.0))
+            progress(f"fine-tune: continuing the search winner for up to {config.epochs} epochs (lr={lr:g})")
+            phases.append({"phase": "continue", "history": _fit_phase(model, "continue", train, val, config.epochs, checkpoint_dir, callbacks, verbose)})
+            family = meta.family if meta else "unknown"
+        else:
+            model, base = models.backbone_classifier(
+                config.backbone, info.shape, info.num_classes, weights=weights, input_size=config.input_size,
+                dense_units=int(hyper.get("dense_units", 256)), dropout=float(hyper.get("dropout", 0.2)),
+            )
+            models.compile_model(model, info.num_classes, learning_rate=lr)
+            progress(f"fine-tune: phase 1, new head on frozen {config.backbone} ({weights or 'random'} weights), {config.epochs} epochs")
+            phases.append({"phase": "head", "history": _fit_phase(model, "head", train, val, config.epochs, checkpoint_dir, callbacks, verbose)})
+            candidates = [layer for layer in base.layers if not isinstance(layer, k.layers.BatchNormalization) and layer.weights]
+            for step in range(1, config.unfreeze_steps + 1):
+                count = round(config.unfreeze_layers * step / config.unfreeze_steps)
+                if count == 0 or config.finetune_epochs == 0:
+                    continue
+                base.trainable = True
+                for layer in base.layers:
+                    layer.trainable = False
+                for layer in candidates[-count:]:
+                    layer.trainable = True
+                models.compile_model(model, info.num_classes, learning_rate=lr * config.finetune_lr_factor)
+                progress(f"fine-tune: phase 2 step {step}, top {count} layers trainable, lr={lr * config.finetune_lr_factor:g}")
+                phases.append({"phase": f"unfreeze{step}", "history": _fit_phase(model, f"unfreeze{step}", train, val, config.finetune_epochs, checkpoint_dir, callbacks, verbose)})
+            family = config.backbone
+        models.save(
+            model,
+            output_dir,
+            models.ModelMeta(family=family, class_names=info.class_names, input_shape=list(info.shape),
+                             hyperparameters=hyper, stage="finetuned"),
+        )
+    return FinetuneResult(phases=phases, hyperparameters=hyper)

@@ -1,0 +1,282 @@
+"""Model families kftune builds, and how models are saved and loaded between steps.
+
+Every model takes raw uint8-range images (0..255) and does its own input
+scaling inside the graph, so a user never has to remember which backbone wants
+which preprocessing, and an exported model is served with the same inputs it
+was trained on.
+
+Models travel between pipeline steps as a folder holding ``model.keras`` (the
+Keras v3 file format of tf-keras, loaded in safe mode so that an artifact cannot
+smuggle in code through Lambda layers) and ``model.json`` (what built it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
+from kftune.errors import InputError
+
+MODEL_FILE = "model.keras"
+META_FILE = "model.json"
+
+
+def keras():
+    """tf-keras, the Keras 2 API that tensorflow-model-optimization can prune.
+
+    Imported on first use, so that reading configs (as the pipeline compiler
+    does) does not load TensorFlow. kftune's own layers are registered with it.
+    """
+    import tf_keras
+
+    from kftune import layers  # noqa: F401 - registers kftune's layers for safe-mode loading
+
+    return tf_keras
+
+
+def output_head(num_classes: int) -> tuple[int, str, str]:
+    """(units, activation, loss) for the output layer.
+
+    Two classes get one sigmoid unit and binary cross-entropy, as in the classic
+    Keras examples; more get a softmax and sparse categorical cross-entropy.
+    """
+    if num_classes < 2:
+        raise InputError(f"a classifier needs at least 2 classes. Received: num_classes={num_classes}")
+    if num_classes == 2:
+        return 1, "sigmoid", "binary_crossentropy"
+    return num_classes, "softmax", "sparse_categorical_crossentropy"
+
+
+def predict_classes(probabilities):
+    """Class ids from model outputs, for both head shapes."""
+    import numpy as np
+
+    probabilities = np.asarray(probabilities)
+    if probabilities.shape[-1] == 1:
+        return (probabilities[:, 0] >= 0.5).astype(np.int64)
+    return probabilities.argmax(axis=-1)
+
+
+def class_probabilities(outputs):
+    """(N, num_classes) probabilities from model outputs, for both head shapes."""
+    import numpy as np
+
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.shape[-1] == 1:
+        return np.concatenate([1.0 - outputs, outputs], axis=-1)
+    return outputs
+
+
+def small_cnn(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    filters: int = 32,
+    num_layers: int = 2,
+    dense_units: int = 64,
+    dropout: float = 0.2,
+    **_,
+):
+    """A small convolutional network: conv blocks, then a dense classifier head.
+
+    Extra hyperparameters (learning rate, batch size, ...) are accepted and
+    ignored, so a search space may hold training knobs too.
+    """
+    k = keras()
+    layers = k.layers
+    inputs = k.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255.0)(inputs)
+    for i in range(int(num_layers)):
+        x = layers.Conv2D(int(filters) * 2**i, 3, padding="same", activation="relu", name=f"conv{i}")(x)
+        if x.shape[1] >= 4:
+            x = layers.MaxPooling2D(name=f"pool{i}")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(int(dense_units), activation="relu", name="dense")(x)
+    x = layers.Dropout(float(dropout))(x)
+    units, activation, _ = output_head(num_classes)
+    outputs = layers.Dense(units, activation=activation, name="predictions")(x)
+    return k.Model(inputs, outputs, name="small_cnn")
+
+
+FAMILIES: dict[str, Callable] = {"small_cnn": small_cnn}
+
+
+def resolve_builder(name: str) -> Callable:
+    """A model-building function: a built-in family or the user's ``module:function``.
+
+    The function is called as ``fn(input_shape, num_classes, **hyperparameters)``
+    and returns an uncompiled tf-keras model.
+    """
+    if name in FAMILIES:
+        return FAMILIES[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise InputError(
+            f"model `{name}` is neither a built-in family ({', '.join(FAMILIES)}) nor `module:function`."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InputError(
+            f"model `{name}`: module `{module_name}` cannot be imported ({e}). Install it in the "
+            "component image (see README, 'Your own model')."
+        ) from e
+    if not callable(getattr(module, attr, None)):
+        raise InputError(f"model `{name}`: `{module_name}` has no function `{attr}`.")
+    return getattr(module, attr)
+
+
+OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
+
+
+def compile_model(model, num_classes: int, *, optimizer: str = "adam", learning_rate: float = 1e-3, momentum: float = 0.0):
+    """Compiles with the loss that fits the output head, tracking accuracy."""
+    k = keras()
+    name = str(optimizer).lower()
+    if name not in OPTIMIZERS:
+        raise InputError(f"`optimizer` must be one of {OPTIMIZERS}. Received: optimizer={optimizer}")
+    lr = float(learning_rate)
+    opt = {
+        "adam": lambda: k.optimizers.Adam(lr),
+        "sgd": lambda: k.optimizers.SGD(lr, momentum=float(momentum)),
+        "rmsprop": lambda: k.optimizers.RMSprop(lr),
+        "adamw": lambda: k.optimizers.AdamW(lr),
+    }[name]()
+    _, _, loss = output_head(num_classes)
+    model.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
+    return model
+
+
+@dataclasses.dataclass
+class ModelMeta:
+    """What ``model.json`` records beside a saved model."""
+
+    family: str
+    class_names: list[str]
+    input_shape: list[int]
+    hyperparameters: dict = dataclasses.field(default_factory=dict)
+    stage: str = ""
+
+
+def save(model, folder: str | Path, meta: ModelMeta) -> Path:
+    """Saves ``model`` and its metadata into ``folder`` (created if missing)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if model.optimizer is not None:
+        # Optimizer slots would double or triple the file and skew every size
+        # comparison; each step compiles the model it trains itself.
+        bare = keras().models.clone_model(model)
+        bare.set_weights(model.get_weights())
+        model = bare
+    model.save(folder / MODEL_FILE)
+    (folder / META_FILE).write_text(json.dumps(dataclasses.asdict(meta), indent=2))
+    return folder
+
+
+def load(folder: str | Path):
+    """Loads a model saved by :func:`save` (uncompiled), in Keras safe mode. Returns (model, meta)."""
+    folder = Path(folder)
+    path = folder / MODEL_FILE
+    if not path.exists():
+        raise InputError(f"`{folder}` holds no {MODEL_FILE}: pass a model written by a kftune step.")
+    try:
+        model = keras().models.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # noqa: BLE001 - a broken file must not surface as a deep traceback
+        raise InputError(f"`{path}` is not a loadable Keras model ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
+    meta = ModelMeta(**json.loads((folder / META_FILE).read_text())) if (folder / META_FILE).exists() else None
+    return model, meta
+
+
+# ---------------------------------------------------------------- backbones
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A keras.applications backbone and the input scaling its ImageNet weights expect."""
+
+    constructor: str
+    preprocessing: str  # caffe: BGR minus mean; tf: [-1, 1]; none: the model scales itself
+    min_size: int = 32
+
+
+BACKBONES: dict[str, Backbone] = {
+    "vgg16": Backbone("VGG16", "caffe"),
+    "mobilenet_v2": Backbone("MobileNetV2", "tf"),
+    "efficientnet_b0": Backbone("EfficientNetB0", "none"),
+    "resnet50": Backbone("ResNet50", "caffe"),
+}
+
+
+def _preprocess_layer(kind: str):
+    k = keras()
+    if kind == "caffe":
+        from kftune.layers import CaffePreprocess
+
+        return CaffePreprocess(name="preprocess")
+    if kind == "tf":
+        return k.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
+    return None
+
+
+def backbone_classifier(
+    name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    weights: str | None = None,
+    input_size: int = 0,
+    dense_units: int = 256,
+    dropout: float = 0.2,
+):
+    """A keras.applications backbone with a new classifier head. Returns (model, base).
+
+    The model takes raw 0..255 images of ``input_shape``: grayscale is repeated
+    to three channels, images are resized to ``input_size`` (at least the
+    backbone's minimum), and the backbone's own preprocessing is applied, all
+    inside the graph. The base is called with ``training=False`` so that its
+    BatchNormalization layers stay in inference mode when it is unfrozen.
+
+    Args:
+        weights: None (random), ``imagenet``, or a local ``.h5``/``.weights.h5``
+            file holding the base's weights (include_top=False).
+    """
+    if name not in BACKBONES:
+        raise InputError(f"`backbone` must be one of {sorted(BACKBONES)}. Received: backbone={name!r}")
+    k = keras()
+    spec = BACKBONES[name]
+    size = max(int(input_size) or input_shape[0], spec.min_size)
+    inputs = k.Input(shape=input_shape, name="image")
+    x = inputs
+    if input_shape[-1] == 1:
+        x = k.layers.Concatenate(name="gray_to_rgb")([x, x, x])
+    if (size, size) != tuple(input_shape[:2]):
+        x = k.layers.Resizing(size, size, name="resize")(x)
+    layer = _preprocess_layer(spec.preprocessing)
+    if layer is not None:
+        x = layer(x)
+    constructor = getattr(k.applications, spec.constructor)
+    base = constructor(
+        include_top=False,
+        weights="imagenet" if weights == "imagenet" else None,
+        input_shape=(size, size, 3),
+    )
+    if weights not in (None, "imagenet"):
+        try:
+            base.load_weights(weights)
+        except Exception as e:  # noqa: BLE001 - the file is the user's input
+            raise InputError(
+                f"weights file `{weights}` does not fit {spec.constructor}(include_top=False): "
+                f"{str(e).splitlines()[0][:200]}. Save them with base.save_weights() from the same architecture."
+            ) from e
+    base.trainable = False
+    x = base(x, training=False)
+    x = k.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = k.layers.Dense(int(dense_units), activation="relu", name="dense")(x)
+    x = k.layers.Dropout(float(dropout))(x)
+    units, activation, _ = output_head(num_classes)
+    outputs = k.layers.Dense(units, activation=activation, dtype="float32", name="predictions")(x)
+    return k.Model(inputs, outputs, name=f"{name}_classifier"), base

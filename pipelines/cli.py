@@ -1,0 +1,258 @@
+"""The ``kftune`` command: compile the pipeline, or run it on this machine.
+
+    kftune compile                       # writes pipelines/compiled/tuning_pipeline.yaml
+    kftune run-local [name=value ...]    # runs the compiled pipeline with KFP's local runner
+
+``run-local`` checks every parameter before anything runs, runs the very
+pipeline a cluster runs (the compiled YAML) with ``kfp.local``'s
+SubprocessRunner, and ends with a table: accuracy, size and time per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+COMPILED = PACKAGE_DIR / "compiled" / "tuning_pipeline.yaml"
+
+
+def compile_pipeline(output: str | Path = COMPILED) -> Path:
+    from kfp import compiler
+
+    from pipelines.tuning_pipeline import tuning_pipeline
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(tuning_pipeline, str(output))
+    return output
+
+
+# ---------------------------------------------------------------- parameters
+
+_CASTS = {"NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "STRING": str, "BOOLEAN": None}
+
+
+def pipeline_parameters(compiled: str | Path = COMPILED) -> dict[str, dict]:
+    """The pipeline's parameters (type and default), read from the compiled YAML."""
+    spec = next(yaml.safe_load_all(Path(compiled).read_text()))
+    return spec["root"]["inputDefinitions"]["parameters"]
+
+
+def parse_arguments(pairs: list[str], compiled: str | Path = COMPILED) -> dict:
+    """``name=value`` pairs, typed as the pipeline declares them."""
+    from kftune.errors import InputError
+
+    declared = pipeline_parameters(compiled)
+    out = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep:
+            raise InputError(f"`{pair}` is not name=value: write for example max_trials=4.")
+        if name not in declared:
+            raise InputError(f"unknown pipeline parameter `{name}`; the parameters are: {', '.join(sorted(declared))}.")
+        kind = declared[name]["parameterType"]
+        try:
+            if kind == "BOOLEAN":
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError(raw)
+                out[name] = raw.lower() == "true"
+            else:
+                out[name] = _CASTS[kind](raw)
+        except ValueError:
+            raise InputError(f"pipeline parameter `{name}` must be {kind.lower().replace('number_', '')}. Received: {raw!r}") from None
+    return out
+
+
+def check_arguments(arguments: dict, compiled: str | Path = COMPILED) -> None:
+    """Builds every step's config from the arguments, so bad input stops here, before any work."""
+    from kftune import augment, dataset, evaluate, export, finetune, prune, search
+    from kftune.errors import InputError
+
+    values = {name: spec.get("defaultValue") for name, spec in pipeline_parameters(compiled).items()}
+    values.update(arguments)
+    for name, spec in pipeline_parameters(compiled).items():
+        if spec["parameterType"] == "NUMBER_INTEGER" and values[name] is not None:
+            values[name] = int(values[name])
+    source = values["source"]
+    ingest = dataset.IngestConfig(
+        source=source, image_size=values["image_size"], channels=values["channels"],
+        validation_fraction=values["validation_fraction"], test_fraction=values["test_fraction"], seed=values["seed"],
+    )
+    if ingest.source != dataset.BUNDLED and "://" not in source and not Path(source).exists():
+        raise InputError(f"dataset source `{source}` does not exist: give a folder, a gs:// prefix or {dataset.BUNDLED}.")
+    augment.AugmentSpec.from_yaml(values["augment_spec"])
+    if values["augment_copies"] < 0:
+        raise InputError(f"`augment_copies` must be 0 (online) or more. Received: {values['augment_copies']}")
+    config = search.SearchConfig(
+        algorithm=values["search_algorithm"], max_trials=values["max_trials"], epochs=values["trial_epochs"],
+        folds=values["folds"], seed=values["seed"], model=values["model"],
+    )
+    config.check_space(search.SearchSpace.from_yaml(values["search_space"]))
+    for name in ("search_rounds", "trials_per_round"):
+        if values[name] < 1:
+            raise InputError(f"`{name}` must be at least 1. Received: {name}={values[name]}")
+    finetune.FinetuneConfig(
+        backbone=values["backbone"], weights=values["weights"], epochs=values["finetune_epochs"],
+        finetune_epochs=values["unfreeze_epochs"], unfreeze_layers=values["unfreeze_layers"],
+        unfreeze_steps=values["unfreeze_steps"], learning_rate=values["finetune_learning_rate"],
+        finetune_lr_factor=values["finetune_lr_factor"], input_size=values["backbone_input_size"],
+        patience=values["patience"], seed=values["seed"],
+    )
+    prune.PruneConfig(
+        target_sparsity=values["target_sparsity"], schedule=values["prune_schedule"],
+        initial_sparsity=values["prune_initial_sparsity"], epochs=values["prune_epochs"],
+        frequency=values["prune_frequency"], layer_types=values["prune_layer_types"], m_by_n=values["prune_m_by_n"],
+        learning_rate=values["prune_learning_rate"],
+    )
+    evaluate.GateConfig(min_accuracy=values["min_accuracy"], max_accuracy_drop=values["max_accuracy_drop"],
+                        max_size_bytes=values["max_size_bytes"])
+    if values["export_destination"] or values["export_version"]:
+        export.check_destination(values["export_destination"] or "local", values["export_version"] or "v1")
+
+
+# ---------------------------------------------------------------- local run
+
+
+class _TaskTimer(logging.Filter):
+    """Times each task from kfp.local's own log lines ("Executing task", "finished with status").
+
+    A filter on the root logger rather than a handler: kfp.local replaces the
+    root logger's handlers while it runs, but leaves its filters.
+    """
+
+    _START = re.compile(r"Executing task \W*'?([\w-]+)")
+    _END = re.compile(r"Task \W*'?([\w-]+)\W* finished with status \W*(\w+)")
+
+    def __init__(self):
+        super().__init__()
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+        self.status: dict[str, str] = {}
+
+    def filter(self, record):
+        message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())
+        if m := self._START.search(message):
+            self.started[m.group(1)] = record.created
+        elif (m := self._END.search(message)) and m.group(1) in self.started:
+            name = m.group(1)
+            self.seconds[name] = self.seconds.get(name, 0.0) + record.created - self.started.pop(name)
+            self.status[name] = m.group(2)
+        return True
+
+
+STAGES = [
+    ("ingest", ("ingest",), None),
+    ("augment", ("augment",), None),
+    ("search", ("search-",), "baseline"),
+    ("fine-tune", ("finetune",), "finetuned"),
+    ("prune", ("prune",), "pruned"),
+    ("evaluate + compare", ("evaluate", "compare"), None),
+    ("export", ("export",), None),
+]
+
+
+def summary(run_dir: Path, timer: _TaskTimer) -> str:
+    """The table printed at the end of a local run: accuracy, size and time per stage."""
+    from kftune import report
+
+    evaluations = {}
+    for path in run_dir.glob("evaluate*/evaluation"):
+        values = json.loads(path.read_text())
+        evaluations[values["name"]] = values
+    chosen = None
+    compare_out = run_dir / "compare" / "executor_output.json"
+    if compare_out.exists():
+        chosen = json.loads(compare_out.read_text()).get("artifacts", {}).get("chosen", {}).get("artifacts", [{}])[0].get("metadata", {})
+    rows = []
+    for stage, prefixes, candidate in STAGES:
+        seconds = sum(s for name, s in timer.seconds.items() if name.startswith(prefixes))
+        ran = any(name.startswith(prefixes) for name in timer.seconds)
+        ev = evaluations.get(candidate) if candidate else None
+        rows.append([
+            stage,
+            f"{ev['accuracy']:.4f}" if ev else "",
+            f"{ev['size_bytes'] / 1024:.0f} KiB" if ev else "",
+            f"{ev['gzip_bytes'] / 1024:.0f} KiB" if ev else "",
+            f"{seconds:.0f} s" if ran else "skipped",
+        ])
+    rows.append(["total", "", "", "", f"{sum(timer.seconds.values()):.0f} s"])
+    table = report.text_table(["stage", "test accuracy", "size", "gzip size", "time"], rows)
+    if chosen:
+        verdict = (f"chosen: {chosen.get('candidate')} (exported)" if chosen.get("passed")
+                   else f"chosen: {chosen.get('candidate')}, NOT exported: {chosen.get('failed_thresholds')}")
+        table += f"\n{verdict}"
+    return table + f"\nartifacts: {run_dir}"
+
+
+def run_local(arguments: dict, pipeline_root: str | Path = "runs", compiled: str | Path = COMPILED) -> tuple[Path, str]:
+    """Runs the compiled pipeline with kfp.local's SubprocessRunner; returns the run folder and the summary."""
+    from kfp import components, local
+
+    check_arguments(arguments, compiled)
+    pipeline_root = Path(pipeline_root).resolve()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    # Components declare kftune's image; locally they run in this environment,
+    # which holds the same packages, so the runner's warning about it is noise.
+    warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+    timer = _TaskTimer()
+    logging.getLogger().addFilter(timer)
+    before = set(pipeline_root.iterdir())
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    pipeline = components.load_component_from_file(str(compiled))
+    try:
+        pipeline(**arguments)
+    finally:
+        logging.getLogger().removeFilter(timer)
+    new = sorted((p for p in pipeline_root.iterdir() if p not in before and p.is_dir()), key=lambda p: p.stat().st_mtime)
+    run_dir = new[-1] if new else pipeline_root
+    return run_dir, summary(run_dir, timer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    compile_cmd = commands.add_parser("compile", help="compile the pipeline to KFP IR YAML")
+    compile_cmd.add_argument("--output", default=str(COMPILED))
+    run_cmd = commands.add_parser("run-local", help="run the compiled pipeline on this machine with kfp.local")
+    run_cmd.add_argument("parameters", nargs="*", metavar="name=value", help="pipeline parameters, e.g. max_trials=4")
+    run_cmd.add_argument("--pipeline-root", default="runs", help="where run folders and artifacts go (default: runs)")
+    run_cmd.add_argument("--compiled", default=str(COMPILED), help="the compiled pipeline to run")
+    args = parser.parse_args(argv)
+
+    from kftune.errors import KftuneError
+
+    try:
+        if args.command == "compile":
+            print(f"kftune: compiled {compile_pipeline(args.output)}")
+            return 0
+        if not Path(args.compiled).exists():
+            print(f"kftune: error: `{args.compiled}` does not exist: run `make compile` first.", file=sys.stderr)
+            return 2
+        started = time.time()
+        arguments = parse_arguments(args.parameters, args.compiled)
+        check_arguments(arguments, args.compiled)
+        print(f"kftune: running the pipeline locally, artifacts under {args.pipeline_root}/", flush=True)
+        _, table = run_local(arguments, args.pipeline_root, args.compiled)
+        print(f"\n{table}\nwall time: {time.time() - started:.0f} s")
+        return 0
+    except KftuneError as e:
+        print(f"kftune: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # kfp.local's own failure line names the task; its log is above.
+        print(f"kftune: the pipeline failed: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -267,6 +267,42 @@ class TrialResult:
 # ---------------------------------------------------------------- oracle
 
 
+def _resumable_grid_oracle():
+    """keras-tuner's grid oracle, with its place in the grid kept in its saved state.
+
+    keras-tuner keeps the grid's order and its queue of trials to extend in
+    memory only, so a grid search reloaded from its files stops after one
+    trial. kftune reloads the oracle for every ask and tell (each is its own
+    pod), so both go into the state here.
+    """
+    import keras_tuner as kt
+    from keras_tuner.src.tuners.gridsearch import LinkedList
+
+    class ResumableGridSearchOracle(kt.oracles.GridSearchOracle):
+        def get_state(self):
+            state = super().get_state()
+            order, index = [], self._ordered_ids._next_index[None]
+            while index is not None:
+                order.append(self._ordered_ids._memory[index])
+                index = self._ordered_ids._next_index[index]
+            state["kftune_grid_order"] = order
+            state["kftune_grid_populate_next"] = list(self._populate_next)
+            return state
+
+        def set_state(self, state):
+            super().set_state(state)
+            self._ordered_ids = LinkedList()
+            for trial_id in state.get("kftune_grid_order", []):
+                self._ordered_ids.insert(trial_id)
+            self._populate_next = list(state.get("kftune_grid_populate_next", []))
+
+        def end_trial(self, trial):
+            super().end_trial(trial)
+            self.save()  # the parent queues the trial after its own save
+
+    return ResumableGridSearchOracle
+
+
 def _oracle(space: SearchSpace, config: SearchConfig, state_dir: str | Path):
     import keras_tuner as kt
 
@@ -279,7 +315,7 @@ def _oracle(space: SearchSpace, config: SearchConfig, state_dir: str | Path):
         max_consecutive_failed_trials=max(3, config.max_trials),
     )
     if config.algorithm == "grid":
-        oracle = kt.oracles.GridSearchOracle(max_trials=config.max_trials, **common)
+        oracle = _resumable_grid_oracle()(max_trials=config.max_trials, **common)
     elif config.algorithm == "random":
         oracle = kt.oracles.RandomSearchOracle(max_trials=config.max_trials, **common)
     elif config.algorithm == "bayesian":

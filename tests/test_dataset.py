@@ -1,0 +1,143 @@
+"""Ingest: sources, reproducible splits, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kftune import dataset
+from kftune.errors import InputError
+
+
+def _write_folder(root: Path, counts: dict[str, int], size=(12, 10)) -> Path:
+    """A folder of class subfolders holding real PNG files."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+            (root / name / f"{i}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    return root
+
+
+def test_bundled_split_is_stratified_and_complete(digits_dir):
+    info = dataset.DatasetInfo.load(digits_dir)
+    assert info.class_names == [str(i) for i in range(10)]
+    assert sum(info.splits.values()) == 1797
+    _, test_labels = dataset.load_arrays(digits_dir, "test")
+    # Every class is split with the same fraction: each has ~15% of its images in test.
+    assert set(np.bincount(test_labels, minlength=10)) <= set(range(25, 30))
+    images, labels = dataset.load_arrays(digits_dir, "train")
+    assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8
+    assert images.max() > 200 and labels.max() == 9
+
+
+def test_same_seed_same_split_other_seed_other_split(tmp_path):
+    fingerprints = []
+    for seed, name in ((0, "a"), (0, "b"), (1, "c")):
+        info = dataset.ingest(dataset.IngestConfig(image_size=8, seed=seed), tmp_path / name, progress=lambda _: None)
+        fingerprints.append(info.fingerprint)
+    assert fingerprints[0] == fingerprints[1]
+    assert fingerprints[0] != fingerprints[2]
+
+
+def test_folder_source_with_a_corrupt_file_skips_and_counts_it(tmp_path):
+    root = _write_folder(tmp_path / "src", {"cat": 8, "dog": 7})
+    (root / "cat" / "broken.png").write_bytes(b"not an image")
+    info = dataset.ingest(
+        dataset.IngestConfig(source=str(root), image_size=8, max_corrupt_fraction=0.2), tmp_path / "out",
+        progress=lambda _: None,
+    )
+    assert info.class_names == ["cat", "dog"]
+    assert info.skipped == 1
+    assert sum(info.splits.values()) == 15
+    images, _ = dataset.load_arrays(tmp_path / "out", "train")
+    assert images.shape[1:] == (8, 8, 3)
+
+
+def test_too_many_corrupt_files_fail(tmp_path):
+    root = _write_folder(tmp_path / "src", {"a": 4, "b": 4})
+    for i in range(3):
+        (root / "a" / f"bad{i}.jpg").write_bytes(b"\x00" * 10)
+    with pytest.raises(InputError, match="could not be decoded"):
+        dataset.ingest(dataset.IngestConfig(source=str(root), image_size=8), tmp_path / "out", progress=lambda _: None)
+
+
+def test_tfrecord_source_with_labels_file(tmp_path):
+    import tensorflow as tf
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    with tf.io.TFRecordWriter(str(src / "data-00000.tfrecord")) as writer:
+        for i in range(12):
+            png = tf.io.encode_png(rng.integers(0, 255, (9, 9, 1), dtype=np.uint8)).numpy()
+            feature = {
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2])),
+            }
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    (src / "labels.txt").write_text("left\nright\n")
+    info = dataset.ingest(dataset.IngestConfig(source=str(src), image_size=8, channels=1), tmp_path / "out",
+                          progress=lambda _: None)
+    assert info.class_names == ["left", "right"]
+    assert info.shape == (8, 8, 1)
+    assert sum(info.splits.values()) == 12
+
+
+def test_gcs_prefix_source(tmp_path, bucket):
+    from kftune import storage
+
+    root = _write_folder(tmp_path / "src", {"x": 5, "y": 5})
+    client = storage._client()
+    for path in root.rglob("*.png"):
+        client.bucket(bucket).blob(f"data/{path.relative_to(root).as_posix()}").upload_from_filename(str(path))
+    info = dataset.ingest(dataset.IngestConfig(source=f"gs://{bucket}/data", image_size=8), tmp_path / "out",
+                          progress=lambda _: None)
+    assert info.class_names == ["x", "y"]
+    assert sum(info.splits.values()) == 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"validation_fraction": 0.6, "test_fraction": 0.5}, "at least 10% for training"),
+        ({"test_fraction": 0.0}, "test_fraction"),
+        ({"validation_fraction": 1.2}, "validation_fraction"),
+        ({"image_size": 4}, "image_size"),
+        ({"channels": 2}, "channels"),
+        ({"source": "  "}, "source"),
+    ],
+)
+def test_bad_config_is_refused_before_any_work(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        dataset.IngestConfig(**kwargs)
+
+
+def test_bad_sources_get_one_clear_line(tmp_path):
+    cases = {
+        str(tmp_path / "missing"): "does not exist",
+        str(_write_folder(tmp_path / "one", {"solo": 1, "other": 5})): "class `solo` has 1 image",
+        str(_write_folder(tmp_path / "single", {"only": 5})): "at least 2",
+    }
+    (tmp_path / "empty").mkdir()
+    cases[str(tmp_path / "empty")] = "no class subfolders"
+    (tmp_path / "file.png").write_bytes(b"x")
+    cases[str(tmp_path / "file.png")] = "is a file"
+    for source, message in cases.items():
+        with pytest.raises(InputError, match=message):
+            dataset.ingest(dataset.IngestConfig(source=source, image_size=8), tmp_path / "out", progress=lambda _: None)
+
+
+def test_a_folder_that_is_not_a_dataset_is_named(tmp_path):
+    with pytest.raises(InputError, match="run the ingest step first"):
+        dataset.DatasetInfo.load(tmp_path)
+
+
+def test_info_json_round_trips(digits_dir):
+    info = dataset.DatasetInfo.load(digits_dir)
+    assert json.loads((Path(digits_dir) / "info.json").read_text())["fingerprint"] == info.fingerprint
+    assert info.fingerprint == dataset.fingerprint(digits_dir)

@@ -1,0 +1,159 @@
+"""Search: the YAML space, keras-tuner's oracles driving real trials, resume after a kill."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from kftune import search
+from kftune.errors import InputError
+
+SPACE = """
+learning_rate: {type: float, min: 0.001, max: 0.01, sampling: log}
+batch_size: {type: choice, values: [32, 64]}
+dense_units: {type: int, min: 16, max: 64, step: 16}
+optimizer: {type: choice, values: [adam, sgd]}
+momentum: {type: float, min: 0.0, max: 0.9, when: {optimizer: [sgd]}}
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: {type: floaty, min: 0, max: 1}", "`type` must be one of"),
+    ("lr: {type: float, min: 0.1, max: 0.01}", "`min` must be less than `max`"),
+    ("units: {type: choice, values: []}", "non-empty list"),
+    ("lr: {type: float, min: 0.0, max: 0.1, mn: 1}", r"unknown key\(s\) \['mn'\]"),
+    ("lr: {type: float, min: 0.0, max: 0.1, sampling: log}", "log sampling needs min > 0"),
+    ("lr: {type: float, min: low, max: 0.1}", "`min` must be a number"),
+    ("m: {type: float, min: 0, max: 1, when: {optimizer: [sgd]}}", "must be declared above"),
+    ("o: {type: choice, values: [adam]}\nm: {type: float, min: 0, max: 1, when: {o: [sgd]}}", "not choices of `o`"),
+    ("- a\n- b", "non-empty YAML mapping"),
+    ("lr: [", "not valid YAML"),
+    ("lr: 0.1", "must be a mapping"),
+])
+def test_bad_spaces_name_the_field(text, message):
+    with pytest.raises(InputError, match=message):
+        search.SearchSpace.from_yaml(text)
+
+
+def test_space_becomes_keras_tuner_hyperparameters_with_conditions():
+    space = search.SearchSpace.from_yaml(SPACE)
+    hp = space.hyperparameters()
+    assert [p.name for p in hp.space] == ["learning_rate", "batch_size", "dense_units", "optimizer", "momentum"]
+    assert hp.space[0].sampling == "log"
+    hp.values["optimizer"] = "adam"
+    assert not hp.is_active("momentum")
+    hp.values["optimizer"] = "sgd"
+    assert hp.is_active("momentum")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"algorithm": "genetic"}, "`algorithm` must be one of"),
+    ({"max_trials": 0}, "max_trials"),
+    ({"epochs": -1}, "epochs"),
+    ({"folds": 0}, "folds"),
+    ({"model": "no_such_module:build"}, "cannot be imported"),
+])
+def test_bad_search_settings(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        search.SearchConfig(**kwargs)
+
+
+def test_grid_needs_steps_for_floats():
+    config = search.SearchConfig(algorithm="grid")
+    with pytest.raises(InputError, match="grid search needs a `step`"):
+        search.SearchPlan.create(SPACE, config, "state")
+    assert search.SearchSpace.from_yaml(search.CLASSIC_SPACE_YAML).grid_size() == 9
+
+
+@pytest.mark.parametrize("algorithm", search.ALGORITHMS)
+def test_each_algorithm_runs_real_trials(algorithm, digits_dir, tmp_path):
+    space = search.CLASSIC_SPACE_YAML if algorithm == "grid" else SPACE
+    config = search.SearchConfig(algorithm=algorithm, max_trials=2, epochs=2, hyperband_factor=2)
+    best = search.search(digits_dir, search.SearchSpace.from_yaml(space), config, tmp_path, progress=lambda _: None)
+    results = search.results(tmp_path)
+    assert len(results) >= 2
+    assert all(r.status == "COMPLETED" for r in results)
+    assert best.objective == max(r.objective for r in results)
+    assert best.objective > 0.3  # ten classes: chance is 0.1
+    if algorithm == "hyperband":
+        assert any(r.epochs < config.epochs for r in results) or len(results) > 2
+    search.save_best_model(digits_dir, tmp_path, config, tmp_path / "best")
+    assert (tmp_path / "best" / "model.keras").exists()
+
+
+def test_same_seed_same_trials(digits_dir, tmp_path):
+    space = search.SearchSpace.from_yaml(SPACE)
+    asked = []
+    for seed, name in ((3, "a"), (3, "b"), (4, "c")):
+        config = search.SearchConfig(algorithm="random", max_trials=4, seed=seed)
+        asked.append([t["values"] for t in search.ask(space, config, tmp_path / name, 4)])
+    assert asked[0] == asked[1]
+    assert asked[0] != asked[2]
+    assert len({json.dumps(v, sort_keys=True) for v in asked[0]}) == 4
+
+
+def test_k_fold_objective_is_the_mean_of_fold_scores(digits_dir, tmp_path):
+    config = search.SearchConfig(algorithm="random", max_trials=1, epochs=1, folds=3)
+    best = search.search(digits_dir, search.SearchSpace.from_yaml(search.CLASSIC_SPACE_YAML), config, tmp_path,
+                         progress=lambda _: None)
+    assert len(best.fold_scores) == 3
+    assert best.objective == pytest.approx(sum(best.fold_scores) / 3)
+    assert best.epochs == 3
+
+
+def test_a_crashing_trial_is_recorded_and_the_search_goes_on(digits_dir, tmp_path, monkeypatch):
+    (tmp_path / "fragile.py").write_text(textwrap.dedent("""
+        from kftune.models import small_cnn
+        def build(input_shape, num_classes, dense_units=32, **kw):
+            if dense_units == 13:
+                raise MemoryError("out of memory (simulated by the user's own code)")
+            return small_cnn(input_shape, num_classes, dense_units=dense_units)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    space = search.SearchSpace.from_yaml("dense_units: {type: choice, values: [13, 32]}")
+    config = search.SearchConfig(algorithm="grid", max_trials=2, epochs=1, model="fragile:build")
+    best = search.search(digits_dir, space, config, tmp_path / "state", progress=lambda _: None)
+    statuses = {r.values["dense_units"]: r for r in search.results(tmp_path / "state")}
+    assert statuses[13].status == "FAILED" and "MemoryError" in statuses[13].error
+    assert best.values["dense_units"] == 32
+
+
+def test_a_killed_search_resumes_without_losing_or_repeating_trials(digits_dir, tmp_path):
+    state = tmp_path / "state"
+    script = textwrap.dedent(f"""
+        from kftune import search
+        config = search.SearchConfig(algorithm="random", max_trials=3, epochs=2)
+        search.search({str(digits_dir)!r}, search.SearchSpace.from_yaml({SPACE!r}), config, {str(state)!r})
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script])
+    first = state / search.PROJECT / "trial_0" / search.RESULT_FILE
+    deadline = time.time() + 300
+    while not first.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists(), "the first trial never finished"
+    told_before = {r.trial_id: r for r in search.results(state)}
+    assert len(told_before) < 3, "the search finished before it could be killed"
+
+    config = search.SearchConfig(algorithm="random", max_trials=3, epochs=2)
+    search.search(digits_dir, search.SearchSpace.from_yaml(SPACE), config, state, progress=lambda _: None)
+    after = search.results(state)
+    assert sorted(r.trial_id for r in after) == ["0", "1", "2"]
+    for trial_id, result in told_before.items():  # finished trials were not run again
+        assert next(r for r in after if r.trial_id == trial_id) == result
+
+
+def test_plan_round_trips_and_validates(tmp_path):
+    config = search.SearchConfig(algorithm="bayesian", max_trials=3)
+    plan = search.SearchPlan.create(SPACE, config, str(tmp_path))
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    assert search.SearchPlan.read(tmp_path / "plan.json") == plan
+    with pytest.raises(InputError, match="state_uri"):
+        search.SearchPlan.create(SPACE, config, "")
+    assert Path(plan.state_uri) == tmp_path

@@ -1,0 +1,132 @@
+"""Fine-tuning: every backbone, weights from files and gs://, the no-internet error, resume after a kill."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from kftune import finetune, models
+from kftune.errors import InputError
+
+
+@pytest.mark.parametrize("name", sorted(models.BACKBONES))
+def test_every_backbone_builds_preprocesses_and_trains_a_step(name):
+    model, base = models.backbone_classifier(name, (16, 16, 1), 3, weights=None, dense_units=8)
+    # Grayscale is repeated to RGB and small images are resized to the backbone's minimum.
+    assert base.input_shape == (None, 32, 32, 3)
+    assert "gray_to_rgb" in [layer.name for layer in model.layers]
+    kind = models.BACKBONES[name].preprocessing
+    has_preprocess = "preprocess" in [layer.name for layer in model.layers]
+    assert has_preprocess == (kind != "none")
+    assert not base.trainable
+    models.compile_model(model, 3, learning_rate=1e-3)
+    x = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 1)).astype("float32")
+    history = model.fit(x, np.array([0, 1, 2, 0]), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_caffe_preprocessing_matches_keras_applications():
+    import tensorflow as tf
+
+    from kftune.layers import CaffePreprocess
+
+    x = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    expected = models.keras().applications.vgg16.preprocess_input(x.copy())
+    np.testing.assert_allclose(CaffePreprocess()(tf.constant(x)).numpy(), expected, rtol=1e-5, atol=1e-4)
+
+
+def _save_base_weights(path, name="mobilenet_v2"):
+    constructor = getattr(models.keras().applications, models.BACKBONES[name].constructor)
+    base = constructor(include_top=False, weights=None, input_shape=(32, 32, 3))
+    base.save_weights(path)
+    return base
+
+
+def test_weights_from_a_local_file_are_loaded(tmp_path):
+    source = _save_base_weights(tmp_path / "base.weights.h5")
+    _, base = models.backbone_classifier("mobilenet_v2", (32, 32, 3), 4, weights=str(tmp_path / "base.weights.h5"))
+    for expected, loaded in zip(source.get_weights(), base.get_weights(), strict=True):
+        np.testing.assert_array_equal(expected, loaded)
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path):
+    _save_base_weights(tmp_path / "vgg.weights.h5", "vgg16")
+    with pytest.raises(InputError, match="does not fit MobileNetV2"):
+        models.backbone_classifier("mobilenet_v2", (32, 32, 3), 4, weights=str(tmp_path / "vgg.weights.h5"))
+
+
+def test_no_internet_and_no_weights_uri_fails_at_once_naming_the_parameter(digits_dir, trained_model_dir, tmp_path):
+    config = finetune.FinetuneConfig(backbone="mobilenet_v2", weights="imagenet")
+    with pytest.raises(InputError, match="set `weights` to a weights file or gs:// URI"):
+        finetune.finetune(digits_dir, trained_model_dir, config, tmp_path / "out", progress=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fine_tune_from_gcs_weights_in_two_phases(digits_dir, trained_model_dir, tmp_path, bucket):
+    from kftune import storage
+
+    _save_base_weights(tmp_path / "base.weights.h5")
+    storage._client().bucket(bucket).blob("weights/mobilenet_v2.weights.h5").upload_from_filename(
+        str(tmp_path / "base.weights.h5"))
+    config = finetune.FinetuneConfig(
+        backbone="mobilenet_v2", weights=f"gs://{bucket}/weights/mobilenet_v2.weights.h5", epochs=1,
+        finetune_epochs=1, unfreeze_layers=10, unfreeze_steps=2, learning_rate=1e-3,
+    )
+    result = finetune.finetune(digits_dir, trained_model_dir, config, tmp_path / "out", progress=lambda _: None,
+                               verbose=0)
+    assert [p["phase"] for p in result.phases] == ["head", "unfreeze1", "unfreeze2"]
+    model, meta = models.load(tmp_path / "out")
+    assert meta.family == "mobilenet_v2" and meta.stage == "finetuned"
+    assert model.output_shape == (None, 10)
+
+
+def test_continue_training_the_search_winner(digits_dir, trained_model_dir, tmp_path):
+    result = finetune.finetune(digits_dir, trained_model_dir, finetune.FinetuneConfig(epochs=2), tmp_path / "out",
+                               progress=lambda _: None, verbose=0)
+    assert [p["phase"] for p in result.phases] == ["continue"]
+    assert result.hyperparameters["learning_rate"] == 3e-3  # from the search winner's metadata
+    assert result.final["val_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backbone": "inception"}, "`backbone` must be empty"),
+    ({"epochs": 0}, "epochs"),
+    ({"finetune_lr_factor": 2.0}, "finetune_lr_factor"),
+    ({"backbone": "vgg16", "weights": ""}, "`weights` is empty"),
+])
+def test_bad_settings(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        finetune.FinetuneConfig(**kwargs)
+
+
+def test_a_killed_fine_tune_resumes_from_its_last_finished_epoch(digits_dir, trained_model_dir, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    script = textwrap.dedent(f"""
+        from kftune import finetune
+        config = finetune.FinetuneConfig(epochs=8, patience=8)
+        finetune.finetune({str(digits_dir)!r}, {str(trained_model_dir)!r}, config, {str(tmp_path / 'killed')!r},
+                          checkpoint_dir={str(checkpoints)!r}, verbose=0)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script])
+    backup = checkpoints / "continue.backup"
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if backup.exists() and any(backup.rglob("*.index")):
+            time.sleep(1.0)  # let the epoch's checkpoint finish writing
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert backup.exists(), "no epoch finished before the kill"
+    assert not (checkpoints / "continue.done.json").exists(), "training finished before it could be killed"
+
+    result = finetune.finetune(digits_dir, trained_model_dir, finetune.FinetuneConfig(epochs=8, patience=8),
+                               tmp_path / "resumed", checkpoint_dir=checkpoints, progress=lambda _: None, verbose=0)
+    epochs_run = len(result.phases[0]["history"]["loss"])
+    assert 1 <= epochs_run < 8, f"resumed run trained {epochs_run} epochs: it started over"
+    assert json.loads((checkpoints / "continue.done.json").read_text())["loss"]

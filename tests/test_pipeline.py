@@ -1,0 +1,93 @@
+"""The pipeline: compiled YAML is current, bad arguments stop early, and the whole thing runs locally."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_checked_in_yaml_is_current(tmp_path):
+    fresh = cli.compile_pipeline(tmp_path / "pipeline.yaml")
+    assert fresh.read_text() == cli.COMPILED.read_text(), "pipelines/compiled is stale: run `make compile`"
+
+
+def test_every_step_is_a_kftune_component_with_no_install_at_start_up():
+    spec = next(yaml.safe_load_all(cli.COMPILED.read_text()))
+    executors = spec["deploymentSpec"]["executors"]
+    assert len(executors) >= 10
+    for name, executor in executors.items():
+        container = executor["container"]
+        assert container["image"].endswith("/kftune:0.1.0"), name
+        script = " ".join(container["command"] + container.get("args", []))
+        assert "pip install" not in script, f"{name} installs packages at start-up"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["source=/no/such/folder"], "dataset source `/no/such/folder` does not exist"),
+    (["validation_fraction=0.7", "test_fraction=0.3"], "at least 10% for training"),
+    (["max_trails=3"], "unknown pipeline parameter `max_trails`"),
+    (["max_trials=three"], "`max_trials` must be integer"),
+    (["target_sparsity=1.0"], "target_sparsity"),
+    (["search_space={lr: {type: float, min: 1, max: 0}}"], "search space `lr`"),
+    (["augment_spec={rotation: 40}"], "unknown augment key"),
+    (["search_rounds=0"], "search_rounds"),
+])
+def test_bad_arguments_stop_before_any_work_with_one_line(arguments, message, tmp_path):
+    process = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run-local", *arguments, "--pipeline-root", str(tmp_path / "runs")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert process.returncode == 2
+    lines = [line for line in process.stderr.splitlines() if line.startswith("kftune:")]
+    assert len(lines) == 1 and message in lines[0], process.stderr[-2000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+SMALL = {
+    "image_size": 16, "max_trials": 3, "search_rounds": 2, "trials_per_round": 2, "trial_epochs": 2,
+    "finetune_epochs": 2, "prune_epochs": 1, "target_sparsity": 0.5, "max_accuracy_drop": 0.2,
+}
+
+
+@pytest.mark.e2e
+def test_the_whole_pipeline_runs_locally_and_exports(tmp_path):
+    destination = tmp_path / "exports"
+    run_dir, table = cli.run_local({**SMALL, "export_destination": str(destination), "export_version": "v1"},
+                                   tmp_path / "runs")
+    # Every stage ran, and the table has numbers for each candidate.
+    for stage in ("ingest", "augment", "search", "fine-tune", "prune", "export"):
+        row = next(line for line in table.splitlines() if line.startswith(stage))
+        assert "skipped" not in row, table
+    assert "(exported)" in table
+    # Search ran in rounds of parallel trials and told the oracle everything.
+    plan = json.loads(next(run_dir.glob("search-setup/plan")).read_text())
+    results = sorted(Path(plan["state_uri"]).glob("kftune_search/trial_*/result.json"))
+    assert len(results) == 3
+    # The Kubeflow UI's artifacts are there: confusion matrices labelled with class names, HTML reports.
+    executor_output = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
+    confusion = executor_output["artifacts"]["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    assert [c["displayName"] for c in confusion["annotationSpecs"]] == [str(i) for i in range(10)]
+    for report in ("augment/preview", "search-result/trials_plot", "finetune/curves", "prune/report_html",
+                   "compare/report_html"):
+        assert (run_dir / report).read_text().startswith("<!doctype html>"), report
+    # The export is complete and loadable by serving.
+    version = destination / "v1"
+    metadata = json.loads((version / "metadata.json").read_text())
+    assert metadata["data_fingerprint"] and metadata["candidate"] in ("baseline", "finetuned", "pruned")
+    assert (version / "saved_model" / "saved_model.pb").exists()
+
+
+@pytest.mark.e2e
+def test_a_failed_gate_exports_nothing_and_says_why(tmp_path):
+    destination = tmp_path / "exports"
+    _, table = cli.run_local({**SMALL, "min_accuracy": 1.0, "export_destination": str(destination)},
+                             tmp_path / "runs")
+    assert "NOT exported" in table and "min_accuracy" in table
+    assert not destination.exists()

@@ -1,6 +1,6 @@
 """kftune's own Keras layers, registered so that models using them load in safe mode."""
 
-import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
+import kftune  # noqa: F401, I001 - selects tf-keras before TensorFlow is imported
 import tf_keras
 
 

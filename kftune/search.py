@@ -427,58 +427,99 @@ def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfi
     )
 
 
+def _epoch_logger(path: Path, after_epoch: Callable[[], None] | None):
+    """A callback recording each finished epoch's metrics in ``path``, then calling ``after_epoch``.
+
+    The log survives a killed process, so a resumed trial's objective counts
+    the epochs trained before the kill too.
+    """
+    k = models.keras()
+
+    class EpochLog(k.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            entries = json.loads(path.read_text()) if path.exists() else []
+            entries = [e for e in entries if e["epoch"] != epoch]
+            entries.append({"epoch": epoch, **{key: float(v) for key, v in (logs or {}).items()}})
+            path.write_text(json.dumps(sorted(entries, key=lambda e: e["epoch"])))
+            if after_epoch is not None:
+                after_epoch()
+
+    return EpochLog()
+
+
 def run_trial(
     dataset_dir: str | Path,
     trial: dict,
     config: SearchConfig,
     state_dir: str | Path,
     *,
+    after_epoch: Callable[[], None] | None = None,
     verbose: int = 2,
 ) -> TrialResult:
     """Trains one trial and returns its result; a crash is a FAILED result, not an exception.
 
-    With Hyperband, a trial that continues an earlier one (``tuner/trial_id``)
-    starts from that trial's saved weights at ``tuner/initial_epoch``.
+    Every epoch is checkpointed in the trial's folder (Keras' BackupAndRestore),
+    and every finished fold is recorded, so a trial whose process was killed
+    resumes from its last finished epoch when it is run again.
+    ``after_epoch`` is called once each epoch's checkpoint is written (the
+    pipeline uploads the trial's folder there). With Hyperband, a trial that
+    continues an earlier one (``tuner/trial_id``) starts from that trial's
+    saved weights at ``tuner/initial_epoch``.
     """
     import numpy as np
     import tensorflow as tf
 
+    k = models.keras()
     values = trial["values"]
     trial_dir = Path(state_dir, PROJECT, f"trial_{trial['trial_id']}")
     trial_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    result = TrialResult(trial_id=trial["trial_id"], values={k: v for k, v in values.items() if not k.startswith("tuner/")})
+    result = TrialResult(trial_id=trial["trial_id"], values={k_: v for k_, v in values.items() if not k_.startswith("tuner/")})
     try:
         info = dataset.DatasetInfo.load(dataset_dir)
         spec = AugmentSpec.from_dict(info.augment) if info.augment else None
         batch_size = int(values.get("batch_size", config.batch_size))
         epochs = int(values.get("tuner/epochs", config.epochs))
-        initial_epoch = int(values.get("tuner/initial_epoch", 0))
-        parent = values.get("tuner/trial_id")
+        parent = values.get("tuner/trial_id") if config.folds == 1 else None
+        initial_epoch = int(values.get("tuner/initial_epoch", 0)) if parent else 0
         images, labels = dataset.load_arrays(dataset_dir, "train")
         if config.folds > 1:
             folds = list(_folds(images, labels, config.folds, config.seed))
         else:
             folds = [((images, labels), dataset.load_arrays(dataset_dir, "validation"))]
         for fold, ((x_train, y_train), (x_val, y_val)) in enumerate(folds):
-            tf.keras.backend.clear_session()
-            tf.keras.utils.set_random_seed(config.seed + fold)
-            model = build_for_trial(values, info, config)
-            if parent and config.folds == 1:
-                model.load_weights(Path(state_dir, PROJECT, f"trial_{parent}", WEIGHTS_FILE))
-            train = training_batches(tf.data.Dataset.from_tensor_slices((x_train, y_train)), spec, batch_size, config.seed + fold)
-            history = model.fit(
-                train,
-                validation_data=(x_val.astype(np.float32), y_val),
-                batch_size=batch_size,
-                epochs=epochs,
-                initial_epoch=initial_epoch if parent and config.folds == 1 else 0,
-                verbose=verbose,
-            )
-            result.fold_scores.append(float(max(history.history["val_accuracy"])))
-            result.epochs += len(history.history["val_accuracy"])
-            if config.folds == 1:
-                model.save_weights(trial_dir / WEIGHTS_FILE)
+            done = trial_dir / f"fold{fold}.json"
+            epoch_log = trial_dir / f"fold{fold}.epochs.json"
+            if not done.exists():
+                tf.keras.backend.clear_session()
+                tf.keras.utils.set_random_seed(config.seed + fold)
+                model = build_for_trial(values, info, config)
+                if parent:
+                    model.load_weights(Path(state_dir, PROJECT, f"trial_{parent}", WEIGHTS_FILE))
+                train = training_batches(
+                    tf.data.Dataset.from_tensor_slices((x_train, y_train)), spec, batch_size, config.seed + fold
+                )
+                model.fit(
+                    train,
+                    validation_data=(x_val.astype(np.float32), y_val),
+                    epochs=epochs,
+                    initial_epoch=initial_epoch,
+                    callbacks=[
+                        k.callbacks.BackupAndRestore(str(trial_dir / f"fold{fold}.backup")),
+                        _epoch_logger(epoch_log, after_epoch),
+                    ],
+                    verbose=verbose,
+                )
+                if config.folds == 1:
+                    model.save_weights(trial_dir / WEIGHTS_FILE)
+                logged = json.loads(epoch_log.read_text())
+                done.write_text(json.dumps({
+                    "score": max(e["val_accuracy"] for e in logged),
+                    "epochs": len(logged),
+                }))
+            fold_result = json.loads(done.read_text())
+            result.fold_scores.append(float(fold_result["score"]))
+            result.epochs += int(fold_result["epochs"])
         result.objective = float(np.mean(result.fold_scores))
     except InputError:
         raise

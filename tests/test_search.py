@@ -157,3 +157,29 @@ def test_plan_round_trips_and_validates(tmp_path):
     with pytest.raises(InputError, match="state_uri"):
         search.SearchPlan.create(SPACE, config, "")
     assert Path(plan.state_uri) == tmp_path
+
+
+def test_a_killed_trial_resumes_from_its_last_finished_epoch(digits_dir, tmp_path):
+    state = tmp_path / "state"
+    trial = {"trial_id": "0", "values": {"learning_rate": 0.003, "batch_size": 32}}
+    config = search.SearchConfig(epochs=8)
+    script = textwrap.dedent(f"""
+        from kftune import search
+        search.run_trial({str(digits_dir)!r}, {trial!r}, search.SearchConfig(epochs=8), {str(state)!r}, verbose=0)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script])
+    epoch_log = state / search.PROJECT / "trial_0" / "fold0.epochs.json"
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if epoch_log.exists() and len(json.loads(epoch_log.read_text() or "[]")) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished_before_kill = len(json.loads(epoch_log.read_text()))
+    assert 2 <= finished_before_kill < 8, "the trial was not killed part-way"
+
+    result = search.run_trial(digits_dir, trial, config, state, verbose=0)
+    epochs = [e["epoch"] for e in json.loads(epoch_log.read_text())]
+    assert epochs == list(range(8)), "every epoch trained exactly once across the kill"
+    assert result.status == "COMPLETED" and result.epochs == 8

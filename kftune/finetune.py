@@ -119,7 +119,8 @@ def _resolve_weights(config: FinetuneConfig, workdir: Path) -> str | None:
     return str(storage.fetch(config.weights, workdir))
 
 
-def _fit_phase(model, name: str, train, val, epochs: int, checkpoint_dir: Path, callbacks: list, verbose: int) -> dict:
+def _fit_phase(model, name: str, train, val, epochs: int, checkpoint_dir: Path, callbacks: list, verbose: int,
+               after_epoch: Callable[[], None] | None) -> dict:
     """One fit() that resumes from its last finished epoch, or is skipped if already done."""
     k = models.keras()
     done_marker = checkpoint_dir / f"{name}.done.json"
@@ -129,11 +130,31 @@ def _fit_phase(model, name: str, train, val, epochs: int, checkpoint_dir: Path, 
         log.info("fine-tune: phase %s already finished, loaded its weights", name)
         return json.loads(done_marker.read_text())
     backup = k.callbacks.BackupAndRestore(str(checkpoint_dir / f"{name}.backup"))
-    history = model.fit(train, validation_data=val, epochs=epochs, callbacks=[backup, *callbacks], verbose=verbose)
+    hooks = [backup, *callbacks]
+    if after_epoch is not None:
+        hooks.append(k.callbacks.LambdaCallback(on_epoch_end=lambda *_: after_epoch()))
+    history = model.fit(train, validation_data=val, epochs=epochs, callbacks=hooks, verbose=verbose)
     result = {k_: [float(v) for v in vals] for k_, vals in history.history.items()}
     model.save_weights(weights_file)
     done_marker.write_text(json.dumps(result))
+    if after_epoch is not None:
+        after_epoch()
     return result
+
+
+def _devices():
+    """The distribution strategy and dtype policy for this pod's devices.
+
+    All GPUs of one pod are used through MirroredStrategy, with mixed precision
+    (float16 compute, float32 variables) where there is a GPU; on the CPU
+    nothing changes.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return tf.distribute.get_strategy(), "float32"
+    return tf.distribute.MirroredStrategy(), "mixed_float16"
 
 
 def finetune(
@@ -144,10 +165,17 @@ def finetune(
     *,
     checkpoint_dir: str | Path | None = None,
     tensorboard_dir: str | Path | None = None,
+    after_epoch: Callable[[], None] | None = None,
     progress: Callable[[str], None] = print,
     verbose: int = 2,
 ) -> FinetuneResult:
-    """Fine-tunes and saves the model to ``output_dir``; see the module docstring."""
+    """Fine-tunes and saves the model (and a SavedModel for serving) to ``output_dir``.
+
+    ``checkpoint_dir`` keeps per-epoch checkpoints: run again with the same
+    folder after a kill, and training resumes from the last finished epoch.
+    ``after_epoch`` is called once each epoch's checkpoint is written (the
+    component uploads the folder there).
+    """
     import numpy as np
     import tensorflow as tf
 
@@ -163,6 +191,8 @@ def finetune(
         checkpoint_dir = Path(checkpoint_dir or os.path.join(workdir, "checkpoints"))
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         tf.keras.utils.set_random_seed(config.seed)
+        strategy, policy = _devices()
+        progress(f"fine-tune: {strategy.num_replicas_in_sync} replica(s), {policy} precision")
         spec = AugmentSpec.from_dict(info.augment) if info.augment else None
         train = training_batches(dataset.load_split(dataset_dir, "train"), spec, batch_size, config.seed)
         x_val, y_val = dataset.load_arrays(dataset_dir, "validation")
@@ -170,23 +200,36 @@ def finetune(
         callbacks = [k.callbacks.EarlyStopping("val_accuracy", patience=config.patience, restore_best_weights=True)]
         if tensorboard_dir:
             callbacks.append(k.callbacks.TensorBoard(str(tensorboard_dir)))
+
+        def fit(model, name, epochs):
+            return _fit_phase(model, name, train, val, epochs, checkpoint_dir, callbacks, verbose, after_epoch)
+
         phases = []
         if not config.backbone:
-            model = baseline
-            models.compile_model(model, info.num_classes, optimizer=hyper.get("optimizer", "adam"), learning_rate=lr,
-                                 momentum=hyper.get("momentum", 0.0))
+            # The search winner keeps the dtype it was saved with.
+            with strategy.scope():
+                model = baseline if strategy.num_replicas_in_sync == 1 else models.load(baseline_dir)[0]
+                models.compile_model(model, info.num_classes, optimizer=hyper.get("optimizer", "adam"),
+                                     learning_rate=lr, momentum=hyper.get("momentum", 0.0))
             progress(f"fine-tune: continuing the search winner for up to {config.epochs} epochs (lr={lr:g})")
-            phases.append({"phase": "continue", "history": _fit_phase(model, "continue", train, val, config.epochs, checkpoint_dir, callbacks, verbose)})
+            phases.append({"phase": "continue", "history": fit(model, "continue", config.epochs)})
             family = meta.family if meta else "unknown"
         else:
-            model, base = models.backbone_classifier(
-                config.backbone, info.shape, info.num_classes, weights=weights, input_size=config.input_size,
-                dense_units=int(hyper.get("dense_units", 256)), dropout=float(hyper.get("dropout", 0.2)),
-            )
-            models.compile_model(model, info.num_classes, learning_rate=lr)
-            progress(f"fine-tune: phase 1, new head on frozen {config.backbone} ({weights or 'random'} weights), {config.epochs} epochs")
-            phases.append({"phase": "head", "history": _fit_phase(model, "head", train, val, config.epochs, checkpoint_dir, callbacks, verbose)})
-            candidates = [layer for layer in base.layers if not isinstance(layer, k.layers.BatchNormalization) and layer.weights]
+            k.mixed_precision.set_global_policy(policy)
+            try:
+                with strategy.scope():
+                    model, base = models.backbone_classifier(
+                        config.backbone, info.shape, info.num_classes, weights=weights, input_size=config.input_size,
+                        dense_units=int(hyper.get("dense_units", 256)), dropout=float(hyper.get("dropout", 0.2)),
+                    )
+                    models.compile_model(model, info.num_classes, learning_rate=lr)
+            finally:
+                k.mixed_precision.set_global_policy("float32")
+            progress(f"fine-tune: phase 1, new head on frozen {config.backbone} ({weights or 'random'} weights), "
+                     f"{config.epochs} epochs")
+            phases.append({"phase": "head", "history": fit(model, "head", config.epochs)})
+            candidates = [layer for layer in base.layers
+                          if not isinstance(layer, k.layers.BatchNormalization) and layer.weights]
             for step in range(1, config.unfreeze_steps + 1):
                 count = round(config.unfreeze_layers * step / config.unfreeze_steps)
                 if count == 0 or config.finetune_epochs == 0:
@@ -196,9 +239,12 @@ def finetune(
                     layer.trainable = False
                 for layer in candidates[-count:]:
                     layer.trainable = True
-                models.compile_model(model, info.num_classes, learning_rate=lr * config.finetune_lr_factor)
-                progress(f"fine-tune: phase 2 step {step}, top {count} layers trainable, lr={lr * config.finetune_lr_factor:g}")
-                phases.append({"phase": f"unfreeze{step}", "history": _fit_phase(model, f"unfreeze{step}", train, val, config.finetune_epochs, checkpoint_dir, callbacks, verbose)})
+                with strategy.scope():
+                    models.compile_model(model, info.num_classes, learning_rate=lr * config.finetune_lr_factor)
+                progress(f"fine-tune: phase 2 step {step}, top {count} layers trainable, "
+                         f"lr={lr * config.finetune_lr_factor:g}")
+                phases.append({"phase": f"unfreeze{step}", "history": fit(model, f"unfreeze{step}",
+                                                                          config.finetune_epochs)})
             family = config.backbone
         models.save(
             model,
@@ -206,4 +252,5 @@ def finetune(
             models.ModelMeta(family=family, class_names=info.class_names, input_shape=list(info.shape),
                              hyperparameters=hyper, stage="finetuned"),
         )
+        model.export(str(Path(output_dir, "saved_model")))
     return FinetuneResult(phases=phases, hyperparameters=hyper)

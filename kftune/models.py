@@ -98,7 +98,8 @@ def small_cnn(
     x = layers.Dense(int(dense_units), activation="relu", name="dense")(x)
     x = layers.Dropout(float(dropout))(x)
     units, activation, _ = output_head(num_classes)
-    outputs = layers.Dense(units, activation=activation, name="predictions")(x)
+    # float32 outputs keep the loss stable under mixed precision.
+    outputs = layers.Dense(units, activation=activation, dtype="float32", name="predictions")(x)
     return k.Model(inputs, outputs, name="small_cnn")
 
 

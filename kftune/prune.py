@@ -4,6 +4,11 @@ tfmot's ``prune_low_magnitude`` wraps layers, :class:`UpdatePruningStep` advance
 the schedule while the model trains on, and ``strip_pruning`` removes the
 wrappers for export. kftune picks the schedule from :class:`PruneConfig`,
 prunes the whole model or chosen layer types, and measures what changed.
+
+Beyond tfmot's own API, an accuracy budget: given ``max_accuracy_drop``, kftune
+prunes at increasing sparsity levels and keeps the highest one whose validation
+accuracy stays within the budget. The kept model can also be quantized to
+TFLite (see :mod:`kftune.quantize`).
 """
 
 from __future__ import annotations
@@ -11,18 +16,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow (and tfmot) is imported
-from kftune import dataset, measure, models
+from kftune import dataset, measure, models, quantize, report
 from kftune.augment import AugmentSpec, training_batches
 from kftune.errors import InputError
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "polynomial")
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parse_levels(text: str) -> list[float]:
+    try:
+        levels = sorted({float(v) for v in _split(text)})
+    except ValueError:
+        raise InputError(
+            f"`sparsity_levels` must be comma-separated numbers such as 0.5,0.8,0.9. Received: {text!r}"
+        ) from None
+    for level in levels:
+        if not 0.0 <= level < 1.0:
+            raise InputError(f"every sparsity in `sparsity_levels` must be in [0, 1). Received: {level}")
+    return levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,16 +57,28 @@ class PruneConfig:
         initial_sparsity: Start of the polynomial schedule.
         epochs: Epochs of training while pruning.
         begin_step: Step at which pruning starts.
-        end_step: Step at which the polynomial schedule reaches the target;
-            0 means the end of training.
+        end_step: Step at which pruning ends (the polynomial schedule reaches
+            the target there); 0 means the last pruning step of training.
         frequency: Prune every this many steps.
         layer_types: Comma-separated Keras layer class names to prune
             (``Conv2D,Dense``); empty prunes every prunable layer.
         m_by_n: ``2:4`` for structured M-by-N sparsity (tfmot's
             sparsity_m_by_n), which some hardware accelerates; empty for none.
+            It zeroes exactly 2 of every 4 weights, so it needs
+            ``target_sparsity`` 0.5.
         learning_rate: Learning rate of training while pruning.
         batch_size: 0 takes the fine-tuned model's.
         seed: Seeds shuffling and augmentation.
+        quantize: Comma-separated TFLite post-training quantization modes to
+            export beside the pruned model: ``dynamic`` (int8 weights) and/or
+            ``int8`` (full integer, calibrated on the validation split); empty
+            for none.
+        max_accuracy_drop: 0 prunes to ``target_sparsity``. Above 0, the
+            accuracy budget (0.01 = one point of validation accuracy): kftune
+            prunes at each of ``sparsity_levels`` in increasing order, stops at
+            the first level that loses more than the budget, and keeps the
+            highest level within it; ``target_sparsity`` is then not used.
+        sparsity_levels: The levels the budget search tries, comma-separated.
     """
 
     target_sparsity: float = 0.5
@@ -60,39 +93,194 @@ class PruneConfig:
     learning_rate: float = 1e-4
     batch_size: int = 0
     seed: int = 0
+    quantize: str = ""
+    max_accuracy_drop: float = 0.0
+    sparsity_levels: str = "0.5,0.7,0.8,0.9,0.95"
 
     def __post_init__(self):
         if not 0.0 <= self.target_sparsity < 1.0:
             raise InputError(f"`target_sparsity` must be in [0, 1). Received: target_sparsity={self.target_sparsity}")
-        if not 0.0 <= self.initial_sparsity <= self.target_sparsity:
-            raise InputError(
-                "`initial_sparsity` must be in [0, target_sparsity]. "
-                f"Received: initial_sparsity={self.initial_sparsity}, target_sparsity={self.target_sparsity}"
-            )
         if self.schedule not in SCHEDULES:
             raise InputError(f"`schedule` must be one of {SCHEDULES}. Received: schedule={self.schedule!r}")
         for name, low in (("epochs", 1), ("begin_step", 0), ("end_step", 0), ("frequency", 1), ("batch_size", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise InputError(f"`{name}` must be a whole number >= {low}. Received: {name}={value!r}")
-        if self.m_by_n and self.m_by_n != "2:4":
-            raise InputError(f"`m_by_n` must be empty or 2:4 (what tfmot supports). Received: m_by_n={self.m_by_n!r}")
+        if self.end_step and self.end_step <= self.begin_step:
+            raise InputError(
+                "`end_step` must be after `begin_step`, or 0 for the end of training. "
+                f"Received: begin_step={self.begin_step}, end_step={self.end_step}"
+            )
         if not self.learning_rate > 0:
             raise InputError(f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate}")
+        if not 0.0 <= self.max_accuracy_drop < 1.0:
+            raise InputError(
+                f"`max_accuracy_drop` must be in [0, 1) (0.01 = one point; 0 turns the search off). "
+                f"Received: max_accuracy_drop={self.max_accuracy_drop}"
+            )
+        # Parsed even with the search off, so a bad ladder fails here rather than when the search is turned on.
+        ladder = _parse_levels(self.sparsity_levels)
+        if self.max_accuracy_drop > 0 and not ladder:
+            raise InputError("`sparsity_levels` is empty: give the levels the accuracy-budget search tries, e.g. 0.5,0.8,0.9.")
+        for level in self.levels:
+            if not 0.0 <= self.initial_sparsity <= level:
+                raise InputError(
+                    "`initial_sparsity` must be in [0, target sparsity]. "
+                    f"Received: initial_sparsity={self.initial_sparsity}, target sparsity={level}"
+                )
+        self._check_m_by_n()
+        quantize.check_modes(self.quantize_modes)
+        self._check_layer_types()
+
+    def _check_m_by_n(self):
+        if not self.m_by_n:
+            return
+        if self.m_by_n != "2:4":
+            raise InputError(f"`m_by_n` must be empty or 2:4 (what tfmot supports). Received: m_by_n={self.m_by_n!r}")
+        if self.max_accuracy_drop > 0:
+            raise InputError("`m_by_n`=2:4 fixes sparsity at 50%, so there is nothing to search: set max_accuracy_drop=0.")
+        if self.target_sparsity != 0.5:
+            raise InputError(
+                "`m_by_n`=2:4 zeroes exactly 2 of every 4 weights: set target_sparsity=0.5. "
+                f"Received: target_sparsity={self.target_sparsity}"
+            )
+
+    def _check_layer_types(self):
+        if not self.layer_type_names:
+            return
+        # Imported only here, so that reading the default config (as the pipeline compiler does) stays light.
+        layers = models.keras().layers
+        for name in self.layer_type_names:
+            cls = getattr(layers, name, None)
+            if not (isinstance(cls, type) and issubclass(cls, layers.Layer)):
+                raise InputError(
+                    f"`layer_types`: `{name}` is not a Keras layer class; give class names such as Conv2D,Dense."
+                )
 
     @property
     def layer_type_names(self) -> list[str]:
-        return [t.strip() for t in self.layer_types.split(",") if t.strip()]
+        return _split(self.layer_types)
+
+    @property
+    def quantize_modes(self) -> list[str]:
+        return _split(self.quantize)
+
+    @property
+    def levels(self) -> list[float]:
+        """The sparsities to prune to: the search's ladder, or just the target."""
+        return _parse_levels(self.sparsity_levels) if self.max_accuracy_drop > 0 else [self.target_sparsity]
 
 
 @dataclasses.dataclass
 class PruneReport:
-    """What pruning gained and lost."""
+    """What pruning gained and lost, measured on the validation split.
+
+    Attributes:
+        before: The dense model: accuracy, loss, size_bytes, gzip_bytes, latency_ms.
+        after: The same for the pruned, stripped model.
+        sparsity: Share of zeros per layer kernel of the stripped model, and ``overall``.
+        history: Training history of the kept pruning run.
+        target_sparsity: The sparsity the kept model was pruned to.
+        attempts: One entry per level pruned to: sparsity, accuracy, accuracy_drop, within_budget.
+        max_accuracy_drop: The accuracy budget; 0 when there was no search.
+        tflite: Per quantization mode: file, accuracy, loss, size_bytes, gzip_bytes, latency_ms.
+    """
 
     before: dict
     after: dict
     sparsity: dict[str, float]
     history: dict
+    target_sparsity: float = 0.0
+    attempts: list[dict] = dataclasses.field(default_factory=list)
+    max_accuracy_drop: float = 0.0
+    tflite: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    @property
+    def within_budget(self) -> bool | None:
+        """Whether the kept model meets the accuracy budget; None without a budget."""
+        if self.max_accuracy_drop <= 0:
+            return None
+        return self.before["accuracy"] - self.after["accuracy"] <= self.max_accuracy_drop
+
+    def metrics(self) -> dict[str, float]:
+        """Flat scalars for the Kubeflow Metrics artifact."""
+        out = {f"{when}_{key}": value for when, values in (("before", self.before), ("after", self.after))
+               for key, value in values.items()}
+        out["sparsity"] = self.sparsity["overall"]
+        out["target_sparsity"] = self.target_sparsity
+        out["accuracy_drop"] = self.before["accuracy"] - self.after["accuracy"]
+        out["gzip_ratio"] = self.before["gzip_bytes"] / self.after["gzip_bytes"]
+        for mode, values in self.tflite.items():
+            out.update({f"tflite_{mode}_{key}": value for key, value in values.items() if key != "file"})
+            out[f"tflite_{mode}_gzip_ratio"] = self.before["gzip_bytes"] / values["gzip_bytes"]
+        if self.within_budget is not None:
+            out["max_accuracy_drop"] = self.max_accuracy_drop
+            out["within_budget"] = float(self.within_budget)
+            out["levels_tried"] = float(len(self.attempts))
+        return out
+
+    def _tables(self) -> list[tuple[str, list[str], list[list]]]:
+        dense_gzip = self.before["gzip_bytes"]
+        rows = [["dense (Keras)", *self._row(self.before, dense_gzip)],
+                [f"pruned {self.target_sparsity:.0%} (Keras)", *self._row(self.after, dense_gzip)]]
+        rows += [[f"pruned + {mode} ({values['file']})", *self._row(values, dense_gzip)]
+                 for mode, values in self.tflite.items()]
+        tables = [("Validation split", ["model", "accuracy", "loss", "raw bytes", "gzip bytes",
+                                        "dense gzip / gzip", "latency ms (batch 1)"], rows)]
+        if self.max_accuracy_drop > 0:
+            tables.append((
+                f"Accuracy budget: at most {self.max_accuracy_drop * 100:.3g} point(s) lost",
+                ["sparsity", "accuracy", "drop vs dense", "within budget"],
+                [[f"{a['sparsity']:.0%}", a["accuracy"], a["accuracy_drop"], "yes" if a["within_budget"] else "no"]
+                 for a in self.attempts],
+            ))
+        tables.append(("Sparsity of the stripped weights (kernels)", ["layer", "sparsity"],
+                       [[name, f"{value:.2%}"] for name, value in self.sparsity.items()]))
+        return tables
+
+    @staticmethod
+    def _row(values: dict, dense_gzip: int) -> list:
+        ratio = dense_gzip / values["gzip_bytes"]
+        return [values["accuracy"], values["loss"], values["size_bytes"], values["gzip_bytes"],
+                f"{ratio:.2f}x", values["latency_ms"]]
+
+    def _notes(self) -> list[str]:
+        notes = [
+            f"The pruned Keras file is as large as the dense one ({self.after['size_bytes']} against "
+            f"{self.before['size_bytes']} bytes): pruning sets weights to zero but keeps them. The saving shows "
+            f"once the file is compressed ({self.before['gzip_bytes'] / self.after['gzip_bytes']:.2f}x smaller "
+            "with gzip) or in a runtime that stores sparse tensors. Keras latency does not fall either: a dense "
+            "kernel multiplies zeros as fast as any other number.",
+        ]
+        if self.tflite:
+            notes.append("The TFLite files are quantized after pruning and keep its zeros; they are measured with "
+                         "the TFLite interpreter on the validation split (which also calibrated int8). Compare "
+                         "latencies within one runtime, not Keras against TFLite.")
+        if self.within_budget is False:
+            notes.append(f"No level tried stayed within the budget: the lowest, {self.target_sparsity:.0%}, "
+                         "was kept. Add lower levels to `sparsity_levels` or raise `max_accuracy_drop`.")
+        elif self.within_budget:
+            notes.append(f"Kept: {self.target_sparsity:.0%}, the highest level tried within the budget.")
+        return notes
+
+    def title(self) -> str:
+        return f"Pruning to {self.target_sparsity:.0%} sparsity"
+
+    def markdown(self) -> str:
+        parts = [f"# {self.title()}"]
+        for heading, headers, rows in self._tables():
+            parts += [f"## {heading}", report.markdown_table(headers, rows)]
+        parts += self._notes()
+        return "\n\n".join(parts) + "\n"
+
+    def html(self) -> str:
+        import html
+
+        parts = []
+        for heading, headers, rows in self._tables():
+            parts += [f"<h3>{html.escape(heading)}</h3>", report.html_table(headers, rows)]
+        parts += [f"<p>{html.escape(note)}</p>" for note in self._notes()]
+        return report.page(self.title(), *parts)
 
 
 def _tfmot():
@@ -104,33 +292,55 @@ def _tfmot():
 def _schedule(config: PruneConfig, end_step: int):
     sparsity = _tfmot().sparsity.keras
     if config.schedule == "constant":
-        return sparsity.ConstantSparsity(config.target_sparsity, begin_step=config.begin_step, frequency=config.frequency)
+        return sparsity.ConstantSparsity(
+            config.target_sparsity, begin_step=config.begin_step, end_step=end_step, frequency=config.frequency
+        )
     return sparsity.PolynomialDecay(
         initial_sparsity=config.initial_sparsity,
         final_sparsity=config.target_sparsity,
         begin_step=config.begin_step,
-        end_step=max(end_step, config.begin_step + 1),
+        end_step=end_step,
         frequency=config.frequency,
     )
 
 
-def _wrap(model, config: PruneConfig, end_step: int):
+def end_step(config: PruneConfig, steps: int) -> int:
+    """The step pruning ends at: ``config.end_step``, or the last pruning turn of ``steps`` training steps.
+
+    tfmot prunes only on steps ``begin_step + k * frequency`` (counting from 1), so
+    a polynomial schedule must end on one of them to reach its target.
+    """
+    last = config.begin_step + (steps - config.begin_step) // config.frequency * config.frequency
+    if last <= config.begin_step or last < 1:
+        raise InputError(
+            f"`begin_step`={config.begin_step} and `frequency`={config.frequency} leave no pruning step in the "
+            f"{steps} training steps: lower them, or raise `epochs`."
+        )
+    if config.end_step > steps:
+        raise InputError(
+            f"`end_step`={config.end_step} is past the end of training ({steps} steps), so the target sparsity "
+            "would never be reached: lower it, set 0 for the end of training, or raise `epochs`."
+        )
+    return config.end_step or last
+
+
+def _wrap(model, config: PruneConfig, end: int):
     """Wraps the layers to prune; unprunable layers get an error naming them."""
     tfmot = _tfmot()
     k = models.keras()
-    params = {"pruning_schedule": _schedule(config, end_step)}
+    params = {"pruning_schedule": _schedule(config, end)}
     if config.m_by_n:
         params["sparsity_m_by_n"] = (2, 4)
     types = config.layer_type_names
-    for name in types:
-        if not hasattr(k.layers, name):
-            raise InputError(f"`layer_types`: `{name}` is not a Keras layer class (e.g. Conv2D, Dense).")
     nested = [layer.name for layer in model.layers if isinstance(layer, k.Model)]
     if nested and not types:
         raise InputError(
             f"layer `{nested[0]}` is a nested model (a pretrained backbone), which tfmot cannot prune whole: "
             "set `layer_types` (for example Dense) to prune only those layers."
         )
+    if types and not any(type(layer).__name__ in types for layer in model.layers):
+        present = sorted({type(layer).__name__ for layer in model.layers})
+        raise InputError(f"`layer_types`={config.layer_types} matches no layer of the model; it has: {', '.join(present)}.")
 
     def clone(layer):
         if types and type(layer).__name__ not in types:
@@ -142,7 +352,8 @@ def _wrap(model, config: PruneConfig, end_step: int):
         except ValueError as e:
             raise InputError(
                 f"layer `{layer.name}` ({type(layer).__name__}) cannot be pruned by tfmot: set `layer_types` to "
-                "the layer classes to prune (for example Conv2D,Dense) to leave it dense."
+                "the layer classes to prune (for example Conv2D,Dense) to leave it dense, or give the layer "
+                "tfmot's PrunableLayer interface (get_prunable_weights)."
             ) from e
 
     return k.models.clone_model(model, clone_function=clone)
@@ -151,6 +362,50 @@ def _wrap(model, config: PruneConfig, end_step: int):
 def evaluate_split(model, images, labels, batch_size: int = 256) -> dict:
     loss, accuracy = model.evaluate(images.astype("float32"), labels, batch_size=batch_size, verbose=0)[:2]
     return {"loss": float(loss), "accuracy": float(accuracy)}
+
+
+def _measured(model, images, labels, path: Path) -> dict:
+    """Validation scores and latency of ``model``, and the sizes of its saved file ``path``."""
+    size = measure.file_size(path)
+    return {**evaluate_split(model, images, labels), "size_bytes": size.raw_bytes, "gzip_bytes": size.gzip_bytes,
+            "latency_ms": measure.latency_ms(model, images, batch_size=1)}
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every pruning attempt shares: the data and the training length."""
+
+    dataset_dir: Path
+    model_dir: Path
+    info: dataset.DatasetInfo
+    x_val: object
+    y_val: object
+    batch_size: int
+    end_step: int
+    verbose: int
+
+    def prune_to(self, config: PruneConfig):
+        """Prunes a fresh copy of the model while training on; returns (stripped model, history)."""
+        import tensorflow as tf
+
+        tfmot = _tfmot()
+        # A fresh copy each time: tfmot's wrappers share the original layers' weights.
+        model, _ = models.load(self.model_dir)
+        pruned = _wrap(model, config, self.end_step)
+        models.compile_model(pruned, self.info.num_classes, learning_rate=config.learning_rate)
+        tf.keras.utils.set_random_seed(config.seed)
+        spec = AugmentSpec.from_dict(self.info.augment) if self.info.augment else None
+        train = training_batches(dataset.load_split(self.dataset_dir, "train"), spec, self.batch_size, config.seed)
+        history = pruned.fit(
+            train,
+            validation_data=(self.x_val.astype("float32"), self.y_val),
+            epochs=config.epochs,
+            callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+            verbose=self.verbose,
+        )
+        stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+        models.compile_model(stripped, self.info.num_classes, learning_rate=config.learning_rate)
+        return stripped, {key: [float(v) for v in values] for key, values in history.history.items()}
 
 
 def prune(
@@ -162,54 +417,65 @@ def prune(
     progress: Callable[[str], None] = print,
     verbose: int = 2,
 ) -> PruneReport:
-    """Prunes the model in ``model_dir`` while training on, strips it, saves it, and reports."""
-    import tensorflow as tf
+    """Prunes the model in ``model_dir`` while training on, strips it, saves it to ``output_dir``, and reports.
 
-    tfmot = _tfmot()
+    With ``config.max_accuracy_drop`` set, prunes at each of ``config.levels`` and
+    keeps the highest sparsity within the budget. ``output_dir`` receives the model
+    (``model.keras`` + ``model.json``) and one ``model_<mode>.tflite`` per quantize mode.
+    """
     info = dataset.DatasetInfo.load(dataset_dir)
-    model, meta = models.load(model_dir)
+    dense, meta = models.load(model_dir)
     hyper = dict(meta.hyperparameters) if meta else {}
     batch_size = config.batch_size or int(hyper.get("batch_size", 32))
-    x_val, y_val = dataset.load_arrays(dataset_dir, "validation")
     steps = math.ceil(info.splits["train"] / batch_size) * config.epochs
-    pruned = _wrap(model, config, config.end_step or steps)
-    models.compile_model(model, info.num_classes, learning_rate=config.learning_rate)
-    before = {**evaluate_split(model, x_val, y_val), **_sizes(model)}
-    before["latency_ms"] = measure.latency_ms(model, x_val, batch_size=1)
-    progress(f"prune: {config.schedule} schedule to {config.target_sparsity:.0%} sparsity over {steps} steps")
-    models.compile_model(pruned, info.num_classes, learning_rate=config.learning_rate)
-    tf.keras.utils.set_random_seed(config.seed)
-    spec = AugmentSpec.from_dict(info.augment) if info.augment else None
-    train = training_batches(dataset.load_split(dataset_dir, "train"), spec, batch_size, config.seed)
-    history = pruned.fit(
-        train,
-        validation_data=(x_val.astype("float32"), y_val),
-        epochs=config.epochs,
-        callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
-        verbose=verbose,
-    )
-    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
-    models.compile_model(stripped, info.num_classes, learning_rate=config.learning_rate)
-    after = {**evaluate_split(stripped, x_val, y_val), **_sizes(stripped)}
-    after["latency_ms"] = measure.latency_ms(stripped, x_val, batch_size=1)
-    hyper["prune"] = dataclasses.asdict(config)
+    x_val, y_val = dataset.load_arrays(dataset_dir, "validation")
+    if len(y_val) == 0:
+        raise InputError(f"the validation split of `{dataset_dir}` is empty: ingest with a larger validation_fraction.")
+    run = _Run(Path(dataset_dir), Path(model_dir), info, x_val, y_val, batch_size, end_step(config, steps), verbose)
+    # Fails fast, naming any layer tfmot cannot prune, before measuring or training anything.
+    _wrap(models.load(model_dir)[0], config, run.end_step)
+
+    models.compile_model(dense, info.num_classes, learning_rate=config.learning_rate)
+    before = _measured(dense, x_val, y_val, Path(model_dir, models.MODEL_FILE))
+    searching = config.max_accuracy_drop > 0
+    attempts, kept = [], None
+    for level in config.levels:
+        level_config = dataclasses.replace(config, target_sparsity=level)
+        progress(f"prune: {config.schedule} schedule to {level:.0%} sparsity over {steps} steps")
+        stripped, history = run.prune_to(level_config)
+        scores = evaluate_split(stripped, x_val, y_val)
+        drop = before["accuracy"] - scores["accuracy"]
+        within = drop <= config.max_accuracy_drop if searching else None
+        attempts.append({"sparsity": level, "accuracy": scores["accuracy"], "accuracy_drop": drop, "within_budget": within})
+        if searching:
+            progress(f"prune: {level:.0%} sparsity: validation accuracy {scores['accuracy']:.4f}, drop {drop:.4f}"
+                     f" ({'within' if within else 'over'} the budget of {config.max_accuracy_drop})")
+        if kept is None or (searching and within):
+            kept = (level_config, stripped, history)
+        if searching and not within:
+            break  # accuracy falls as sparsity rises: higher levels would lose more
+    kept_config, stripped, history = kept
+
+    output_dir = Path(output_dir)
+    sparsity = measure.sparsity(stripped)
+    hyper["prune"] = {**dataclasses.asdict(kept_config), "measured_sparsity": sparsity["overall"]}
     models.save(
         stripped,
         output_dir,
         models.ModelMeta(family=meta.family if meta else "unknown", class_names=info.class_names,
                          input_shape=list(info.shape), hyperparameters=hyper, stage="pruned"),
     )
+    after = _measured(stripped, x_val, y_val, output_dir / models.MODEL_FILE)
+    if config.quantize_modes:
+        progress(f"prune: quantizing to TFLite ({config.quantize})")
+    tflite = quantize.quantize(stripped, config.quantize_modes, output_dir, x_val, y_val)
     return PruneReport(
         before=before,
         after=after,
-        sparsity=measure.sparsity(stripped),
-        history={k_: [float(v) for v in vals] for k_, vals in history.history.items()},
+        sparsity=sparsity,
+        history=history,
+        target_sparsity=kept_config.target_sparsity,
+        attempts=attempts,
+        max_accuracy_drop=config.max_accuracy_drop,
+        tflite=tflite,
     )
-
-
-def _sizes(model) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, models.MODEL_FILE)
-        model.save(path)
-        size = measure.file_size(path)
-    return {"size_bytes": size.raw_bytes, "gzip_bytes": size.gzip_bytes}

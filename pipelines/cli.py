@@ -110,8 +110,10 @@ def check_arguments(arguments: dict, compiled: str | Path = COMPILED) -> None:
     prune.PruneConfig(
         target_sparsity=values["target_sparsity"], schedule=values["prune_schedule"],
         initial_sparsity=values["prune_initial_sparsity"], epochs=values["prune_epochs"],
+        begin_step=values["prune_begin_step"], end_step=values["prune_end_step"],
         frequency=values["prune_frequency"], layer_types=values["prune_layer_types"], m_by_n=values["prune_m_by_n"],
-        learning_rate=values["prune_learning_rate"],
+        learning_rate=values["prune_learning_rate"], quantize=values["prune_quantize"],
+        max_accuracy_drop=values["prune_max_accuracy_drop"], sparsity_levels=values["prune_sparsity_levels"],
     )
     evaluate.GateConfig(min_accuracy=values["min_accuracy"], max_accuracy_drop=values["max_accuracy_drop"],
                         max_size_bytes=values["max_size_bytes"])

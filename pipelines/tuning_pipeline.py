@@ -59,10 +59,15 @@ def tuning_pipeline(
     prune_schedule: str = _PRUNE.schedule,
     prune_initial_sparsity: float = _PRUNE.initial_sparsity,
     prune_epochs: int = _PRUNE.epochs,
+    prune_begin_step: int = _PRUNE.begin_step,
+    prune_end_step: int = _PRUNE.end_step,
     prune_frequency: int = _PRUNE.frequency,
     prune_layer_types: str = _PRUNE.layer_types,
     prune_m_by_n: str = _PRUNE.m_by_n,
     prune_learning_rate: float = _PRUNE.learning_rate,
+    prune_quantize: str = _PRUNE.quantize,
+    prune_max_accuracy_drop: float = _PRUNE.max_accuracy_drop,
+    prune_sparsity_levels: str = _PRUNE.sparsity_levels,
     min_accuracy: float = _GATE.min_accuracy,
     max_accuracy_drop: float = _GATE.max_accuracy_drop,
     max_size_bytes: int = _GATE.max_size_bytes,
@@ -103,8 +108,10 @@ def tuning_pipeline(
     ).set_display_name("fine-tune")
     pruned = prune(
         dataset=train_data, model=tuned.outputs["model"], target_sparsity=target_sparsity, schedule=prune_schedule,
-        initial_sparsity=prune_initial_sparsity, epochs=prune_epochs, frequency=prune_frequency,
-        layer_types=prune_layer_types, m_by_n=prune_m_by_n, learning_rate=prune_learning_rate, seed=seed,
+        initial_sparsity=prune_initial_sparsity, epochs=prune_epochs, begin_step=prune_begin_step,
+        end_step=prune_end_step, frequency=prune_frequency, layer_types=prune_layer_types, m_by_n=prune_m_by_n,
+        learning_rate=prune_learning_rate, seed=seed, quantize=prune_quantize,
+        max_accuracy_drop=prune_max_accuracy_drop, sparsity_levels=prune_sparsity_levels,
     ).set_display_name("prune")
 
     candidates = {

@@ -1,0 +1,274 @@
+"""Pruning: both schedules reach their target, sizes and accuracy are reported truly, the accuracy-budget
+search keeps the highest level within budget, TFLite export works, and bad input stops before any work."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import tf_keras
+
+from kftune import dataset, models
+from kftune import prune as pr
+from kftune.errors import InputError
+
+
+@tf_keras.saving.register_keras_serializable(package="kftune_test")
+class Scale(tf_keras.layers.Layer):
+    """A custom layer with a trainable weight that tfmot has no pruning rule for."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(name="scale", shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.scale
+
+
+def kernel_sparsity(model) -> dict[str, float]:
+    """Share of exact zeros per kernel, counted here rather than by kftune.measure."""
+    return {
+        layer.name: float(np.mean(layer.kernel.numpy() == 0))
+        for layer in model.layers if hasattr(layer, "kernel")
+    }
+
+
+def validation_accuracy(model, folder) -> float:
+    x, y = dataset.load_arrays(folder, "validation")
+    return float(np.mean(model.predict(x.astype("float32"), verbose=0).argmax(-1) == y))
+
+
+@pytest.fixture(scope="module")
+def prune_once(digits_dir, trained_model_dir, tmp_path_factory):
+    """Runs each distinct configuration once for the whole module; returns (report, output folder)."""
+    done = {}
+
+    def run(**fields):
+        key = tuple(sorted(fields.items()))
+        if key not in done:
+            out = tmp_path_factory.mktemp("pruned")
+            config = pr.PruneConfig(epochs=1, learning_rate=1e-3, **fields)
+            done[key] = pr.prune(digits_dir, trained_model_dir, config, out, progress=lambda _: None, verbose=0), out
+        return done[key]
+
+    return run
+
+
+CONSTANT_80 = {"target_sparsity": 0.8, "schedule": "constant", "quantize": "dynamic,int8"}
+POLYNOMIAL_60 = {"target_sparsity": 0.6, "schedule": "polynomial", "initial_sparsity": 0.1, "frequency": 5}
+
+
+@pytest.mark.parametrize("fields", [CONSTANT_80, POLYNOMIAL_60], ids=["constant", "polynomial"])
+def test_both_schedules_reach_the_target_on_the_stripped_weights(prune_once, fields):
+    report, out = prune_once(**fields)
+    model, meta = models.load(out)
+    assert not any("prune_low_magnitude" in layer.name for layer in model.layers), "wrappers left in the export"
+    measured = kernel_sparsity(model)
+    assert set(measured) == {"conv0", "conv1", "dense", "predictions"}
+    for name, value in measured.items():
+        assert abs(value - fields["target_sparsity"]) <= 0.01, (name, value)
+        assert report.sparsity[name] == pytest.approx(value)
+    assert abs(report.sparsity["overall"] - fields["target_sparsity"]) <= 0.01
+    assert meta.stage == "pruned" and meta.hyperparameters["prune"]["schedule"] == fields["schedule"]
+
+
+def test_report_tells_sizes_and_accuracy_as_measured(prune_once, trained_model_dir, digits_dir):
+    report, out = prune_once(**CONSTANT_80)
+    dense_file, pruned_file = (trained_model_dir / models.MODEL_FILE).read_bytes(), (out / models.MODEL_FILE).read_bytes()
+    assert report.before["size_bytes"] == len(dense_file)
+    assert report.after["size_bytes"] == len(pruned_file)
+    # Zeros are still stored: the raw file does not shrink, the compressed one does.
+    assert report.after["size_bytes"] == report.before["size_bytes"]
+    assert report.before["gzip_bytes"] == len(gzip.compress(dense_file, compresslevel=9))
+    assert report.after["gzip_bytes"] < report.before["gzip_bytes"] / 2.5
+    dense, _ = models.load(trained_model_dir)
+    pruned, _ = models.load(out)
+    assert report.before["accuracy"] == pytest.approx(validation_accuracy(dense, digits_dir), abs=1e-6)
+    assert report.after["accuracy"] == pytest.approx(validation_accuracy(pruned, digits_dir), abs=1e-6)
+    for values in (report.before, report.after):
+        assert values["loss"] > 0 and values["latency_ms"] > 0
+    metrics = report.metrics()
+    assert metrics["gzip_ratio"] == pytest.approx(report.before["gzip_bytes"] / report.after["gzip_bytes"])
+    assert metrics["accuracy_drop"] == pytest.approx(report.before["accuracy"] - report.after["accuracy"])
+    text = report.markdown()
+    assert "as large as the dense one" in text and "compressed" in text
+    assert f"| {report.after['size_bytes']} | {report.after['gzip_bytes']} |" in text
+
+
+def _interpreter_accuracy(path, digits_dir) -> tuple[float, np.ndarray, str]:
+    """Accuracy of a .tflite file, one image at a time, written here independently of kftune.quantize."""
+    import tensorflow as tf
+
+    x, y = dataset.load_arrays(digits_dir, "validation")
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    entry, exit_ = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    predicted = []
+    for image in x:
+        scale, zero_point = entry["quantization"]
+        value = np.round(image / scale + zero_point).clip(0, 255) if scale else image
+        interpreter.set_tensor(entry["index"], value[None].astype(entry["dtype"]))
+        interpreter.invoke()
+        predicted.append(int(interpreter.get_tensor(exit_["index"])[0].argmax()))
+    predicted = np.array(predicted)
+    return float(np.mean(predicted == y)), predicted, np.dtype(entry["dtype"]).name
+
+
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+def test_tflite_dynamic_and_int8_are_exported_and_measured(prune_once, digits_dir):
+    report, out = prune_once(**CONSTANT_80)
+    pruned, _ = models.load(out)
+    x, _ = dataset.load_arrays(digits_dir, "validation")
+    keras_predicted = pruned.predict(x.astype("float32"), verbose=0).argmax(-1)
+    for mode, input_dtype in (("dynamic", "float32"), ("int8", "uint8")):
+        values = report.tflite[mode]
+        path = out / values["file"]
+        assert path.name == f"model_{mode}.tflite" and path.stat().st_size == values["size_bytes"]
+        accuracy, predicted, dtype = _interpreter_accuracy(path, digits_dir)
+        assert dtype == input_dtype
+        assert values["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+        assert np.mean(predicted == keras_predicted) >= 0.95, f"{mode} disagrees with the Keras model"
+        # int8 weights keep the pruned zeros: a quarter of the float file, and compressed further.
+        assert values["size_bytes"] < report.after["size_bytes"] / 3
+        assert values["gzip_bytes"] < report.after["gzip_bytes"] / 2
+        assert report.metrics()[f"tflite_{mode}_accuracy"] == values["accuracy"]
+    assert models.load(out)[0] is not None, "the Keras model must stay loadable beside the .tflite files"
+
+
+def test_only_the_chosen_layer_types_are_pruned(prune_once):
+    report, out = prune_once(target_sparsity=0.7, layer_types="Dense")
+    measured = kernel_sparsity(models.load(out)[0])
+    assert measured["conv0"] < 0.01 and measured["conv1"] < 0.01
+    assert abs(measured["dense"] - 0.7) <= 0.01 and abs(measured["predictions"] - 0.7) <= 0.01
+
+
+def test_structured_2_by_4_leaves_two_zeros_in_every_four_weights(prune_once):
+    _, out = prune_once(target_sparsity=0.5, m_by_n="2:4", layer_types="Dense")
+    kernel = models.load(out)[0].get_layer("dense").kernel.numpy()
+    # tfmot groups 4 consecutive weights along the input axis of a Dense kernel.
+    groups = kernel.reshape(-1, 4, kernel.shape[1])
+    assert np.all((groups == 0).sum(axis=1) >= 2)
+
+
+def test_budget_search_keeps_the_highest_sparsity_within_the_budget(prune_once):
+    report, out = prune_once(max_accuracy_drop=0.03, sparsity_levels="0.99,0.5,0.8")
+    tried = [a["sparsity"] for a in report.attempts]
+    assert tried == [0.5, 0.8, 0.99][: len(tried)], "levels are tried in increasing order"
+    within = [a["sparsity"] for a in report.attempts if a["within_budget"]]
+    assert within, "the ladder's low levels should fit a 3-point budget on this task"
+    assert report.target_sparsity == max(within)
+    assert all(not a["within_budget"] for a in report.attempts if a["sparsity"] > report.target_sparsity)
+    assert not report.attempts[-1]["within_budget"], "the ladder ends at 99%, which cannot keep accuracy: the search stops over budget"
+    kept = next(a for a in report.attempts if a["sparsity"] == report.target_sparsity)
+    assert kept["accuracy_drop"] <= 0.03
+    assert report.before["accuracy"] - report.after["accuracy"] == pytest.approx(kept["accuracy_drop"], abs=1e-6)
+    assert report.within_budget is True
+    measured = kernel_sparsity(models.load(out)[0])
+    assert all(abs(v - report.target_sparsity) <= 0.01 for v in measured.values()), measured
+    saved = json.loads((out / models.META_FILE).read_text())["hyperparameters"]["prune"]
+    assert saved["target_sparsity"] == report.target_sparsity
+    assert report.metrics()["within_budget"] == 1.0
+
+
+def test_budget_search_says_so_when_no_level_fits(prune_once):
+    report, out = prune_once(max_accuracy_drop=0.001, sparsity_levels="0.99")
+    assert report.within_budget is False and report.target_sparsity == 0.99
+    assert report.metrics()["within_budget"] == 0.0
+    assert "No level tried stayed within the budget" in report.markdown()
+    assert (out / models.MODEL_FILE).exists()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"target_sparsity": 1.0}, "`target_sparsity` must be in [0, 1). Received: target_sparsity=1.0"),
+    ({"target_sparsity": -0.1}, "`target_sparsity` must be in [0, 1). Received: target_sparsity=-0.1"),
+    ({"schedule": "cubic"}, "`schedule` must be one of ('constant', 'polynomial'). Received: schedule='cubic'"),
+    ({"layer_types": "Dense,Conv2d"}, "`layer_types`: `Conv2d` is not a Keras layer class"),
+    ({"quantize": "float16"}, "`quantize` takes a comma-separated subset of ('dynamic', 'int8')"),
+    ({"max_accuracy_drop": 0.01, "sparsity_levels": "0.5,1.2"}, "`sparsity_levels` must be in [0, 1). Received: 1.2"),
+    ({"max_accuracy_drop": 0.01, "sparsity_levels": "half"}, "`sparsity_levels` must be comma-separated numbers"),
+    ({"m_by_n": "2:4", "target_sparsity": 0.8}, "set target_sparsity=0.5"),
+    ({"begin_step": 20, "end_step": 10}, "`end_step` must be after `begin_step`"),
+])
+def test_bad_config_is_rejected_naming_the_input(fields, message):
+    with pytest.raises(InputError) as error:
+        pr.PruneConfig(**fields)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"begin_step": 10_000}, "`begin_step`=10000 and `frequency`=10 leave no pruning step"),
+    ({"end_step": 10_000}, "`end_step`=10000 is past the end of training"),
+    ({"layer_types": "LSTM"}, "`layer_types`=LSTM matches no layer of the model"),
+])
+def test_a_config_that_cannot_work_on_this_model_stops_before_training(digits_dir, trained_model_dir, tmp_path, fields, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        pr.prune(digits_dir, trained_model_dir, pr.PruneConfig(**fields), tmp_path / "out", progress=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_tfmot_cannot_prune_is_named_with_what_to_do(digits_dir, tmp_path):
+    info = dataset.DatasetInfo.load(digits_dir)
+    inputs = tf_keras.Input(shape=info.shape)
+    x = Scale(name="my_scale")(tf_keras.layers.Flatten()(inputs))
+    outputs = tf_keras.layers.Dense(info.num_classes, activation="softmax", name="predictions")(x)
+    folder = models.save(tf_keras.Model(inputs, outputs), tmp_path / "model",
+                         models.ModelMeta("custom", info.class_names, list(info.shape), {"batch_size": 32}))
+    with pytest.raises(InputError) as error:
+        pr.prune(digits_dir, folder, pr.PruneConfig(), tmp_path / "out", progress=lambda _: None)
+    assert "layer `my_scale` (Scale) cannot be pruned by tfmot" in str(error.value)
+    assert "set `layer_types`" in str(error.value)
+    assert not (tmp_path / "out").exists()
+    # The advice works: pruning only the Dense layer goes through.
+    report = pr.prune(digits_dir, folder, pr.PruneConfig(layer_types="Dense", epochs=1), tmp_path / "out",
+                      progress=lambda _: None, verbose=0)
+    assert abs(report.sparsity["predictions"] - 0.5) <= 0.01
+
+
+def _component_artifacts(tmp_path, digits_dir, trained_model_dir):
+    from kfp import dsl
+
+    return {
+        "dataset": dsl.Dataset(uri=str(digits_dir)),
+        "model": dsl.Model(uri=str(trained_model_dir)),
+        "pruned": dsl.Model(uri=str(tmp_path / "pruned")),
+        "metrics": dsl.Metrics(uri=str(tmp_path / "metrics")),
+        "report_html": dsl.HTML(uri=str(tmp_path / "report.html")),
+        "report_md": dsl.Markdown(uri=str(tmp_path / "report.md")),
+    }
+
+
+def _component_parameters(**overrides):
+    defaults = pr.PruneConfig()
+    values = {name: getattr(defaults, name) for name in (
+        "target_sparsity", "schedule", "initial_sparsity", "epochs", "begin_step", "end_step", "frequency",
+        "layer_types", "m_by_n", "learning_rate", "seed", "quantize", "max_accuracy_drop", "sparsity_levels")}
+    return {**values, **overrides}
+
+
+def test_component_writes_metrics_and_reports(tmp_path, digits_dir, trained_model_dir):
+    from components.prune import prune
+
+    artifacts = _component_artifacts(tmp_path, digits_dir, trained_model_dir)
+    prune.python_func(**artifacts, **_component_parameters(target_sparsity=0.75, epochs=1, quantize="int8"))
+    metrics = artifacts["metrics"].metadata
+    assert abs(metrics["sparsity"] - 0.75) <= 0.01
+    assert metrics["after_size_bytes"] == metrics["before_size_bytes"]
+    assert metrics["after_gzip_bytes"] < metrics["before_gzip_bytes"]
+    assert 0 < metrics["tflite_int8_accuracy"] <= 1 and metrics["tflite_int8_gzip_bytes"] < metrics["after_gzip_bytes"]
+    assert {"before_accuracy", "after_accuracy", "before_loss", "after_loss", "before_latency_ms",
+            "after_latency_ms"} <= set(metrics)
+    assert artifacts["pruned"].metadata["tflite"] == ["model_int8.tflite"]
+    assert (tmp_path / "pruned" / "model_int8.tflite").exists() and models.load(tmp_path / "pruned")[1].stage == "pruned"
+    html = (tmp_path / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "Pruning to 75% sparsity" in html
+    assert "as large as the dense one" in html and "<td>conv1</td>" in html and "model_int8.tflite" in html
+    assert "| dense (Keras) |" in (tmp_path / "report.md").read_text()
+
+
+def test_component_exits_with_the_input_error_code_on_bad_input(tmp_path, digits_dir, trained_model_dir, capsys):
+    from components.prune import prune
+
+    with pytest.raises(SystemExit) as stop:
+        prune.python_func(**_component_artifacts(tmp_path, digits_dir, trained_model_dir),
+                          **_component_parameters(target_sparsity=1.0))
+    assert stop.value.code == 2
+    assert "kftune: error: `target_sparsity` must be in [0, 1)" in capsys.readouterr().err

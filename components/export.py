@@ -15,12 +15,12 @@ def export(
     destination: str,
     version: str,
 ) -> str:
-    """Writes the chosen model, a SavedModel and metadata.json to destination/version/.
+    """Writes the chosen model to destination/version/: model.keras, a SavedModel, any TFLite files, metadata.json.
 
     An existing version is never overwritten; checksums are read back after upload.
 
     Args:
-        model: The chosen model.
+        model: The chosen model (the compare step's output).
         dataset: The dataset it was trained on (its fingerprint is recorded).
         pipeline_root: The run's pipeline root (set by the pipeline).
         run_name: The run's name (set by the pipeline), recorded as the source.
@@ -36,11 +36,11 @@ def export(
     metadata = {
         "source_run": run_name,
         "candidate": model.metadata.get("candidate", ""),
-        "metrics": {k: model.metadata[k] for k in ("accuracy", "gzip_bytes") if k in model.metadata},
-        "data_fingerprint": dataset.metadata.get("fingerprint", ""),
+        "model_file": model.metadata.get("model_file", ""),
+        "metrics": model.metadata.get("metrics", {}),
     }
     with user_errors():
         uri, checksums = ex.export(model.path, destination or f"{pipeline_root.rstrip('/')}/exports", metadata,
-                                   version=version)
-    print(f"export: wrote {len(checksums)} files to {uri}, checksums verified")
+                                   version=version, dataset_dir=dataset.path)
+    print(f"export: wrote {len(checksums)} files to {uri}, checksums read back and verified")
     return uri

@@ -1,16 +1,19 @@
 """Measuring candidate models on the held-out test split, comparing them, and gating.
 
-Every candidate (the search winner, the fine-tuned model, the pruned model) is
-measured the same way on the same test split: accuracy, loss, top-k accuracy,
-per-class precision/recall/F1, the confusion matrix, size on disk, parameter
-count and latency. :func:`choose` then applies the thresholds and picks what
-to export.
+Every candidate (the search winner, the fine-tuned model, the pruned model and
+its quantized TFLite conversion) is measured the same way on the same test
+split: accuracy, loss, top-k accuracy, per-class precision/recall/F1, the
+confusion matrix, size on disk (raw and gzip), parameter count and latency.
+:func:`choose` then applies the thresholds and picks what to export.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
+import time
+import warnings
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
@@ -38,6 +41,11 @@ class Evaluation:
     latency_ms_batch1: float
     latency_ms_batch32: float
     examples: int
+    # The file that was measured (model.keras, model_int8.tflite, ...): what serving loads.
+    model_file: str = models.MODEL_FILE
+
+    SCALARS = ("accuracy", "loss", "top_k_accuracy", "size_bytes", "gzip_bytes", "parameters",
+               "latency_ms_batch1", "latency_ms_batch32")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -46,25 +54,48 @@ class Evaluation:
     def from_json(cls, text: str) -> Evaluation:
         return cls(**json.loads(text))
 
+    def scalars(self) -> dict[str, float | int]:
+        """The single-number measurements, for metrics and export metadata."""
+        return {"top_k": self.top_k, **{key: getattr(self, key) for key in self.SCALARS}}
+
 
 def scores(labels, outputs, class_names: list[str]) -> dict:
-    """Accuracy, top-k, per-class precision/recall/F1 and the confusion matrix of given outputs."""
+    """Accuracy, top-k, per-class precision/recall/F1 and the confusion matrix of given outputs.
+
+    ``outputs`` are a model's outputs: (N, classes) probabilities, or (N, 1)
+    sigmoid outputs for a two-class model. Confusion-matrix rows are the true
+    classes, columns the predicted ones. Top-k is top-3 (top-2 for three
+    classes; plain accuracy for two).
+    """
     import numpy as np
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     labels = np.asarray(labels, dtype=np.int64)
-    probabilities = models.class_probabilities(outputs)
-    predicted = probabilities.argmax(axis=-1)
+    outputs = np.asarray(outputs)
     n = len(class_names)
+    width = outputs.shape[-1] if outputs.ndim == 2 else None
+    if width != n and not (n == 2 and width == 1):
+        raise InputError(
+            f"the model gives outputs of shape {outputs.shape[1:]} per image but the dataset has {n} classes "
+            f"{class_names}: evaluate the model on the dataset it was trained for."
+        )
+    probabilities = models.class_probabilities(outputs)
+    predicted = models.predict_classes(outputs)
     top_k = min(3, n - 1) if n > 2 else 1
-    ranked = np.argsort(-probabilities, axis=-1)[:, :top_k]
+    if top_k == 1:
+        # A sigmoid output of exactly 0.5 is class 1 (models.predict_classes) though
+        # both probabilities tie; top-1 must agree with the prediction.
+        ranked = predicted[:, None]
+    else:
+        # Stable, so that tied probabilities rank the lower class id first, as argmax does.
+        ranked = np.argsort(-probabilities, axis=-1, kind="stable")[:, :top_k]
     precision, recall, f1, _ = precision_recall_fscore_support(
         labels, predicted, labels=list(range(n)), zero_division=0
     )
     return {
         "accuracy": float(np.mean(predicted == labels)) if len(labels) else 0.0,
         "top_k": top_k,
-        "top_k_accuracy": float(np.mean([label in row for label, row in zip(labels, ranked, strict=True)])) if len(labels) else 0.0,
+        "top_k_accuracy": float(np.mean((ranked == labels[:, None]).any(axis=-1))) if len(labels) else 0.0,
         "precision": [float(v) for v in precision],
         "recall": [float(v) for v in recall],
         "f1": [float(v) for v in f1],
@@ -72,37 +103,175 @@ def scores(labels, outputs, class_names: list[str]) -> dict:
     }
 
 
-def evaluate(name: str, model_dir: str | Path, dataset_dir: str | Path, split: str = "test") -> Evaluation:
-    """Measures the model in ``model_dir`` on ``split`` of the dataset."""
-    import numpy as np
-
+def _test_data(dataset_dir, split: str, model_path: Path, meta: models.ModelMeta | None):
     info = dataset.DatasetInfo.load(dataset_dir)
-    model, meta = models.load(model_dir)
     if meta is not None and list(meta.class_names) != list(info.class_names):
         raise InputError(
-            f"model `{model_dir}` was trained on classes {meta.class_names} but the dataset has "
+            f"model `{model_path}` was trained on classes {meta.class_names} but the dataset has "
             f"{info.class_names}: evaluate it on the dataset it was trained for."
         )
     images, labels = dataset.load_arrays(dataset_dir, split)
     if len(labels) == 0:
         raise InputError(f"the `{split}` split of `{dataset_dir}` is empty: ingest with a larger test_fraction.")
-    outputs = model.predict(images.astype(np.float32), batch_size=256, verbose=0)
+    return info, images, labels
+
+
+def _evaluation(name: str, class_names: list[str], labels, outputs, model_path: Path, **measured) -> Evaluation:
+    import numpy as np
+
     # Cross-entropy from the probabilities: the same number as Keras' loss for both head shapes.
     probabilities = np.clip(models.class_probabilities(outputs), 1e-7, 1.0)
-    loss = float(-np.mean(np.log(probabilities[np.arange(len(labels)), labels])))
-    size = measure.file_size(Path(model_dir, models.MODEL_FILE))
+    size = measure.file_size(model_path)
     return Evaluation(
         name=name,
-        loss=loss,
-        class_names=list(info.class_names),
+        loss=float(-np.mean(np.log(probabilities[np.arange(len(labels)), labels]))),
+        class_names=list(class_names),
         size_bytes=size.raw_bytes,
         gzip_bytes=size.gzip_bytes,
+        examples=int(len(labels)),
+        model_file=model_path.name,
+        **measured,
+        **scores(labels, outputs, class_names),
+    )
+
+
+def evaluate(name: str, model_dir: str | Path, dataset_dir: str | Path, split: str = "test") -> Evaluation:
+    """Measures the Keras model in ``model_dir`` on ``split`` of the dataset."""
+    import numpy as np
+
+    model, meta = models.load(model_dir)
+    path = Path(model_dir, models.MODEL_FILE)
+    info, images, labels = _test_data(dataset_dir, split, path, meta)
+    outputs = model.predict(images.astype(np.float32), batch_size=256, verbose=0)
+    return _evaluation(
+        name, info.class_names, labels, outputs, path,
         parameters=int(model.count_params()),
         latency_ms_batch1=measure.latency_ms(model, images, batch_size=1),
         latency_ms_batch32=measure.latency_ms(model, images, batch_size=32),
-        examples=int(len(labels)),
-        **scores(labels, outputs, info.class_names),
     )
+
+
+# ---------------------------------------------------------------- TFLite
+
+
+class TFLiteModel:
+    """A TFLite classifier called like a function: uint8-range images in, float outputs out.
+
+    Full-integer models (int8/uint8 inputs and outputs) are fed quantized
+    images and their outputs dequantized, with the scales stored in the file,
+    so that every candidate is scored on the same float outputs.
+    """
+
+    def __init__(self, path: str | Path):
+        import tensorflow as tf
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(
+                f"`{self.path}` does not exist: the prune step writes model_<mode>.tflite beside "
+                "model.keras for each mode in its `quantize` parameter; name one it wrote."
+            )
+        with warnings.catch_warnings():
+            # TensorFlow 2.21 (pinned in kftune's image) still ships tf.lite.Interpreter;
+            # its notice about LiteRT would only bury the step's own log lines.
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+            try:
+                self.interpreter = tf.lite.Interpreter(model_path=str(self.path))
+            except ValueError as e:
+                raise InputError(f"`{self.path}` is not a loadable TFLite model ({str(e).splitlines()[0][:200]}).") from e
+        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise InputError(
+                f"`{self.path}` has {len(inputs)} inputs and {len(outputs)} outputs: kftune evaluates "
+                "classifiers with one image input and one output."
+            )
+        self.input, self.output = inputs[0], outputs[0]
+        # -1: any batch size; otherwise the converter fixed it and batches are cut to fit.
+        self.fixed_batch = int(self.input["shape_signature"][0]) if self.input["shape_signature"][0] > 0 else 0
+        self._allocated = None
+
+    def _run(self, images):
+        import numpy as np
+
+        if self._allocated != len(images):
+            self.interpreter.resize_tensor_input(self.input["index"], [len(images), *self.input["shape"][1:]])
+            self.interpreter.allocate_tensors()
+            self._allocated = len(images)
+        x = images.astype(np.float32)
+        dtype = self.input["dtype"]
+        if dtype != np.float32:
+            scale, zero_point = self.input["quantization"]
+            limits = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale + zero_point), limits.min, limits.max)
+        self.interpreter.set_tensor(self.input["index"], x.astype(dtype))
+        self.interpreter.invoke()
+        out = self.interpreter.get_tensor(self.output["index"])
+        if out.dtype != np.float32:
+            scale, zero_point = self.output["quantization"]
+            out = (out.astype(np.float32) - zero_point) * scale
+        return out
+
+    def __call__(self, images, batch_size: int = 256):
+        import numpy as np
+
+        size = self.fixed_batch or batch_size
+        chunks = []
+        for start in range(0, len(images), size):
+            chunk = images[start : start + size]
+            if self.fixed_batch and len(chunk) < size:
+                padded = np.resize(chunk, (size, *chunk.shape[1:]))
+                chunks.append(self._run(padded)[: len(chunk)])
+            else:
+                chunks.append(self._run(chunk))
+        return np.concatenate(chunks)
+
+    def parameters(self) -> int:
+        """Elements of the constant tensors (weights and biases) stored in the file."""
+        import numpy as np
+        from tensorflow.lite.tools import flatbuffer_utils
+
+        model = flatbuffer_utils.read_model(str(self.path))
+        count = 0
+        for tensor in model.subgraphs[0].tensors:
+            buffer = model.buffers[tensor.buffer]
+            # Data inline, or (files over 2 GB) at an offset past the flatbuffer.
+            if tensor.buffer and (buffer.data is not None and len(buffer.data) or buffer.offset > 1):
+                count += int(np.prod(tensor.shape)) if tensor.shape is not None else 1
+        return count
+
+    def latency_ms(self, images, *, batch_size: int, repeats: int = 20) -> float:
+        """Median milliseconds for one call over ``batch_size`` images (after warm-up)."""
+        import numpy as np
+
+        batch = np.resize(images, (batch_size, *images.shape[1:]))
+        self(batch, batch_size)  # allocate and warm up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self(batch, batch_size)
+            times.append((time.perf_counter() - start) * 1000.0)
+        return float(np.median(times))
+
+
+def evaluate_tflite(name: str, tflite_path: str | Path, dataset_dir: str | Path, split: str = "test") -> Evaluation:
+    """Measures a TFLite model (float or quantized) on ``split`` of the dataset.
+
+    When ``model.json`` sits beside the file (as in a kftune Model folder), its
+    class names must match the dataset's.
+    """
+    model = TFLiteModel(tflite_path)
+    meta_path = model.path.parent / models.META_FILE
+    meta = models.ModelMeta(**json.loads(meta_path.read_text())) if meta_path.exists() else None
+    info, images, labels = _test_data(dataset_dir, split, model.path, meta)
+    return _evaluation(
+        name, info.class_names, labels, model(images), model.path,
+        parameters=model.parameters(),
+        latency_ms_batch1=model.latency_ms(images, batch_size=1),
+        latency_ms_batch32=model.latency_ms(images, batch_size=32),
+    )
+
+
+# ---------------------------------------------------------------- gate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +298,7 @@ class GateConfig:
             raise InputError(f"`max_size_bytes` must be >= 0. Received: max_size_bytes={self.max_size_bytes}")
 
     def failures(self, candidate: Evaluation, baseline: Evaluation) -> list[str]:
-        """Why ``candidate`` fails the gate; empty when it passes."""
+        """Why ``candidate`` fails the gate, one line per threshold; empty when it passes."""
         out = []
         if candidate.accuracy < self.min_accuracy:
             out.append(f"{candidate.name}: accuracy {candidate.accuracy:.4f} < min_accuracy {self.min_accuracy}")
@@ -145,9 +314,19 @@ class GateConfig:
 
 @dataclasses.dataclass
 class Decision:
+    """The outcome of the gate: which candidate, whether it passed, and every failed threshold."""
+
     chosen: str
     passed: bool
     reasons: list[str]
+
+    def message(self) -> str:
+        if self.passed:
+            return f"chosen: {self.chosen}, the smallest candidate that passes every threshold; it will be exported."
+        return (
+            f"NOT EXPORTED: no candidate passes every threshold ({'; '.join(self.reasons)}). "
+            f"The most accurate is {self.chosen}. Relax the named threshold or improve the model."
+        )
 
 
 def choose(candidates: list[Evaluation], gate: GateConfig) -> Decision:
@@ -156,6 +335,11 @@ def choose(candidates: list[Evaluation], gate: GateConfig) -> Decision:
     The first candidate is the baseline the accuracy drop is measured against.
     When none passes, the most accurate is named, with every failure.
     """
+    if not candidates:
+        raise InputError("there are no candidates to choose from: evaluate at least the baseline.")
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise InputError(f"candidate names must differ, or the choice is ambiguous. Received: {names}")
     baseline = candidates[0]
     passing = [c for c in candidates if not gate.failures(c, baseline)]
     if passing:
@@ -163,3 +347,42 @@ def choose(candidates: list[Evaluation], gate: GateConfig) -> Decision:
         return Decision(chosen.name, True, [])
     reasons = [r for c in candidates for r in gate.failures(c, baseline)]
     return Decision(max(candidates, key=lambda c: c.accuracy).name, False, reasons)
+
+
+def comparison_html(candidates: list[Evaluation], gate: GateConfig, decision: Decision) -> str:
+    """The comparison report for the Kubeflow UI: the verdict, every candidate side by side,
+    per-class F1, and accuracy against size."""
+    from kftune import report
+
+    baseline = candidates[0]
+    headers = ["candidate", "file", "accuracy", f"top-{baseline.top_k}", "loss", "size (B)", "gzip (B)",
+               "parameters", "latency b1 (ms)", "latency b32 (ms)", "gate"]
+    rows = [[c.name, c.model_file, c.accuracy, c.top_k_accuracy, c.loss, c.size_bytes, c.gzip_bytes, c.parameters,
+             c.latency_ms_batch1, c.latency_ms_batch32, "; ".join(gate.failures(c, baseline)) or "pass"]
+            for c in candidates]
+    per_class = [[name, *(c.f1[i] for c in candidates)] for i, name in enumerate(baseline.class_names)]
+    fig, ax = report.pyplot().subplots(figsize=(6, 4))
+    for c in candidates:
+        ax.scatter(c.gzip_bytes / 1024, c.accuracy, s=60)
+        ax.annotate(c.name, (c.gzip_bytes / 1024, c.accuracy), textcoords="offset points", xytext=(5, 5))
+    if gate.max_size_bytes:
+        ax.axvline(gate.max_size_bytes / 1024, color="#b00020", linestyle="--", label="max_size_bytes")
+    if gate.min_accuracy:
+        ax.axhline(gate.min_accuracy, color="#b00020", linestyle=":", label="min_accuracy")
+    if gate.max_size_bytes or gate.min_accuracy:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("gzip size (KiB)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy against size")
+    css = "pass" if decision.passed else "fail"
+    thresholds = (f"min_accuracy={gate.min_accuracy}, max_accuracy_drop={gate.max_accuracy_drop} "
+                  f"(against {baseline.name}), max_size_bytes={gate.max_size_bytes or 'no limit'}")
+    return report.page(
+        "Candidates side by side",
+        f"<p class='{css}'>{html.escape(decision.message())}</p>",
+        f"<p>Thresholds: {html.escape(thresholds)}. Measured on {baseline.examples} test images.</p>",
+        report.html_table(headers, rows),
+        "<h3>F1 per class</h3>",
+        report.html_table(["class", *(c.name for c in candidates)], per_class),
+        report.figure(fig),
+    )

@@ -1,13 +1,17 @@
 """Exporting a model to object storage (or a local folder), one immutable version at a time.
 
-``destination/<version>/`` receives ``model.keras``, a TensorFlow SavedModel
-for serving (``saved_model/``) and ``metadata.json`` (metrics,
-hyperparameters, source run, data fingerprint). An existing version is never
-overwritten, and every file's checksum is read back after the upload.
+``destination/<version>/`` receives ``model.keras`` and ``model.json`` (so the
+version loads back with :func:`kftune.models.load`), a TensorFlow SavedModel
+for serving (``saved_model/``), every TFLite file found beside the model
+(``*.tflite``, written by the prune step when it quantizes) and
+``metadata.json`` (metrics, hyperparameters, source run, data fingerprint).
+An existing version is never overwritten, and every file's checksum is read
+back after the upload.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import re
@@ -16,10 +20,11 @@ import tempfile
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import models, storage
+from kftune import dataset, models, storage
 from kftune.errors import ExistsError, InputError
 
 METADATA_FILE = "metadata.json"
+SAVED_MODEL_DIR = "saved_model"
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -34,28 +39,65 @@ def check_destination(destination: str, version: str) -> None:
     if storage.is_gcs(destination):
         storage.parse_gcs(destination)
     if not _VERSION.match(version):
-        raise InputError(f"`version` may hold letters, digits, '.', '_' and '-' only. Received: version={version!r}")
+        raise InputError(
+            "`version` must start with a letter or digit and hold letters, digits, '.', '_' and '-' only "
+            f"(at most 128). Received: version={version!r}"
+        )
 
 
-def export(model_dir: str | Path, destination: str, metadata: dict, *, version: str = "") -> tuple[str, dict]:
+def export(
+    model_dir: str | Path,
+    destination: str,
+    metadata: dict,
+    *,
+    version: str = "",
+    dataset_dir: str | Path | None = None,
+) -> tuple[str, dict]:
     """Writes the model and its metadata to ``destination/<version>/``.
 
-    Returns the version's URI and the checksums read back from it.
+    Args:
+        model_dir: A kftune Model folder (``model.keras``, ``model.json``, any ``*.tflite``).
+        destination: ``gs://BUCKET/PREFIX`` or a local folder.
+        metadata: What the caller knows (source run, candidate, metrics), recorded
+            in ``metadata.json`` beside what this function finds itself.
+        version: The version folder; empty for a UTC timestamp.
+        dataset_dir: The dataset the model was trained on; its fingerprint and
+            class names are recorded.
+
+    Returns:
+        The version's URI and the MD5 (base64) of every file, read back from it.
+
+    Raises:
+        ExistsError: The version already exists; nothing is written.
+        StorageError: The bucket is missing, access was denied, or a checksum differs.
     """
     version = version or default_version()
     check_destination(destination, version)
     uri = f"{destination.rstrip('/')}/{version}"
+    # Checked before the model is even loaded, so a taken version fails in a second.
     if storage.exists(uri):
-        raise ExistsError(
-            f"`{uri}` already exists and kftune never overwrites an export: choose a new version."
-        )
+        raise ExistsError(f"`{uri}` already exists and kftune never overwrites an export: choose a new version.")
+    model_dir = Path(model_dir)
     model, meta = models.load(model_dir)
+    tflite_files = sorted(model_dir.glob("*.tflite"))
+    facts = {
+        "version": version,
+        "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": dataclasses.asdict(meta) if meta else {},
+        "hyperparameters": meta.hyperparameters if meta else {},
+        "files": {"keras": models.MODEL_FILE, "saved_model": SAVED_MODEL_DIR,
+                  "tflite": [p.name for p in tflite_files]},
+    }
+    if dataset_dir is not None:
+        info = dataset.DatasetInfo.load(dataset_dir)
+        facts.update(data_fingerprint=info.fingerprint, class_names=info.class_names, data_source=info.source)
     with tempfile.TemporaryDirectory() as staging:
         staging = Path(staging, version)
         staging.mkdir()
-        shutil.copy2(Path(model_dir, models.MODEL_FILE), staging / models.MODEL_FILE)
-        model.export(str(staging / "saved_model"))
-        record = {"version": version, "model": meta.__dict__ if meta else {}, **metadata}
-        (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, default=str))
+        for path in [model_dir / models.MODEL_FILE, model_dir / models.META_FILE, *tflite_files]:
+            if path.exists():
+                shutil.copy2(path, staging / path.name)
+        model.export(str(staging / SAVED_MODEL_DIR))
+        (staging / METADATA_FILE).write_text(json.dumps({**metadata, **facts}, indent=2, default=str))
         checksums = storage.publish_dir(staging, uri)
     return uri, checksums

@@ -10,6 +10,7 @@ client at an emulator (the tests do).
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import os
@@ -38,28 +39,20 @@ def parse_gcs(uri: str) -> tuple[str, str]:
 @functools.lru_cache(maxsize=1)
 def _client():
     # Imported here so that the core imports fast where GCS is never used.
+    from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import storage
 
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         from google.auth.credentials import AnonymousCredentials
 
         return storage.Client(project="kftune-emulator", credentials=AnonymousCredentials())
-    return storage.Client()
-
-
-def _bucket(name: str):
-    from google.api_core import exceptions
-
-    bucket = _client().bucket(name)
     try:
-        if not bucket.exists():
-            raise StorageError(
-                f"GCS bucket `{name}` does not exist: create it "
-                f"(gcloud storage buckets create gs://{name}) or fix the URI."
-            )
-    except exceptions.Forbidden as e:
-        raise _denied(f"gs://{name}") from e
-    return bucket
+        return storage.Client()
+    except DefaultCredentialsError as e:
+        raise StorageError(
+            f"no Google Cloud credentials to reach GCS ({str(e).splitlines()[0]}): run the step with "
+            "a service account (Workload Identity), or set GOOGLE_APPLICATION_CREDENTIALS to a key file."
+        ) from e
 
 
 def _denied(uri: str) -> StorageError:
@@ -69,29 +62,69 @@ def _denied(uri: str) -> StorageError:
     )
 
 
+@contextlib.contextmanager
+def _requests_for(uri: str):
+    """Turns the client's refusals into StorageErrors that name ``uri`` and say what to do."""
+    from google.api_core import exceptions
+
+    try:
+        yield
+    except exceptions.Forbidden as e:
+        raise _denied(uri) from e
+    except exceptions.Unauthorized as e:
+        raise StorageError(
+            f"GCS rejected the credentials used for `{uri}` ({e.message}): refresh or replace them."
+        ) from e
+
+
+def _bucket(name: str):
+    """The bucket ``name``, after checking that it exists and can be read."""
+    from google.api_core import exceptions
+
+    bucket = _client().bucket(name)
+    # Listing one object rather than bucket.exists(): a GET on the bucket needs
+    # storage.buckets.get, which roles/storage.objectAdmin (all an export
+    # needs) does not grant, while a missing bucket answers a listing with 404 too.
+    with _requests_for(f"gs://{name}"):
+        try:
+            next(iter(bucket.list_blobs(max_results=1)), None)
+        except exceptions.NotFound as e:
+            raise StorageError(
+                f"GCS bucket `{name}` does not exist: create it "
+                f"(gcloud storage buckets create gs://{name}) or fix the URI."
+            ) from e
+    return bucket
+
+
+def _blob_name(prefix: str, relative: str) -> str:
+    return f"{prefix}/{relative}" if prefix else relative
+
+
 def _safe_join(root: Path, relative: str) -> Path:
-    """Joins ``relative`` under ``root``, refusing names that would escape it."""
+    """Joins ``relative`` under ``root``, refusing names that would escape it.
+
+    Object names are whatever whoever wrote the bucket chose; ``a/../../x`` is
+    a valid one, and must not become a path outside the download folder.
+    """
     target = (root / relative).resolve()
     if root.resolve() not in target.parents and target != root.resolve():
-        raise InputError(f"refusing `{relative}`: it points outside {root}.")
+        raise InputError(f"refusing to download `{relative}`: it points outside {root}. Rename the object.")
     return target
+
+
+def _list_names(bucket, uri: str, prefix: str) -> list[str]:
+    """Object names under ``prefix`` (as a folder), relative to it, sorted."""
+    base = f"{prefix}/" if prefix else ""
+    with _requests_for(uri):
+        names = sorted(b.name for b in bucket.list_blobs(prefix=base))
+    return [name[len(base) :] for name in names if not name.endswith("/")]
 
 
 def list_files(uri: str) -> Iterator[str]:
     """Yields the path of every file under ``uri``, relative to it, sorted."""
     if is_gcs(uri):
-        from google.api_core import exceptions
-
         bucket_name, prefix = parse_gcs(uri)
-        bucket = _bucket(bucket_name)
-        base = f"{prefix}/" if prefix else ""
-        try:
-            names = sorted(b.name for b in bucket.list_blobs(prefix=base))
-        except exceptions.Forbidden as e:
-            raise _denied(uri) from e
-        for name in names:
-            if not name.endswith("/"):
-                yield name[len(base) :]
+        yield from _list_names(_bucket(bucket_name), uri, prefix)
         return
     root = Path(uri)
     for path in sorted(root.rglob("*")):
@@ -104,10 +137,26 @@ def exists(uri: str) -> bool:
     if is_gcs(uri):
         bucket_name, prefix = parse_gcs(uri)
         bucket = _bucket(bucket_name)
-        if prefix and bucket.blob(prefix).exists():
-            return True
-        return any(True for _ in bucket.list_blobs(prefix=f"{prefix}/", max_results=1))
+        with _requests_for(uri):
+            if prefix and bucket.blob(prefix).exists():
+                return True
+            base = f"{prefix}/" if prefix else ""
+            return any(True for _ in bucket.list_blobs(prefix=base, max_results=1))
     return Path(uri).exists()
+
+
+def _download(bucket, uri: str, prefix: str, dest: Path) -> int:
+    """Downloads every object under ``prefix`` into ``dest``, keeping relative paths.
+
+    Every name is checked before anything is written. Returns how many objects there were.
+    """
+    names = _list_names(bucket, uri, prefix)
+    targets = [_safe_join(dest, relative) for relative in names]
+    for relative, target in zip(names, targets, strict=True):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _requests_for(uri):
+            bucket.blob(_blob_name(prefix, relative)).download_to_filename(str(target))
+    return len(names)
 
 
 def fetch(uri: str, workdir: str | os.PathLike) -> Path:
@@ -121,28 +170,17 @@ def fetch(uri: str, workdir: str | os.PathLike) -> Path:
         if not path.exists():
             raise InputError(f"`{uri}` does not exist: check the path.")
         return path
-    from google.api_core import exceptions
-
     bucket_name, prefix = parse_gcs(uri)
     bucket = _bucket(bucket_name)
-    dest = Path(workdir) / bucket_name / prefix
-    try:
+    dest = _safe_join(Path(workdir), f"{bucket_name}/{prefix}")
+    with _requests_for(uri):
         blob = bucket.blob(prefix) if prefix else None
         if blob is not None and blob.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             blob.download_to_filename(str(dest))
             return dest
-        relatives = list(list_files(uri))
-        if not relatives:
-            raise InputError(f"`{uri}` holds no objects: check the bucket and prefix.")
-        for relative in relatives:
-            target = _safe_join(dest, relative)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            bucket.blob(f"{prefix}/{relative}" if prefix else relative).download_to_filename(
-                str(target)
-            )
-    except exceptions.Forbidden as e:
-        raise _denied(uri) from e
+    if not _download(bucket, uri, prefix, dest):
+        raise InputError(f"`{uri}` holds no objects: check the bucket and prefix.")
     return dest
 
 
@@ -155,6 +193,62 @@ def md5_base64(path: str | os.PathLike) -> str:
     return base64.b64encode(digest.digest()).decode()
 
 
+def _refuse_existing(uri: str) -> None:
+    if exists(uri):
+        raise ExistsError(
+            f"`{uri}` already exists and kftune never overwrites an export: "
+            "choose a new version or remove it yourself."
+        )
+
+
+def _publish_local(local_dir: Path, dest: Path) -> dict[str, str]:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Copy next to the destination, then rename: a reader never sees half a version.
+    staging = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(local_dir, staging)
+    try:
+        staging.rename(dest)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        # Someone created the folder after the check: rename refuses a non-empty one.
+        raise ExistsError(f"`{dest}` was written by someone else meanwhile: choose a new version.") from e
+    return {p.relative_to(dest).as_posix(): md5_base64(p) for p in sorted(dest.rglob("*")) if p.is_file()}
+
+
+def _publish_gcs(files: list[Path], local_dir: Path, uri: str) -> dict[str, str]:
+    from google.api_core import exceptions
+
+    bucket_name, prefix = parse_gcs(uri)
+    bucket = _bucket(bucket_name)
+    checksums: dict[str, str] = {}
+    try:
+        with _requests_for(uri):
+            for path in files:
+                relative = path.relative_to(local_dir).as_posix()
+                blob = bucket.blob(_blob_name(prefix, relative))
+                # if_generation_match=0 makes GCS itself refuse an existing object,
+                # which closes the race between the exists() check in publish_dir
+                # and this write. gcp-storage-emulator ignores preconditions and
+                # overwrites, so against it (in the tests) the refusal comes from
+                # that exists() check instead: keep both.
+                blob.upload_from_filename(str(path), if_generation_match=0)
+                # Read the checksum back from the service rather than trusting the
+                # upload's own response: this is what a reader will get.
+                blob.reload()
+                checksums[relative] = blob.md5_hash
+    except exceptions.PreconditionFailed as e:
+        raise ExistsError(f"`{uri}` was written by someone else meanwhile: choose a new version.") from e
+    except StorageError as e:
+        if checksums:
+            raise StorageError(
+                f"{e} The upload stopped after {len(checksums)} of {len(files)} files: remove the "
+                f"partial `{uri}` (gcloud storage rm -r {uri}) before trying this version again."
+            ) from e
+        raise
+    return checksums
+
+
 def publish_dir(local_dir: str | os.PathLike, uri: str) -> dict[str, str]:
     """Copies a folder to ``uri`` without overwriting anything, and verifies it.
 
@@ -163,48 +257,22 @@ def publish_dir(local_dir: str | os.PathLike, uri: str) -> dict[str, str]:
 
     Raises:
         ExistsError: ``uri`` already holds files; nothing is written.
+        StorageError: The bucket is missing, access was denied, or a checksum
+            read back differs from the local file's.
     """
     local_dir = Path(local_dir)
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-    if exists(uri):
-        raise ExistsError(
-            f"`{uri}` already exists and kftune never overwrites an export: "
-            "choose a new version or remove it yourself."
-        )
-    if not is_gcs(uri):
-        dest = Path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Copy next to the destination, then rename: a reader never sees half a version.
-        staging = dest.with_name(f".{dest.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(local_dir, staging)
-        staging.rename(dest)
-        checksums = {p.relative_to(dest).as_posix(): md5_base64(p) for p in sorted(dest.rglob("*")) if p.is_file()}
+    if not files:
+        raise InputError(f"`{local_dir}` holds no files: there is nothing to publish.")
+    _refuse_existing(uri)
+    if is_gcs(uri):
+        checksums = _publish_gcs(files, local_dir, uri)
     else:
-        from google.api_core import exceptions
-
-        bucket_name, prefix = parse_gcs(uri)
-        bucket = _bucket(bucket_name)
-        checksums = {}
-        try:
-            for path in files:
-                relative = path.relative_to(local_dir).as_posix()
-                blob = bucket.blob(f"{prefix}/{relative}" if prefix else relative)
-                # if_generation_match=0 makes GCS itself refuse an existing object,
-                # which closes the race between the exists() check above and this
-                # write. (gcp-storage-emulator ignores preconditions, so the tests
-                # see the refusal from the exists() check instead.)
-                blob.upload_from_filename(str(path), if_generation_match=0)
-                blob.reload()
-                checksums[relative] = blob.md5_hash
-        except exceptions.PreconditionFailed as e:
-            raise ExistsError(f"`{uri}` was written by someone else meanwhile: choose a new version.") from e
-        except exceptions.Forbidden as e:
-            raise _denied(uri) from e
+        checksums = _publish_local(local_dir, Path(uri))
     expected = {p.relative_to(local_dir).as_posix(): md5_base64(p) for p in files}
     if checksums != expected:
-        bad = sorted(k for k in expected if checksums.get(k) != expected[k])
-        raise StorageError(f"checksums of {bad} at `{uri}` differ from the local files: upload again.")
+        bad = sorted(k for k in expected.keys() | checksums.keys() if checksums.get(k) != expected.get(k))
+        raise StorageError(f"checksums of {bad} at `{uri}` differ from the local files: remove `{uri}` and upload again.")
     return checksums
 
 
@@ -228,15 +296,16 @@ class mirror:  # noqa: N801 - used as a context manager
             return path
         import tempfile
 
+        bucket_name, prefix = parse_gcs(self.uri)
+        bucket = _bucket(bucket_name)
         self._tmp = tempfile.TemporaryDirectory()
         self.local = Path(self._tmp.name, "mirror")
         self.local.mkdir()
-        bucket_name, prefix = parse_gcs(self.uri)
-        bucket = _bucket(bucket_name)
-        for relative in list_files(self.uri):
-            target = _safe_join(self.local, relative)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            bucket.blob(f"{prefix}/{relative}" if prefix else relative).download_to_filename(str(target))
+        try:
+            _download(bucket, self.uri, prefix, self.local)
+        except BaseException:
+            self._tmp.cleanup()
+            raise
         return self.local
 
     def __exit__(self, kind, error, tb):
@@ -246,10 +315,11 @@ class mirror:  # noqa: N801 - used as a context manager
             if error is None and self.write_back is not None:
                 bucket_name, prefix = parse_gcs(self.uri)
                 bucket = _bucket(bucket_name)
-                root = self.local / self.write_back
-                for path in sorted(p for p in root.rglob("*") if p.is_file()):
-                    relative = path.relative_to(self.local).as_posix()
-                    bucket.blob(f"{prefix}/{relative}" if prefix else relative).upload_from_filename(str(path))
+                root = _safe_join(self.local, self.write_back)
+                with _requests_for(self.uri):
+                    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                        relative = path.relative_to(self.local).as_posix()
+                        bucket.blob(_blob_name(prefix, relative)).upload_from_filename(str(path))
         finally:
             self._tmp.cleanup()
         return False

@@ -1,0 +1,183 @@
+"""Export: an immutable, verified version, locally and on a real GCS emulator."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kftune import dataset, models, storage
+from kftune import export as ex
+from kftune.errors import EXIT_INPUT, ExistsError, InputError, StorageError
+
+HYPERPARAMETERS = {"learning_rate": 0.003, "batch_size": 32}
+SHIPPED = {"model.keras", "model.json", "model_dynamic.tflite", "metadata.json", "saved_model/saved_model.pb"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(digits_dir, tmp_path_factory):
+    """A small real model for the digits, saved as the steps save it, with a TFLite file beside it."""
+    import tensorflow as tf
+
+    info = dataset.DatasetInfo.load(digits_dir)
+    tf.keras.utils.set_random_seed(0)
+    model = models.small_cnn(info.shape, info.num_classes, filters=4, num_layers=1, dense_units=8)
+    folder = models.save(model, tmp_path_factory.mktemp("chosen"), models.ModelMeta(
+        family="small_cnn", class_names=info.class_names, input_shape=list(info.shape),
+        hyperparameters=HYPERPARAMETERS, stage="pruned"))
+    (folder / "model_dynamic.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return folder
+
+
+def _local_files(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): storage.md5_base64(p) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_local_export_writes_a_servable_version_and_never_overwrites_it(model_dir, digits_dir, tmp_path):
+    import tensorflow as tf
+
+    caller = {"source_run": "run-1", "candidate": "pruned", "metrics": {"accuracy": 0.91}}
+    uri, checksums = ex.export(model_dir, str(tmp_path / "exports"), caller, version="v1", dataset_dir=digits_dir)
+
+    version = Path(uri)
+    assert version == tmp_path / "exports" / "v1"
+    assert checksums == _local_files(version) and SHIPPED <= set(checksums)
+    assert checksums["model_dynamic.tflite"] == storage.md5_base64(model_dir / "model_dynamic.tflite")
+    metadata = json.loads((version / "metadata.json").read_text())
+    assert {k: metadata[k] for k in caller} == caller
+    assert metadata["version"] == "v1" and metadata["hyperparameters"] == HYPERPARAMETERS
+    assert metadata["data_fingerprint"] == dataset.fingerprint(digits_dir) != ""
+    assert metadata["class_names"] == [str(i) for i in range(10)]
+    assert metadata["files"]["tflite"] == ["model_dynamic.tflite"]
+    # The SavedModel serves what the Keras model predicts, and the version loads back as a kftune model.
+    images, _ = dataset.load_arrays(digits_dir, "test")
+    keras_model, meta = models.load(version)
+    saved_model = tf.saved_model.load(str(version / "saved_model"))
+    served = saved_model.serve(tf.constant(images[:8], tf.float32))
+    np.testing.assert_allclose(served.numpy(), keras_model.predict(images[:8].astype(np.float32), verbose=0), atol=1e-5)
+    assert meta.stage == "pruned"
+
+    with pytest.raises(ExistsError, match=r"exports/v1` already exists and kftune never overwrites an export: "
+                                          "choose a new version"):
+        ex.export(model_dir, str(tmp_path / "exports"), {"source_run": "run-2"}, version="v1")
+    assert _local_files(version) == checksums
+
+
+def test_gcs_export_uploads_verifies_and_refuses_to_overwrite(model_dir, digits_dir, bucket, tmp_path):
+    destination = f"gs://{bucket}/models/digits"
+    uri, checksums = ex.export(model_dir, destination, {"source_run": "run-1"}, version="v1", dataset_dir=digits_dir)
+
+    assert uri == f"{destination}/v1"
+    blobs = {b.name: b for b in storage._client().list_blobs(bucket, prefix="models/digits/v1/")}
+    assert {name.removeprefix("models/digits/v1/"): b.md5_hash for name, b in blobs.items()} == checksums
+    assert SHIPPED <= set(checksums)
+    fetched = storage.fetch(uri, tmp_path / "fetched")
+    assert _local_files(fetched) == checksums
+    assert json.loads((fetched / "metadata.json").read_text())["data_fingerprint"] == dataset.fingerprint(digits_dir)
+
+    # The emulator would overwrite silently (it ignores if_generation_match=0);
+    # the refusal comes from the check for an existing version, before any upload.
+    with pytest.raises(ExistsError, match=f"`{uri}` already exists"):
+        ex.export(model_dir, destination, {"source_run": "run-2"}, version="v1", dataset_dir=digits_dir)
+    after = {b.name: b.generation for b in storage._client().list_blobs(bucket, prefix="models/digits/v1/")}
+    assert after == {name: b.generation for name, b in blobs.items()}
+
+
+def test_export_to_a_missing_bucket_says_so(model_dir, gcs_emulator):
+    with pytest.raises(StorageError, match=r"GCS bucket `kftune-no-such-bucket` does not exist: create it"):
+        ex.export(model_dir, "gs://kftune-no-such-bucket/models", {}, version="v1")
+
+
+@pytest.mark.parametrize("version", ["../v1", "v1/extra", ".hidden", "v" * 129])
+def test_bad_version_is_refused_before_any_work(model_dir, tmp_path, version):
+    with pytest.raises(InputError, match="Received: version="):
+        ex.export(model_dir, str(tmp_path / "exports"), {}, version=version)
+    assert not (tmp_path / "exports").exists()
+
+
+def test_empty_destination_is_refused():
+    with pytest.raises(InputError, match="`destination` is empty: give gs://BUCKET/PREFIX or a local folder"):
+        ex.check_destination(" ", "v1")
+
+
+def test_export_component_records_the_run_and_maps_a_taken_version_to_a_user_error(
+    model_dir, digits_dir, tmp_path, capsys
+):
+    from kfp.dsl import Dataset, Model
+
+    from components.export import export
+
+    chosen = Model(uri=str(model_dir), metadata={"candidate": "quantized", "model_file": "model_dynamic.tflite",
+                                                 "metrics": {"accuracy": 0.9, "gzip_bytes": 1234}})
+    data = Dataset(uri=str(digits_dir))
+    arguments = dict(model=chosen, dataset=data, pipeline_root=str(tmp_path), run_name="run-7", destination="",
+                     version="v3")
+
+    uri = export.python_func(**arguments)
+
+    assert uri == f"{tmp_path}/exports/v3"
+    metadata = json.loads(Path(uri, "metadata.json").read_text())
+    assert (metadata["source_run"], metadata["candidate"], metadata["model_file"]) == ("run-7", "quantized", "model_dynamic.tflite")
+    assert metadata["metrics"] == {"accuracy": 0.9, "gzip_bytes": 1234}
+    assert "checksums read back and verified" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exit_info:
+        export.python_func(**arguments)
+    assert exit_info.value.code == EXIT_INPUT
+    assert "kftune: error: " in capsys.readouterr().err
+
+
+def _evaluation_file(folder: Path, name: str, accuracy: float, gzip_bytes: int) -> str:
+    from kftune import evaluate as ev
+
+    evaluation = ev.Evaluation(
+        name=name, accuracy=accuracy, loss=0.3, top_k=3, top_k_accuracy=0.99, class_names=[str(i) for i in range(10)],
+        precision=[accuracy] * 10, recall=[accuracy] * 10, f1=[accuracy] * 10,
+        confusion_matrix=[[0] * 10 for _ in range(10)], size_bytes=2 * gzip_bytes, gzip_bytes=gzip_bytes,
+        parameters=1000, latency_ms_batch1=1.0, latency_ms_batch32=4.0, examples=270,
+    )
+    path = folder / f"{name}.json"
+    path.write_text(evaluation.to_json())
+    return str(path)
+
+
+@pytest.mark.filterwarnings("ignore:.*non-Python base image")  # the image's packages are this venv's
+@pytest.mark.parametrize("min_accuracy,exported", [(0.9, True), (0.99, False)], ids=["passes", "fails"])
+def test_the_gate_decides_whether_kfp_runs_the_export(model_dir, digits_dir, tmp_path, min_accuracy, exported):
+    """compare -> dsl.If -> export, run by KFP's local runner as the pipeline wires them."""
+    from kfp import dsl, local
+    from kfp.dsl import Artifact, Dataset, Model
+
+    from components.evaluate import compare
+    from components.export import export
+
+    evaluations = {name: _evaluation_file(tmp_path, name, accuracy, size)
+                   for name, accuracy, size in (("baseline", 0.95, 9000), ("finetuned", 0.97, 8000),
+                                                ("pruned", 0.965, 3000))}
+    destination = tmp_path / "exports"
+
+    @dsl.pipeline
+    def gate_then_export(min_accuracy: float):
+        model = dsl.importer(artifact_uri=str(model_dir), artifact_class=Model).output
+        data = dsl.importer(artifact_uri=str(digits_dir), artifact_class=Dataset).output
+        evals = {name: dsl.importer(artifact_uri=path, artifact_class=Artifact).output
+                 for name, path in evaluations.items()}
+        gate = compare(baseline_eval=evals["baseline"], finetuned_eval=evals["finetuned"], pruned_eval=evals["pruned"],
+                       baseline=model, finetuned=model, pruned=model, min_accuracy=min_accuracy,
+                       max_accuracy_drop=0.01, max_size_bytes=0)
+        with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 - a KFP condition, not Python
+            export(model=gate.outputs["chosen"], dataset=data, pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
+                   run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, destination=str(destination), version="v1")
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "runs"), raise_on_error=True)
+    gate_then_export(min_accuracy=min_accuracy)
+
+    assert (destination / "v1" / "saved_model" / "saved_model.pb").exists() is exported
+    if exported:
+        metadata = json.loads((destination / "v1" / "metadata.json").read_text())
+        assert metadata["candidate"] == "pruned" and metadata["metrics"]["gzip_bytes"] == 3000
+        assert metadata["source_run"].startswith("gate-then-export")
+    else:
+        chosen = json.loads(next((tmp_path / "runs").glob("*/compare/executor_output.json")).read_text())
+        failed = chosen["artifacts"]["chosen"]["artifacts"][0]["metadata"]["failed_thresholds"]
+        assert "baseline: accuracy 0.9500 < min_accuracy 0.99" in failed

@@ -106,9 +106,10 @@ def _resolve_weights(config: FinetuneConfig, workdir: Path) -> str | None:
     if not config.backbone or config.weights == "none":
         return None
     if config.weights == "imagenet":
-        constructor = getattr(models.keras().applications, models.BACKBONES[config.backbone].constructor)
+        spec = models.BACKBONES[config.backbone]
+        constructor = getattr(models.keras().applications, spec.constructor)
         try:
-            constructor(include_top=False, weights="imagenet")
+            constructor(include_top=False, weights="imagenet", **({"alpha": spec.alpha} if spec.alpha else {}))
         except Exception as e:  # noqa: BLE001 - any download failure means the same to the user
             raise InputError(
                 f"could not download ImageNet weights for {config.backbone} ({type(e).__name__}); "

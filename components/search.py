@@ -114,8 +114,11 @@ def search_trial(dataset: Input[Dataset], plan: Input[Artifact], trial: dict) ->
 
     plan_ = search.SearchPlan.read(plan.path)
     own = f"{search.PROJECT}/trial_{trial['trial_id']}"
-    with storage.mirror(plan_.state_uri, write_back=own) as state:
-        result = search.run_trial(dataset.path, trial, plan_.config, state)
+    # Each epoch's checkpoint is uploaded as soon as it is written: a pod
+    # killed mid-trial resumes from there when the trial is retried.
+    step = storage.mirror(plan_.state_uri, write_back=own)
+    with step as state:
+        result = search.run_trial(dataset.path, trial, plan_.config, state, after_epoch=step.sync)
     print(f"search: trial {result.trial_id} {result.status} objective={result.objective} {result.error}")
     return result.to_json()
 

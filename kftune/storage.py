@@ -308,18 +308,28 @@ class mirror:  # noqa: N801 - used as a context manager
             raise
         return self.local
 
+    def sync(self) -> None:
+        """Uploads the files under ``write_back`` now, e.g. after each training epoch.
+
+        A pod killed mid-step loses nothing that was synced: the next attempt
+        downloads it again on entry.
+        """
+        if self._tmp is None or self.write_back is None:
+            return
+        bucket_name, prefix = parse_gcs(self.uri)
+        bucket = _bucket(bucket_name)
+        root = _safe_join(self.local, self.write_back)
+        with _requests_for(self.uri):
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                relative = path.relative_to(self.local).as_posix()
+                bucket.blob(_blob_name(prefix, relative)).upload_from_filename(str(path))
+
     def __exit__(self, kind, error, tb):
         if self._tmp is None:
             return False
         try:
-            if error is None and self.write_back is not None:
-                bucket_name, prefix = parse_gcs(self.uri)
-                bucket = _bucket(bucket_name)
-                root = _safe_join(self.local, self.write_back)
-                with _requests_for(self.uri):
-                    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-                        relative = path.relative_to(self.local).as_posix()
-                        bucket.blob(_blob_name(prefix, relative)).upload_from_filename(str(path))
+            if error is None:
+                self.sync()
         finally:
             self._tmp.cleanup()
         return False

@@ -85,6 +85,20 @@ def test_mirror_round_trip_writes_back_only_what_it_is_told(root, tmp_path):
                      "trial-1/result.json": b'{"score": 1}', "trial-2/result.json": b'{"score": 2}'}
 
 
+def test_mirror_sync_uploads_before_the_step_ends(root, tmp_path):
+    """What was synced after an epoch is in storage even if the pod is killed before the step ends."""
+    step = storage.mirror(root, write_back="trial-3")
+    with step as folder:
+        (folder / "trial-3").mkdir()
+        (folder / "trial-3" / "epoch-1.ckpt").write_text("weights after epoch 1")
+        (folder / "oracle.json").write_text("not this trial's to write")
+        step.sync()
+        seen_mid_step = _contents(storage.fetch(root, tmp_path / "mid-step"))
+    assert seen_mid_step["trial-3/epoch-1.ckpt"] == b"weights after epoch 1"
+    if storage.is_gcs(root):
+        assert "oracle.json" not in _contents(storage.fetch(root, tmp_path / "after"))
+
+
 def test_fetch_of_nothing_says_so(root, tmp_path):
     with pytest.raises(InputError, match="does not exist|holds no objects"):
         storage.fetch(f"{root}/missing", tmp_path / "work")

@@ -3,14 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kftune-installed
+# The component images: GPU (training steps) and slim CPU (light steps); the
+# components read their names from these when compiling (components/__init__.py).
 IMAGE_REGISTRY ?= ghcr.io/kftune
 TAG ?= 0.1.0
 KFTUNE_IMAGE ?= $(IMAGE_REGISTRY)/kftune:$(TAG)
-export KFTUNE_IMAGE
+KFTUNE_CPU_IMAGE ?= $(IMAGE_REGISTRY)/kftune-cpu:$(TAG)
+export KFTUNE_IMAGE KFTUNE_CPU_IMAGE
+# Kubeflow Pipelines release for `make kind-up`: the backend of the pinned kfp SDK.
+KFP_VERSION ?= 2.17.3
+KIND_CLUSTER ?= kftune
 # Extra pipeline parameters for `make run`, e.g. make run ARGS="max_trials=4 target_sparsity=0.8"
 ARGS ?=
 
-.PHONY: install run compile test test-fast lint bench images push clean
+.PHONY: install run compile test test-fast lint bench images push constraints kind-up kind-load kind-e2e clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "kftune needs Python 3.11 (TensorFlow 2.21 wheels): set PYTHON=python3.11")'
@@ -21,8 +27,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# PROFILE=cpu (or a profile file) writes build/tuning_pipeline-<profile>.yaml instead of the checked-in YAML.
 compile: $(STAMP)
-	$(BIN)/kftune compile
+	$(BIN)/kftune compile $(if $(PROFILE),--profile $(PROFILE))
 
 run: compile
 	$(BIN)/kftune run-local $(ARGS)
@@ -42,9 +49,30 @@ bench: $(STAMP)
 images:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a running Docker engine; none found here."; exit 1; }
 	docker build -f images/Dockerfile -t $(KFTUNE_IMAGE) .
+	docker build -f images/Dockerfile.cpu -t $(KFTUNE_CPU_IMAGE) .
 
 push: images
 	docker push $(KFTUNE_IMAGE)
+	docker push $(KFTUNE_CPU_IMAGE)
+
+# The versions both images install: the ones in the tested virtualenv.
+constraints: $(STAMP)
+	@{ echo "# Versions the tests ran with; both images install kftune's dependencies at these."; \
+	   echo "# Regenerate with \`make constraints\` after changing dependencies in pyproject.toml."; \
+	   $(BIN)/pip freeze --exclude-editable; } > images/constraints.txt
+
+# A local kind cluster with Kubeflow Pipelines (deploy/kind/kind.sh); skipped
+# with a message where docker, kind or kubectl are missing.
+KIND_ENV = KFP_VERSION=$(KFP_VERSION) KIND_CLUSTER=$(KIND_CLUSTER) KFTUNE=$(BIN)/kftune
+
+kind-up:
+	@$(KIND_ENV) deploy/kind/kind.sh up
+
+kind-load:
+	@$(KIND_ENV) deploy/kind/kind.sh load
+
+kind-e2e: $(STAMP)
+	@$(KIND_ENV) deploy/kind/kind.sh e2e
 
 clean:
 	rm -rf runs .pytest_cache

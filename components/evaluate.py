@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from components import KFTUNE_IMAGE
+from components import KFTUNE_CPU_IMAGE, KFTUNE_IMAGE
 
 
 @dsl.component(base_image=KFTUNE_IMAGE, install_kfp_package=False)
@@ -50,7 +50,7 @@ def evaluate(
     print(f"evaluate: {name} ({result.model_file}) accuracy={result.accuracy:.4f} gzip={result.gzip_bytes} B")
 
 
-@dsl.component(base_image=KFTUNE_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=KFTUNE_CPU_IMAGE, install_kfp_package=False)
 def compare(
     baseline_eval: Input[Artifact],
     finetuned_eval: Input[Artifact],

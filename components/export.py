@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
-from components import KFTUNE_IMAGE
+from components import KFTUNE_CPU_IMAGE
 
 
-@dsl.component(base_image=KFTUNE_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=KFTUNE_CPU_IMAGE, install_kfp_package=False)
 def export(
     model: Input[Model],
     dataset: Input[Dataset],

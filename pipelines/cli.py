@@ -1,7 +1,8 @@
-"""The ``kftune`` command: compile the pipeline, or run it on this machine.
+"""The ``kftune`` command: compile the pipeline, run it on this machine, or submit it to a cluster.
 
-    kftune compile                       # writes pipelines/compiled/tuning_pipeline.yaml
-    kftune run-local [name=value ...]    # runs the compiled pipeline with KFP's local runner
+    kftune compile [--profile gke-gpu|cpu|FILE]  # writes the KFP IR YAML with a cluster profile's settings
+    kftune run-local [name=value ...]            # runs the compiled pipeline with KFP's local runner
+    kftune submit --host URL [name=value ...]    # uploads it to Kubeflow Pipelines and starts a run
 
 ``run-local`` checks every parameter before anything runs, runs the very
 pipeline a cluster runs (the compiled YAML) with ``kfp.local``'s
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -25,15 +27,27 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 COMPILED = PACKAGE_DIR / "compiled" / "tuning_pipeline.yaml"
 
 
-def compile_pipeline(output: str | Path = COMPILED) -> Path:
+def compile_pipeline(output: str | Path = COMPILED, profile: str | Path = "gke-gpu") -> Path:
+    """Compiles the pipeline with a cluster profile (pipelines/cluster.py); the checked-in YAML has the default."""
     from kfp import compiler
 
+    from pipelines import cluster
     from pipelines.tuning_pipeline import tuning_pipeline
 
+    pipeline = cluster.build(tuning_pipeline, cluster.Profile.load(profile))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(tuning_pipeline, str(output))
+    compiler.Compiler().compile(pipeline, str(output))
     return output
+
+
+def default_output(profile: str) -> Path:
+    """The checked-in YAML for the default profile; build/ for the others, so the checked-in one stays current."""
+    from pipelines import cluster
+
+    if profile == cluster.DEFAULT_PROFILE:
+        return COMPILED
+    return Path("build") / f"tuning_pipeline-{Path(str(profile)).stem}.yaml"
 
 
 # ---------------------------------------------------------------- parameters
@@ -224,22 +238,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     compile_cmd = commands.add_parser("compile", help="compile the pipeline to KFP IR YAML")
-    compile_cmd.add_argument("--output", default=str(COMPILED))
+    compile_cmd.add_argument("--profile", default="gke-gpu",
+                             help="cluster profile: gke-gpu (default), cpu, or a profile YAML file (pipelines/profiles/)")
+    compile_cmd.add_argument("--output", help=f"default: {COMPILED.relative_to(PACKAGE_DIR.parent)} for gke-gpu, "
+                                              "build/tuning_pipeline-<profile>.yaml for the others")
     run_cmd = commands.add_parser("run-local", help="run the compiled pipeline on this machine with kfp.local")
     run_cmd.add_argument("parameters", nargs="*", metavar="name=value", help="pipeline parameters, e.g. max_trials=4")
     run_cmd.add_argument("--pipeline-root", default="runs", help="where run folders and artifacts go (default: runs)")
     run_cmd.add_argument("--compiled", default=str(COMPILED), help="the compiled pipeline to run")
+    _add_submit_parser(commands)
     args = parser.parse_args(argv)
 
     from kftune.errors import KftuneError
 
     try:
         if args.command == "compile":
-            print(f"kftune: compiled {compile_pipeline(args.output)}")
+            output = compile_pipeline(args.output or default_output(args.profile), args.profile)
+            print(f"kftune: compiled {output} (cluster profile {args.profile})")
             return 0
         if not Path(args.compiled).exists():
             print(f"kftune: error: `{args.compiled}` does not exist: run `make compile` first.", file=sys.stderr)
             return 2
+        if args.command == "submit":
+            return _submit(args)
         started = time.time()
         arguments = parse_arguments(args.parameters, args.compiled)
         check_arguments(arguments, args.compiled)
@@ -254,6 +275,51 @@ def main(argv: list[str] | None = None) -> int:
         # kfp.local's own failure line names the task; its log is above.
         print(f"kftune: the pipeline failed: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
+
+
+def _add_submit_parser(commands) -> None:
+    cmd = commands.add_parser(
+        "submit", help="upload the compiled pipeline to Kubeflow Pipelines and start a run",
+        description="Uploads the compiled pipeline (a new pipeline, or a new version of it), starts a run in an "
+                    "experiment and, with --wait, follows it to the end: exit 0 when it SUCCEEDED, 1 when it FAILED, "
+                    "was CANCELED or ran past --timeout, 2 for a mistake in the command. A bearer token for the API, "
+                    "if yours needs one, goes in the KFTUNE_KFP_TOKEN environment variable.")
+    cmd.add_argument("parameters", nargs="*", metavar="name=value", help="pipeline parameters, e.g. source=gs://b/data")
+    cmd.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"),
+                     help="the Kubeflow Pipelines API, e.g. http://localhost:8080 (default: $KF_PIPELINES_ENDPOINT, "
+                          "else kfp.Client finds it through the current kubectl context)")
+    cmd.add_argument("--compiled", default=str(COMPILED), help="the compiled pipeline to submit")
+    cmd.add_argument("--pipeline-name", help="the pipeline's name in Kubeflow (default: the compiled pipeline's name)")
+    cmd.add_argument("--version", default="", help="name of the new pipeline version (default: sha256-<YAML hash>, "
+                                                   "so an unchanged pipeline reuses its version)")
+    cmd.add_argument("--experiment", default="kftune", help="experiment of the run, created if missing (default: kftune)")
+    cmd.add_argument("--run-name", default="", help="default: '<pipeline name> <UTC time>'")
+    cmd.add_argument("--pipeline-root", default="", help="gs://BUCKET/PREFIX for the run's artifacts "
+                                                         "(default: the compiled one, else the cluster's)")
+    cmd.add_argument("--service-account", default="", help="Kubernetes service account of the run's pods "
+                                                           "(Workload Identity binds it to a Google service account)")
+    cmd.add_argument("--namespace", default="", help="the user namespace, on a multi-user Kubeflow")
+    cmd.add_argument("--wait", action="store_true", help="follow the run until it ends; non-zero exit unless it SUCCEEDED")
+    cmd.add_argument("--timeout", type=float, default=0, help="with --wait: give up after this many seconds (0: never)")
+    cmd.add_argument("--poll", type=float, default=10, help="with --wait: seconds between status checks (default: 10)")
+
+
+def _submit(args) -> int:
+    from kftune.errors import InputError
+    from pipelines import submit
+
+    if args.pipeline_root and not args.pipeline_root.startswith(("gs://", "s3://", "minio://")):
+        raise InputError(f"--pipeline-root must be a gs://, s3:// or minio:// URI. Received: {args.pipeline_root!r}")
+    compiled = Path(args.compiled)
+    arguments = parse_arguments(args.parameters, compiled)
+    check_arguments(arguments, compiled)
+    name = args.pipeline_name or next(yaml.safe_load_all(compiled.read_text()))["pipelineInfo"]["name"]
+    submission = submit.Submission(
+        compiled=compiled, arguments=arguments, host=args.host, experiment=args.experiment, pipeline_name=name,
+        version=args.version, run_name=args.run_name, pipeline_root=args.pipeline_root,
+        service_account=args.service_account, namespace=args.namespace,
+    )
+    return submit.submit(submission, wait_for=args.wait, timeout=args.timeout, poll=args.poll)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from kftune.evaluate import GateConfig
 from kftune.finetune import FinetuneConfig
 from kftune.prune import PruneConfig
 from kftune.search import CLASSIC_SPACE_YAML, SearchConfig
+from pipelines import cluster
 
 _INGEST, _SEARCH, _FT, _PRUNE, _GATE = IngestConfig(), SearchConfig(), FinetuneConfig(), PruneConfig(), GateConfig()
 
@@ -131,7 +132,11 @@ def tuning_pipeline(
         min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop, max_size_bytes=max_size_bytes,
     ).set_display_name("compare and gate")
     with dsl.If(gate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 - a KFP condition, not Python
-        export(
+        exported = export(
             model=gate.outputs["chosen"], dataset=data.outputs["dataset"], pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, destination=export_destination, version=export_version,
         ).set_display_name("export")
+
+    # Resources, GPUs, retries, caching and credentials per step, from the cluster profile (pipelines/cluster.py).
+    cluster.apply(data, augmented, setup, rounds, asked, trained, told, searched, tuned, pruned, *evaluations.values(),
+                  gate, exported)

@@ -24,7 +24,8 @@ def test_every_step_is_a_kftune_component_with_no_install_at_start_up():
     assert len(executors) >= 10
     for name, executor in executors.items():
         container = executor["container"]
-        assert container["image"].endswith("/kftune:0.1.0"), name
+        # Which step gets which of the two images: tests/test_cluster.py.
+        assert container["image"].endswith(("/kftune:0.1.0", "/kftune-cpu:0.1.0")), name
         script = " ".join(container["command"] + container.get("args", []))
         assert "pip install" not in script, f"{name} installs packages at start-up"
 

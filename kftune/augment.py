@@ -12,15 +12,32 @@ As in Keras' preprocessing layers, drawing the random parameters
 draw can be checked pixel by pixel. All geometric transforms and flips of one
 image are fused into a single affine matrix, so each image is resampled once.
 Randomness is stateless: the same seed gives the same augmented images.
+
+The geometry is ImageDataGenerator's ``apply_affine_transform``: the same
+matrices, composed in the same order about the image centre, resampled
+bilinearly with the same fill modes. Three of its quirks are not copied:
+``get_random_transform`` feeds ``width_shift_range`` into the vertical offset and
+``height_shift_range`` into the horizontal one (keras-team/tf-keras#310);
+SciPy's ``wrap``, which it uses, has a period one pixel short; and SciPy's
+``constant`` does not blend the one-pixel band along the border with ``cval``.
+kftune shifts as the names say, and its ``wrap`` and ``constant`` are SciPy's
+``grid-wrap`` and ``grid-constant``.
+
+Two paths apply the same drawn matrices (:data:`BACKENDS`): OpenCV's
+``warpAffine``, the fastest on a CPU (docs/benchmarks.md), and TensorFlow's
+``ImageProjectiveTransformV3`` op, which also runs on a GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
@@ -28,14 +45,20 @@ from kftune import dataset
 from kftune.errors import InputError
 
 FILL_MODES = ("nearest", "reflect", "constant", "wrap")
+BACKENDS = ("auto", "opencv", "tf")
+# SciPy's (so ImageDataGenerator's) `reflect` repeats the edge pixel: OpenCV's
+# BORDER_REFLECT, not BORDER_REFLECT_101 (which is SciPy's `mirror`).
+_CV2_BORDERS = {"nearest": "BORDER_REPLICATE", "reflect": "BORDER_REFLECT", "constant": "BORDER_CONSTANT",
+                "wrap": "BORDER_WRAP"}
 
 
 def _range(name: str, value, low: float, high: float) -> tuple[float, float] | None:
     """Validates a [min, max] factor range such as brightness_range."""
     if value is None:
         return None
-    if not isinstance(value, list | tuple) or len(value) != 2:
-        raise InputError(f"augment `{name}` must be a pair [min, max]. Received: {name}={value!r}")
+    if (not isinstance(value, list | tuple) or len(value) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+        raise InputError(f"augment `{name}` must be a pair of numbers [min, max]. Received: {name}={value!r}")
     lo, hi = (float(v) for v in value)
     if not low <= lo <= hi <= high:
         raise InputError(f"augment `{name}` needs {low} <= min <= max <= {high}. Received: {name}={value!r}")
@@ -103,9 +126,11 @@ class AugmentSpec:
     def from_dict(cls, values: dict | None) -> AugmentSpec:
         values = dict(values or {})
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known, key=str)
         if unknown:
-            raise InputError(f"unknown augment key(s) {unknown}: the keys are {sorted(known)}.")
+            hints = [f"`{key}`" + "".join(f" (did you mean `{m}`?)" for m in difflib.get_close_matches(str(key), known, 1))
+                     for key in unknown]
+            raise InputError(f"unknown augment key {', '.join(hints)}: the keys are {sorted(known)}.")
         return cls(**values)
 
     @classmethod
@@ -149,90 +174,182 @@ def draw(spec: AugmentSpec, batch_size, seed) -> dict:
     """Draws one set of random parameters per image. ``seed`` is a stateless seed pair."""
     import tensorflow as tf
 
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=9)
-
-    def uniform(i, lo, hi):
-        return tf.random.stateless_uniform([batch_size], seeds[i], lo, hi)
-
+    # One draw for every parameter at once: in an input pipeline each op costs
+    # more than the arithmetic it does, so fewer, larger ops are faster.
+    u = tf.random.stateless_uniform([10, batch_size], tf.cast(seed, tf.int64))
     zoom = spec.zoom_range
+    brightness = spec.brightness_range or (1.0, 1.0)
+    contrast = spec.contrast_range or (1.0, 1.0)
+
+    def between(i, lo, hi):
+        return lo + (hi - lo) * u[i]
+
     return {
-        "theta": uniform(0, -spec.rotation_range, spec.rotation_range),
-        "tx": uniform(1, -spec.width_shift_range, spec.width_shift_range),
-        "ty": uniform(2, -spec.height_shift_range, spec.height_shift_range),
-        "shear": uniform(3, -spec.shear_range, spec.shear_range),
-        "zx": uniform(4, zoom[0], zoom[1]),
-        "zy": uniform(5, zoom[0], zoom[1]),
-        "flip_h": uniform(6, 0.0, 1.0) < (0.5 if spec.horizontal_flip else 0.0),
-        "flip_v": uniform(7, 0.0, 1.0) < (0.5 if spec.vertical_flip else 0.0),
-        "brightness": uniform(8, *(spec.brightness_range or (1.0, 1.0))),
-        "contrast": tf.random.stateless_uniform(
-            [batch_size], seeds[8][::-1], *(spec.contrast_range or (1.0, 1.0))
-        ),
+        "theta": between(0, -spec.rotation_range, spec.rotation_range),
+        "tx": between(1, -spec.width_shift_range, spec.width_shift_range),
+        "ty": between(2, -spec.height_shift_range, spec.height_shift_range),
+        "shear": between(3, -spec.shear_range, spec.shear_range),
+        "zx": between(4, *zoom),
+        "zy": between(5, *zoom),
+        "flip_h": u[6] < (0.5 if spec.horizontal_flip else 0.0),
+        "flip_v": u[7] < (0.5 if spec.vertical_flip else 0.0),
+        "brightness": between(8, *brightness),
+        "contrast": between(9, *contrast),
     }
 
 
 def affine_matrices(params: dict, height: int, width: int):
     """Output-to-input pixel maps, one 3x3 matrix per image, in (x=column, y=row) order.
 
-    Composed as ImageDataGenerator composes them: rotation, shift, shear, zoom,
-    about the image centre; the flips are folded into the same matrix.
+    ImageDataGenerator's matrices, composed as it composes them about the image
+    centre c: ``rotation @ shift @ shear @ zoom``. Its flips come after the warp,
+    which as an output-to-input map is a flip matrix on the right, so they fold
+    into the same matrix. ``tx`` and ``ty`` are fractions of the width and height.
+    The product is written out rather than multiplied, for speed (see :func:`draw`).
     """
     import tensorflow as tf
-
-    n = tf.shape(params["theta"])[0]
-    zeros, ones = tf.zeros([n]), tf.ones([n])
-
-    def mat(rows):
-        return tf.reshape(tf.stack([tf.stack(r, axis=-1) for r in rows], axis=1), [n, 3, 3])
 
     theta = params["theta"] * (math.pi / 180.0)
     shear = params["shear"] * (math.pi / 180.0)
     cos, sin = tf.cos(theta), tf.sin(theta)
-    rotation = mat([[cos, sin, zeros], [-sin, cos, zeros], [zeros, zeros, ones]])
-    shift = mat([[ones, zeros, params["tx"] * width], [zeros, ones, params["ty"] * height], [zeros, zeros, ones]])
-    shearing = mat([[ones, zeros, zeros], [-tf.sin(shear), tf.cos(shear), zeros], [zeros, zeros, ones]])
-    zoom = mat([[params["zx"], zeros, zeros], [zeros, params["zy"], zeros], [zeros, zeros, ones]])
+    # rotation [[cos, -sin], [sin, cos]]; shear [[1, -sin(s)], [0, cos(s)]];
+    # zoom diag(zx, zy); flip diag(+-1, +-1).
+    a = params["zx"] * tf.where(params["flip_h"], -1.0, 1.0)
+    zy = params["zy"] * tf.where(params["flip_v"], -1.0, 1.0)
+    b, d = -tf.sin(shear) * zy, tf.cos(shear) * zy
+    l00, l01 = cos * a, cos * b - sin * d
+    l10, l11 = sin * a, sin * b + cos * d
+    # x_in = L (x_out - c) + rotation @ shift + c, with the true centre on both
+    # axes (ImageDataGenerator swaps them, which shows on non-square images).
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    to_center = tf.constant([[1.0, 0.0, cx], [0.0, 1.0, cy], [0.0, 0.0, 1.0]])
-    from_center = tf.constant([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]])
-    fx = tf.where(params["flip_h"], -ones, ones)
-    fy = tf.where(params["flip_v"], -ones, ones)
-    flip = mat([[fx, zeros, zeros], [zeros, fy, zeros], [zeros, zeros, ones]])
-    return to_center @ rotation @ shift @ shearing @ zoom @ flip @ from_center
+    sx, sy = params["tx"] * width, params["ty"] * height
+    t0 = cos * sx - sin * sy + cx - l00 * cx - l01 * cy
+    t1 = sin * sx + cos * sy + cy - l10 * cx - l11 * cy
+    zeros, ones = tf.zeros_like(a), tf.ones_like(a)
+    return tf.reshape(tf.stack([l00, l01, t0, l10, l11, t1, zeros, zeros, ones], axis=-1), [-1, 3, 3])
 
 
-def apply(images, params: dict, spec: AugmentSpec):
-    """Applies drawn parameters to a batch of images (N, H, W, C), values 0..255 -> float32."""
+def resolve_backend(backend: str, *, input_pipeline: bool = False) -> str:
+    """The path that resamples the images: ``opencv`` or ``tf``.
+
+    ``auto`` is TensorFlow's op where a GPU is visible and OpenCV elsewhere. In an
+    input pipeline it is always OpenCV: tf.data runs its map functions on the
+    host CPU even on a GPU machine, and there OpenCV is the faster path.
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"augment `backend` must be one of {BACKENDS}. Received: backend={backend!r}")
+    if backend != "auto":
+        return backend
+    if input_pipeline:
+        return "opencv"
     import tensorflow as tf
 
-    images = tf.cast(images, tf.float32)
+    return "tf" if tf.config.list_physical_devices("GPU") else "opencv"
+
+
+@functools.cache
+def _cv2():
+    import cv2
+
+    # Callers run one batch per core (tf.data's parallel map); OpenCV's own
+    # thread pool on top of that only makes the batches contend for the cores.
+    cv2.setNumThreads(1)
+    return cv2
+
+
+def _warp_opencv(images: np.ndarray, matrices: np.ndarray, fill_mode: str, cval: float) -> np.ndarray:
+    """cv2.warpAffine of each image with its output-to-input matrix, in the images' dtype."""
+    cv2 = _cv2()
+    n, height, width, channels = images.shape
+    # OpenCV gives single-channel images back without their channel axis.
+    images = images.reshape(n, height, width, *([channels] if channels > 1 else []))
+    out = np.empty_like(images)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    border = getattr(cv2, _CV2_BORDERS[fill_mode])
+    for i in range(n):
+        cv2.warpAffine(images[i], matrices[i, :2], (width, height), dst=out[i], flags=flags,
+                       borderMode=border, borderValue=(cval,) * 4)
+    return out.reshape(n, height, width, channels)
+
+
+def _warp_tf_wrap(images, matrices):
+    """Bilinear warp with periodic borders, in TensorFlow ops.
+
+    TensorFlow's WRAP fill mode blends the pixels along each seam with the fill
+    value instead of with the opposite edge, so wrap samples here.
+    """
+    import tensorflow as tf
+
+    height, width = images.shape[1], images.shape[2]
+    ys, xs = tf.meshgrid(tf.range(height, dtype=tf.float32), tf.range(width, dtype=tf.float32), indexing="ij")
+    source = tf.einsum("nij,hwj->nhwi", matrices, tf.stack([xs, ys, tf.ones_like(xs)], axis=-1))
+    x0, y0 = tf.floor(source[..., 0]), tf.floor(source[..., 1])
+    wx, wy = (source[..., 0] - x0)[..., None], (source[..., 1] - y0)[..., None]
+    x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+    batch = tf.broadcast_to(tf.range(tf.shape(images)[0])[:, None, None], tf.shape(x0))
+
+    def at(y, x):
+        return tf.gather_nd(images, tf.stack([batch, tf.math.floormod(y, height), tf.math.floormod(x, width)], -1))
+
+    top = at(y0, x0) * (1.0 - wx) + at(y0, x0 + 1) * wx
+    bottom = at(y0 + 1, x0) * (1.0 - wx) + at(y0 + 1, x0 + 1) * wx
+    return top * (1.0 - wy) + bottom * wy
+
+
+def apply(images, params: dict, spec: AugmentSpec, backend: str = "auto"):
+    """Applies drawn parameters to a batch of images (N, H, W, C), values 0..255 -> float32.
+
+    Both backends resample with the same matrices. OpenCV warps uint8 images
+    as uint8 (its fast path: results rounded, positions to 1/32 pixel); other
+    dtypes are warped as float32, as TensorFlow's op always does.
+    """
+    import tensorflow as tf
+
+    backend = resolve_backend(backend)
+    images = tf.convert_to_tensor(images)
+    if images.dtype != tf.uint8:
+        images = tf.cast(images, tf.float32)
     height, width = images.shape[1], images.shape[2]
     matrices = affine_matrices(params, height, width)
-    flat = tf.reshape(matrices, [-1, 9])[:, :8] / tf.reshape(matrices, [-1, 9])[:, 8:9]
-    images = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images,
-        transforms=flat,
-        output_shape=tf.constant([height, width], tf.int32),
-        fill_value=float(spec.cval),
-        interpolation="BILINEAR",
-        fill_mode=spec.fill_mode.upper(),
-    )
+    if backend == "opencv":
+        warped = tf.numpy_function(
+            functools.partial(_warp_opencv, fill_mode=spec.fill_mode, cval=float(spec.cval)),
+            [images, matrices], images.dtype, stateful=False,
+        )
+        images = tf.cast(tf.ensure_shape(warped, images.shape), tf.float32)
+    elif spec.fill_mode == "wrap":
+        images = _warp_tf_wrap(tf.cast(images, tf.float32), matrices)
+    else:
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=tf.cast(images, tf.float32),
+            transforms=tf.reshape(matrices, [-1, 9])[:, :8],
+            output_shape=tf.constant([height, width], tf.int32),
+            fill_value=float(spec.cval),
+            interpolation="BILINEAR",
+            fill_mode=spec.fill_mode.upper(),
+        )
     if spec.brightness_range is not None:
         images = images * params["brightness"][:, None, None, None]
     if spec.contrast_range is not None:
+        # One mean over all channels, as PIL's ImageEnhance.Contrast: a
+        # per-channel mean would also shift the colours.
         mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
         images = (images - mean) * params["contrast"][:, None, None, None] + mean
+    if spec.brightness_range is None and spec.contrast_range is None:
+        # Bilinear weights are convex and cval is in 0..255, so a warp alone
+        # stays in range; skipping the clip saves a pass over every pixel.
+        return images
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
-def augment_batch(images, spec: AugmentSpec, seed):
+def augment_batch(images, spec: AugmentSpec, seed, backend: str = "auto"):
     """Draws and applies random transforms to one batch."""
     import tensorflow as tf
 
-    return apply(images, draw(spec, tf.shape(images)[0], seed), spec)
+    return apply(images, draw(spec, tf.shape(images)[0], seed), spec, backend)
 
 
-def training_batches(data, spec: AugmentSpec | None, batch_size: int, seed: int):
+def training_batches(data, spec: AugmentSpec | None, batch_size: int, seed: int, *, backend: str = "auto"):
     """Shuffled, batched, augmented training data: the online mode.
 
     Each epoch draws new transforms, and the same seed repeats the same epochs.
@@ -241,9 +358,10 @@ def training_batches(data, spec: AugmentSpec | None, batch_size: int, seed: int)
 
     data = data.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
     if spec is not None and not spec.is_identity:
+        backend = resolve_backend(backend, input_pipeline=True)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         data = tf.data.Dataset.zip((data, seeds)).map(
-            lambda xy, s: (augment_batch(xy[0], spec, s), xy[1]),
+            lambda xy, s: (augment_batch(xy[0], spec, s, backend), xy[1]),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     return data.prefetch(tf.data.AUTOTUNE)
@@ -257,6 +375,7 @@ def materialize(
     copies: int,
     seed: int = 0,
     batch_size: int = 256,
+    backend: str = "auto",
 ) -> dataset.DatasetInfo:
     """Writes the dataset to ``output_dir`` with its training split augmented.
 
@@ -264,13 +383,15 @@ def materialize(
     is recorded in ``info.json``, so the search and fine-tune steps augment
     training batches as they read them. ``copies > 0`` is the offline mode: the
     training split holds every original image and ``copies`` augmented variants
-    of it, and nothing is augmented later. Validation and test data are never
-    augmented.
+    of it, and nothing is augmented later. An empty spec copies the data as it
+    is, whatever ``copies`` says. Validation and test data are never augmented.
     """
     import tensorflow as tf
 
     if copies < 0:
         raise InputError(f"`copies` must be 0 (augment online) or more. Received: copies={copies}")
+    if spec.is_identity:
+        copies = 0  # copies of unaugmented images would only repeat the originals
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
     info = dataset.DatasetInfo.load(dataset_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -281,15 +402,19 @@ def materialize(
     if copies == 0:
         info.augment = None if spec.is_identity else spec.to_dict()
     else:
+        backend = resolve_backend(backend, input_pipeline=True)
+
+        def variants(index, images, labels):
+            out = [augment_batch(images, spec, tf.stack([tf.constant(seed, tf.int64), index * copies + c]), backend)
+                   for c in range(copies)]
+            return images, labels, tf.cast(tf.round(tf.stack(out)), tf.uint8)
+
+        batches = dataset.load_split(dataset_dir, "train").batch(batch_size).enumerate()
+        batches = batches.map(lambda i, xy: variants(i, *xy), num_parallel_calls=tf.data.AUTOTUNE)
         writer = dataset.ShardWriter(output_dir, "train", 4096)
-        originals = dataset.load_split(dataset_dir, "train").batch(batch_size)
-        for index, (images, labels) in enumerate(originals):
-            for image, label in zip(images.numpy(), labels.numpy(), strict=True):
-                writer.write(image, int(label))
-            for copy in range(copies):
-                augmented = augment_batch(images, spec, tf.constant([seed, index * copies + copy]))
-                augmented = tf.cast(tf.round(augmented), tf.uint8).numpy()
-                for image, label in zip(augmented, labels.numpy(), strict=True):
+        for images, labels, augmented in batches.as_numpy_iterator():
+            for batch in (images, *augmented):
+                for image, label in zip(batch, labels, strict=True):
                     writer.write(image, int(label))
         writer.close()
         info.splits = {**info.splits, "train": writer.count}
@@ -299,17 +424,38 @@ def materialize(
     return info
 
 
-def preview_grid(dataset_dir: str | Path, spec: AugmentSpec, *, images: int = 6, variants: int = 5, seed: int = 0):
+def preview_grid(dataset_dir: str | Path, spec: AugmentSpec, *, images: int = 6, variants: int = 5, seed: int = 0,
+                 backend: str = "auto"):
     """(originals, variants) uint8 arrays: a few training images and their augmented variants."""
-    import numpy as np
     import tensorflow as tf
 
     originals, _ = next(iter(dataset.load_split(dataset_dir, "train").batch(images).as_numpy_iterator()))
     rows = [
-        tf.cast(tf.round(augment_batch(originals, spec, tf.constant([seed, 10_000 + v]))), tf.uint8).numpy()
+        tf.cast(tf.round(augment_batch(originals, spec, tf.constant([seed, 10_000 + v]), backend)), tf.uint8).numpy()
         for v in range(variants)
     ]
     return originals, np.stack(rows, axis=1)
+
+
+def preview_html(dataset_dir: str | Path, spec: AugmentSpec, *, mode: str, spec_text: str, seed: int = 0) -> str:
+    """An HTML page for the Kubeflow UI: each row an original, then its augmented variants."""
+    import html
+
+    from kftune import report
+
+    originals, variants = preview_grid(dataset_dir, spec, seed=seed)
+    plt = report.pyplot()
+    rows, cols = variants.shape[0], variants.shape[1] + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            image = originals[r] if c == 0 else variants[r, c - 1]
+            axes[r][c].imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=255)
+            axes[r][c].axis("off")
+    axes[0][0].set_title("original", fontsize=8)
+    body = f"<p>Mode: <b>{mode}</b>. Spec:</p><pre>{html.escape(spec_text or '(none)')}</pre>" + report.figure(fig)
+    return report.page("Augmentation preview", body)
+
 
 # Milder settings that suit the bundled digits (a mirrored 2 is not a 2): the pipeline's default.
 MILD = AugmentSpec(rotation_range=10, width_shift_range=0.1, height_shift_range=0.1, zoom_range=0.1, fill_mode="nearest")

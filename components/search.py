@@ -72,8 +72,11 @@ def search_round_list(rounds: int) -> list:
     Returns:
         One item per round.
     """
-    if rounds < 1:
-        raise SystemExit(f"kftune: error: `search_rounds` must be at least 1. Received: search_rounds={rounds}")
+    from kftune.errors import InputError, user_errors
+
+    with user_errors():
+        if rounds < 1:
+            raise InputError(f"`search_rounds` must be at least 1. Received: search_rounds={rounds}")
     return list(range(rounds))
 
 
@@ -90,9 +93,10 @@ def search_ask(plan: Input[Artifact], count: int, round_index: int) -> list:
         The round's trials ({trial_id, values}); empty once the search is done.
     """
     from kftune import search, storage
+    from kftune.errors import user_errors
 
     plan_ = search.SearchPlan.read(plan.path)
-    with storage.mirror(plan_.state_uri) as state:
+    with user_errors(), storage.mirror(plan_.state_uri) as state:
         trials = search.ask(plan_.space, plan_.config, state, count)
     print(f"search: round {round_index} runs {len(trials)} trial(s): {[t['trial_id'] for t in trials]}")
     return trials
@@ -111,13 +115,14 @@ def search_trial(dataset: Input[Dataset], plan: Input[Artifact], trial: dict) ->
         The trial's result as JSON (objective, fold scores, epochs, time, status).
     """
     from kftune import search, storage
+    from kftune.errors import user_errors
 
     plan_ = search.SearchPlan.read(plan.path)
     own = f"{search.PROJECT}/trial_{trial['trial_id']}"
     # Each epoch's checkpoint is uploaded as soon as it is written: a pod
     # killed mid-trial resumes from there when the trial is retried.
     step = storage.mirror(plan_.state_uri, write_back=own)
-    with step as state:
+    with user_errors(), step as state:
         result = search.run_trial(dataset.path, trial, plan_.config, state, after_epoch=step.sync)
     print(f"search: trial {result.trial_id} {result.status} objective={result.objective} {result.error}")
     return result.to_json()
@@ -135,9 +140,10 @@ def search_tell(plan: Input[Artifact], results: list) -> str:
         The best objective so far.
     """
     from kftune import search, storage
+    from kftune.errors import user_errors
 
     plan_ = search.SearchPlan.read(plan.path)
-    with storage.mirror(plan_.state_uri) as state:
+    with user_errors(), storage.mirror(plan_.state_uri) as state:
         search.tell(plan_.space, plan_.config, state, [search.TrialResult.from_json(r) for r in results])
         done = [r for r in search.results(state) if r.objective is not None]
     best = max((r.objective for r in done), default=None)

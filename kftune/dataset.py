@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kftune import storage
-from kftune.errors import InputError
+from kftune.errors import InputError, check_numbers
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,13 @@ class IngestConfig:
     max_corrupt_fraction: float = 0.05
 
     def __post_init__(self):
-        if not str(self.source).strip():
-            raise InputError("`source` is empty: give bundled:digits, a folder, or a gs:// prefix.")
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise InputError(f"`source` is empty: give bundled:digits, a folder, or a gs:// prefix. Received: {self.source!r}")
+        for name in ("image_size", "channels", "seed", "shard_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"`{name}` must be a whole number. Received: {name}={value!r}")
+        check_numbers(self, ("validation_fraction", "test_fraction", "max_corrupt_fraction"))
         if not 8 <= self.image_size <= 1024:
             raise InputError(f"`image_size` must be between 8 and 1024. Received: image_size={self.image_size}")
         if self.channels not in (1, 3):
@@ -152,23 +159,88 @@ def _tfrecord_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and ".tfrecord" in p.name)
 
 
-def _tfrecord_records(root: Path) -> tuple[list[str], list[tuple[object, int]]]:
-    import tensorflow as tf
+def _masked_crc(data: bytes) -> int:
+    """The CRC32C, masked, that TFRecord framing stores after the length and after the data."""
+    import google_crc32c
 
-    spec = {
-        "image": tf.io.FixedLenFeature([], tf.string),
-        "label": tf.io.FixedLenFeature([], tf.int64),
-    }
-    records = []
+    crc = google_crc32c.value(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _shard_records(path: Path) -> Iterator[tuple[int, int, bytes | None]]:
+    """(offset, length, data) of each record of a TFRecord shard, data None where its checksum fails.
+
+    Read one record at a time, so that a shard of any size costs one record of
+    memory. Framing damage (a truncated file, a bad length) loses the place of
+    every later record, so it is an error; a record whose data alone is damaged
+    is passed on as None, to be skipped and counted like an undecodable image.
+    """
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if not header:
+                return
+            length, length_crc = struct.unpack("<QI", header) if len(header) == 12 else (0, None)
+            if length_crc is None or _masked_crc(header[:8]) != length_crc:
+                raise InputError(
+                    f"TFRecord shard `{path}` is truncated or damaged at byte {f.tell() - len(header)}: "
+                    "copy it again from its source, or remove it."
+                )
+            offset = f.tell()
+            data, footer = f.read(length), f.read(4)
+            if len(data) < length or len(footer) < 4:
+                raise InputError(
+                    f"TFRecord shard `{path}` is truncated (its last record ends past the end of the file): "
+                    "copy it again from its source, or remove it."
+                )
+            yield offset, length, data if struct.unpack("<I", footer)[0] == _masked_crc(data) else None
+
+
+def _parse_example(data: bytes, where: str) -> tuple[bytes, int]:
+    """(encoded image, label) of one serialized tf.train.Example."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.example import example_pb2
+
+    need = "each example needs one encoded `image` (bytes feature) and one `label` (int64 feature, 0, 1, 2, ...)"
     try:
-        for raw in tf.data.TFRecordDataset([str(p) for p in _tfrecord_files(root)]):
-            example = tf.io.parse_single_example(raw, spec)
-            records.append((example["image"].numpy(), int(example["label"])))
-    except tf.errors.OpError as e:
-        raise InputError(
-            f"TFRecord shards under `{root}` could not be read ({e.message.splitlines()[0]}): "
-            "each example needs an encoded `image` (bytes) and an int64 `label`."
-        ) from e
+        features = example_pb2.Example.FromString(data).features.feature
+    except DecodeError:
+        raise InputError(f"{where} is not a tf.train.Example: {need}.") from None
+    images = features["image"].bytes_list.value if "image" in features else []
+    labels = features["label"].int64_list.value if "label" in features else []
+    if len(images) != 1 or len(labels) != 1:
+        found = {name: feature.WhichOneof("kind") for name, feature in sorted(features.items())}
+        raise InputError(f"{where} has features {found}: {need}.")
+    if labels[0] < 0:
+        raise InputError(f"{where} has label {labels[0]}: labels count classes from 0 (the lines of labels.txt).")
+    return images[0], int(labels[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Record:
+    """Where one example sits in a TFRecord shard: its image is read when it is decoded, not before."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return _parse_example(f.read(self.length), f"`{self.path}`")[0]
+
+
+def _tfrecord_records(root: Path) -> tuple[list[str], list[tuple[object, int]], int]:
+    """Class names, (record, label) pairs and the number of damaged records, reading labels only."""
+    records, damaged = [], 0
+    for path in _tfrecord_files(root):
+        for index, (offset, length, data) in enumerate(_shard_records(path)):
+            if data is None:
+                damaged += 1
+                log.warning("skipping record %d of %s: its checksum does not match its data", index, path)
+                continue
+            _, label = _parse_example(data, f"record {index} of TFRecord shard `{path}`")
+            records.append((_Record(path, offset, length), label))
     labels_file = root / "labels.txt"
     num_classes = max((label for _, label in records), default=-1) + 1
     if labels_file.exists():
@@ -180,12 +252,17 @@ def _tfrecord_records(root: Path) -> tuple[list[str], list[tuple[object, int]]]:
             )
     else:
         names = [str(i) for i in range(num_classes)]
-    return names, records
+    return names, records, damaged
 
 
-def _list_source(source: str, workdir: Path) -> tuple[list[str], list[tuple[object, int]]]:
+def _list_source(source: str, workdir: Path) -> tuple[list[str], list[tuple[object, int]], int]:
+    """Class names, (image or where to read it, label) pairs, and how many records were damaged.
+
+    Images are listed, not read: ingest decodes them one at a time, so memory
+    does not grow with the dataset.
+    """
     if source == BUNDLED:
-        return _bundled_digits()
+        return (*_bundled_digits(), 0)
     root = storage.fetch(source, workdir) if storage.is_gcs(source) else Path(source)
     if not root.exists():
         raise InputError(f"dataset source `{source}` does not exist: give a folder, a gs:// prefix or {BUNDLED}.")
@@ -193,7 +270,7 @@ def _list_source(source: str, workdir: Path) -> tuple[list[str], list[tuple[obje
         raise InputError(f"dataset source `{source}` is a file: give the folder that holds the class subfolders.")
     if _tfrecord_files(root):
         return _tfrecord_records(root)
-    return _folder_records(root)
+    return (*_folder_records(root), 0)
 
 
 # ---------------------------------------------------------------- split
@@ -231,6 +308,8 @@ def _to_image(item, config: IngestConfig):
 
     if isinstance(item, Path):
         item = item.read_bytes()
+    elif isinstance(item, _Record):
+        item = item.read()
     if isinstance(item, bytes):
         image = tf.io.decode_image(item, channels=config.channels, expand_animations=False)
     else:
@@ -286,7 +365,9 @@ def fingerprint(folder: str | Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(Path(folder).glob("*.tfrecord")):
         digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -295,14 +376,23 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
-        class_names, records = _list_source(config.source, Path(workdir))
+        class_names, records, skipped = _list_source(config.source, Path(workdir))
         if not records:
-            raise InputError(f"dataset source `{config.source}` holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+            raise InputError(
+                f"dataset source `{config.source}` holds no images: put image files "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}) in one subfolder per class, or examples in TFRecord shards."
+            )
         if len(class_names) < 2:
             raise InputError(f"dataset source `{config.source}` has {len(class_names)} class: a classifier needs at least 2.")
         splits = split_indices([label for _, label in records], config, class_names)
         progress(f"ingest: {len(records)} images, {len(class_names)} classes from {config.source}")
-        skipped = 0
+        total, bad = len(records) + skipped, []
+        if skipped > config.max_corrupt_fraction * total:
+            raise InputError(
+                f"{skipped} of {total} records in the TFRecord shards of `{config.source}` are damaged (their "
+                f"checksums fail), more than max_corrupt_fraction={config.max_corrupt_fraction}: copy the shards "
+                "again from their source."
+            )
         counts = {}
         for split in SPLITS:
             writer = ShardWriter(output_dir, split, config.shard_size)
@@ -312,17 +402,25 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
                     image = _to_image(item, config)
                 except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and counted
                     skipped += 1
-                    log.warning("skipping %s: %s", item if isinstance(item, Path) else f"record {index}", str(e).splitlines()[0])
+                    name = item if isinstance(item, Path) else f"record {index}"
+                    bad.append(str(name))
+                    reason = re.sub(r"\{\{.*?\}\}\s*", "", getattr(e, "message", str(e))).splitlines()[0]
+                    log.warning("skipping %s: %s", name, reason)
+                    # Fail as soon as the share is out of bounds, not after decoding the rest.
+                    if skipped > config.max_corrupt_fraction * total:
+                        writer.close()
+                        raise InputError(
+                            f"at least {skipped} of {total} images in `{config.source}` could not be decoded "
+                            f"(first: {', '.join(bad[:3])}), more than max_corrupt_fraction="
+                            f"{config.max_corrupt_fraction}: fix or remove the bad files, or raise max_corrupt_fraction."
+                        ) from None
                     continue
                 writer.write(image, label)
             writer.close()
             counts[split] = writer.count
             progress(f"ingest: wrote {writer.count} {split} images")
-    if skipped > config.max_corrupt_fraction * len(records):
-        raise InputError(
-            f"{skipped} of {len(records)} images in `{config.source}` could not be decoded, more than "
-            f"max_corrupt_fraction={config.max_corrupt_fraction}: fix or remove the bad files."
-        )
+    if skipped:
+        progress(f"ingest: skipped {skipped} undecodable image(s) of {total}")
     info = DatasetInfo(
         class_names=class_names,
         image_size=config.image_size,
@@ -356,6 +454,20 @@ def load_split(folder: str | Path, split: str):
         return image, example["label"]
 
     return tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def load_labels(folder: str | Path, split: str) -> np.ndarray:
+    """The labels of one split, in order, without decoding or keeping any image."""
+    import tensorflow as tf
+
+    info = DatasetInfo.load(folder)
+    if split not in info.splits:
+        raise InputError(f"dataset `{folder}` has no `{split}` split; it has {sorted(info.splits)}.")
+    files = sorted(str(p) for p in Path(folder).glob(f"{split}-*.tfrecord"))
+    spec = {"label": tf.io.FixedLenFeature([], tf.int64)}
+    labels = tf.data.TFRecordDataset(files).map(lambda raw: tf.io.parse_single_example(raw, spec)["label"])
+    chunks = list(labels.batch(4096).as_numpy_iterator())
+    return np.concatenate(chunks) if chunks else np.zeros((0,), np.int64)
 
 
 def load_arrays(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:

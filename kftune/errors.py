@@ -26,6 +26,18 @@ class ExistsError(KftuneError, FileExistsError):
     """A destination already holds what kftune would write; kftune never overwrites it."""
 
 
+def check_numbers(config, names: tuple[str, ...]) -> None:
+    """Refuses a value of ``config`` that is not a number, naming the field.
+
+    A value typed into a form or a YAML file can arrive as text ("0.5"); this
+    says so instead of a TypeError from the first comparison that meets it.
+    """
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InputError(f"`{name}` must be a number. Received: {name}={value!r}")
+
+
 # Exit codes at the component boundary: a user's mistake is not worth a retry.
 EXIT_INPUT = 2
 EXIT_STORAGE = 3

@@ -142,6 +142,7 @@ def evaluate(name: str, model_dir: str | Path, dataset_dir: str | Path, split: s
     model, meta = models.load(model_dir)
     path = Path(model_dir, models.MODEL_FILE)
     info, images, labels = _test_data(dataset_dir, split, path, meta)
+    models.check_fits(model, meta, info, path)
     outputs = model.predict(images.astype(np.float32), batch_size=256, verbose=0)
     return _evaluation(
         name, info.class_names, labels, outputs, path,

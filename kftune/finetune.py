@@ -28,9 +28,12 @@ from pathlib import Path
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import dataset, models, storage
 from kftune.augment import AugmentSpec, training_batches
-from kftune.errors import InputError
+from kftune.errors import InputError, check_numbers
 
 log = logging.getLogger(__name__)
+
+# Batch size of validation passes: it changes no number, only how much is in memory at once.
+EVAL_BATCH = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_numbers(self, ("learning_rate", "finetune_lr_factor"))
         if self.backbone and self.backbone not in models.BACKBONES:
             raise InputError(
                 f"`backbone` must be empty (fine-tune the search winner) or one of {sorted(models.BACKBONES)}. "
@@ -177,12 +181,14 @@ def finetune(
     ``after_epoch`` is called once each epoch's checkpoint is written (the
     component uploads the folder there).
     """
-    import numpy as np
     import tensorflow as tf
 
     k = models.keras()
     info = dataset.DatasetInfo.load(dataset_dir)
     baseline, meta = models.load(baseline_dir)
+    if not config.backbone:
+        # Continued training keeps the baseline's head: it must fit this dataset.
+        models.check_fits(baseline, meta, info, baseline_dir)
     hyper = dict(meta.hyperparameters) if meta else {}
     lr = config.learning_rate or float(hyper.get("learning_rate", 1e-3))
     batch_size = config.batch_size or int(hyper.get("batch_size", 32))
@@ -195,9 +201,9 @@ def finetune(
         strategy, policy = _devices()
         progress(f"fine-tune: {strategy.num_replicas_in_sync} replica(s), {policy} precision")
         spec = AugmentSpec.from_dict(info.augment) if info.augment else None
+        # Both splits stream from the shards: memory does not grow with the dataset.
         train = training_batches(dataset.load_split(dataset_dir, "train"), spec, batch_size, config.seed)
-        x_val, y_val = dataset.load_arrays(dataset_dir, "validation")
-        val = (x_val.astype(np.float32), y_val)
+        val = dataset.batches(dataset.load_split(dataset_dir, "validation"), EVAL_BATCH)
         callbacks = [k.callbacks.EarlyStopping("val_accuracy", patience=config.patience, restore_best_weights=True)]
         if tensorboard_dir:
             callbacks.append(k.callbacks.TensorBoard(str(tensorboard_dir)))

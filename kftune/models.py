@@ -187,9 +187,42 @@ def load(folder: str | Path):
     try:
         model = keras().models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001 - a broken file must not surface as a deep traceback
-        raise InputError(f"`{path}` is not a loadable Keras model ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
-    meta = ModelMeta(**json.loads((folder / META_FILE).read_text())) if (folder / META_FILE).exists() else None
+        reason = str(e).splitlines()[0][:200] if str(e) else ""
+        raise InputError(
+            f"`{path}` is not a loadable Keras model ({type(e).__name__}: {reason}): pass the Model folder a kftune "
+            "step wrote (tf-keras model.keras; Lambda layers and custom code are refused)."
+        ) from e
+    meta_file = folder / META_FILE
+    try:
+        meta = ModelMeta(**json.loads(meta_file.read_text())) if meta_file.exists() else None
+    except (ValueError, TypeError) as e:
+        raise InputError(f"`{meta_file}` is not the model.json a kftune step writes ({e}): remove or fix it.") from e
     return model, meta
+
+
+def check_fits(model, meta: ModelMeta | None, info, where: str | Path) -> None:
+    """Refuses a model built for other classes or another image shape than the dataset ``info`` describes.
+
+    Checked before any training or measuring, so the mistake costs seconds and
+    says which model and dataset disagree, instead of failing deep inside
+    TensorFlow, or, worse, training a head of the wrong width without a word.
+    """
+    if meta is not None and list(meta.class_names) != list(info.class_names):
+        raise InputError(
+            f"model `{where}` was trained on classes {meta.class_names} but the dataset has {info.class_names}: "
+            "use the model trained on this dataset, or ingest the dataset it was trained on."
+        )
+    units, _, _ = output_head(info.num_classes)
+    if model.output_shape[-1] != units:
+        raise InputError(
+            f"model `{where}` gives {model.output_shape[-1]} output(s) per image but the dataset's "
+            f"{info.num_classes} classes need {units}: use the model trained on this dataset."
+        )
+    if tuple(model.input_shape[1:]) != tuple(info.shape):
+        raise InputError(
+            f"model `{where}` takes images of shape {tuple(model.input_shape[1:])} but the dataset holds "
+            f"{tuple(info.shape)}: ingest with the model's image_size and channels, or use a model built for them."
+        )
 
 
 # ---------------------------------------------------------------- backbones

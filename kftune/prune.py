@@ -22,7 +22,7 @@ from pathlib import Path
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow (and tfmot) is imported
 from kftune import dataset, measure, models, quantize, report
 from kftune.augment import AugmentSpec, training_batches
-from kftune.errors import InputError
+from kftune.errors import InputError, check_numbers
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class PruneConfig:
     sparsity_levels: str = "0.5,0.7,0.8,0.9,0.95"
 
     def __post_init__(self):
+        check_numbers(self, ("target_sparsity", "initial_sparsity", "learning_rate", "max_accuracy_drop"))
         if not 0.0 <= self.target_sparsity < 1.0:
             raise InputError(f"`target_sparsity` must be in [0, 1). Received: target_sparsity={self.target_sparsity}")
         if self.schedule not in SCHEDULES:
@@ -425,6 +426,7 @@ def prune(
     """
     info = dataset.DatasetInfo.load(dataset_dir)
     dense, meta = models.load(model_dir)
+    models.check_fits(dense, meta, info, model_dir)
     hyper = dict(meta.hyperparameters) if meta else {}
     batch_size = config.batch_size or int(hyper.get("batch_size", 32))
     steps = math.ceil(info.splits["train"] / batch_size) * config.epochs

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -32,9 +33,9 @@ from pathlib import Path
 import yaml
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import dataset, models
+from kftune import dataset, models, storage
 from kftune.augment import AugmentSpec, training_batches
-from kftune.errors import InputError
+from kftune.errors import InputError, check_numbers
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ SAMPLINGS = ("linear", "log", "reverse_log")
 PROJECT = "kftune_search"
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "checkpoint.weights.h5"
+# Batch size of validation passes: it changes no number, only how much is in memory at once.
+EVAL_BATCH = 256
 
 # The tutorial's grid (learning rate x batch size), kftune's default space. One
 # line: KFP writes parameter defaults into a YAML comment that breaks on newlines.
@@ -144,7 +147,12 @@ class SearchSpace:
         try:
             values = yaml.safe_load(text) if text and text.strip() else None
         except yaml.YAMLError as e:
-            raise InputError(f"search space is not valid YAML: {str(e).splitlines()[0]}") from e
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise InputError(
+                f"search space is not valid YAML ({where}{problem}): write a mapping such as "
+                "{learning_rate: {type: float, min: 0.0001, max: 0.01, sampling: log}}."
+            ) from e
         if not isinstance(values, dict) or not values:
             raise InputError("search space must be a non-empty YAML mapping of name: {type: ..., ...}.")
         params = tuple(_param(str(name), spec) for name, spec in values.items())
@@ -224,6 +232,7 @@ class SearchConfig:
     hyperband_factor: int = 3
 
     def __post_init__(self):
+        check_numbers(self, ("learning_rate",))
         if self.algorithm not in ALGORITHMS:
             raise InputError(f"`algorithm` must be one of {ALGORITHMS}. Received: algorithm={self.algorithm!r}")
         for name, low in (("max_trials", 1), ("epochs", 1), ("folds", 1), ("batch_size", 1), ("hyperband_factor", 2)):
@@ -403,13 +412,46 @@ def best(state_dir: str | Path) -> TrialResult:
 # ---------------------------------------------------------------- trials
 
 
-def _folds(images, labels, k: int, seed: int):
-    """Stratified k-fold splits of (images, labels), like scikit-learn's StratifiedKFold."""
+def _fold_masks(labels, k: int, seed: int, class_names: list[str]):
+    """Stratified k-fold splits of the training split, like scikit-learn's StratifiedKFold.
+
+    Yields, per fold, which training examples are its validation set. Only the
+    labels are needed to choose them, so no image is loaded here.
+    """
+    import numpy as np
     from sklearn.model_selection import StratifiedKFold
 
+    counts = np.bincount(labels, minlength=len(class_names))
+    if counts.min() < k:
+        smallest = int(counts.argmin())
+        raise InputError(
+            f"`folds`={k} needs at least {k} training images of every class, but class "
+            f"`{class_names[smallest]}` has {counts[smallest]}: lower `folds` or add images."
+        )
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    for train_idx, val_idx in splitter.split(images, labels):
-        yield (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
+    for _, val_idx in splitter.split(np.zeros((len(labels), 1)), labels):
+        mask = np.zeros(len(labels), dtype=bool)
+        mask[val_idx] = True
+        yield mask
+
+
+def _trial_data(dataset_dir, in_validation):
+    """(train, validation) examples of one fold, streamed from the shards rather than held in memory.
+
+    ``in_validation`` is None without folds (the dataset's own validation
+    split), else a mask over the training split picking the fold's validation set.
+    """
+    import tensorflow as tf
+
+    if in_validation is None:
+        return dataset.load_split(dataset_dir, "train"), dataset.load_split(dataset_dir, "validation")
+    mask = tf.constant(in_validation)
+    numbered = dataset.load_split(dataset_dir, "train").enumerate()
+
+    def members(validation: bool):
+        return numbered.filter(lambda i, _: tf.equal(tf.gather(mask, i), validation)).map(lambda _, xy: xy)
+
+    return members(False), members(True)
 
 
 def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfig):
@@ -427,24 +469,37 @@ def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfi
     )
 
 
-def _epoch_logger(path: Path, after_epoch: Callable[[], None] | None):
-    """A callback recording each finished epoch's metrics in ``path``, then calling ``after_epoch``.
+def _write_atomically(path: Path, text: str) -> None:
+    """Replaces ``path`` whole: a process killed mid-write leaves the old file, never half of the new one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _epoch_callbacks(trial_dir: Path, fold: int, after_epoch: Callable[[], None] | None) -> list:
+    """Per epoch, in this order: log its metrics, checkpoint it (Keras' BackupAndRestore), then ``after_epoch``.
 
     The log survives a killed process, so a resumed trial's objective counts
-    the epochs trained before the kill too.
+    the epochs trained before the kill too. It is written before the
+    checkpoint, so that it never lacks an epoch the checkpoint holds: a kill
+    between the two retrains that one epoch and overwrites its entry, rather
+    than leaving an epoch trained but never counted. ``after_epoch`` (the upload
+    to object storage) comes last, once both are on disk.
     """
     k = models.keras()
+    path = trial_dir / f"fold{fold}.epochs.json"
 
     class EpochLog(k.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             entries = json.loads(path.read_text()) if path.exists() else []
             entries = [e for e in entries if e["epoch"] != epoch]
             entries.append({"epoch": epoch, **{key: float(v) for key, v in (logs or {}).items()}})
-            path.write_text(json.dumps(sorted(entries, key=lambda e: e["epoch"])))
-            if after_epoch is not None:
-                after_epoch()
+            _write_atomically(path, json.dumps(sorted(entries, key=lambda e: e["epoch"])))
 
-    return EpochLog()
+    hooks = [EpochLog(), k.callbacks.BackupAndRestore(str(trial_dir / f"fold{fold}.backup"))]
+    if after_epoch is not None:
+        hooks.append(k.callbacks.LambdaCallback(on_epoch_end=lambda *_: after_epoch()))
+    return hooks
 
 
 def run_trial(
@@ -469,7 +524,6 @@ def run_trial(
     import numpy as np
     import tensorflow as tf
 
-    k = models.keras()
     values = trial["values"]
     trial_dir = Path(state_dir, PROJECT, f"trial_{trial['trial_id']}")
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -482,12 +536,12 @@ def run_trial(
         epochs = int(values.get("tuner/epochs", config.epochs))
         parent = values.get("tuner/trial_id") if config.folds == 1 else None
         initial_epoch = int(values.get("tuner/initial_epoch", 0)) if parent else 0
-        images, labels = dataset.load_arrays(dataset_dir, "train")
         if config.folds > 1:
-            folds = list(_folds(images, labels, config.folds, config.seed))
+            labels = dataset.load_labels(dataset_dir, "train")
+            folds = list(_fold_masks(labels, config.folds, config.seed, info.class_names))
         else:
-            folds = [((images, labels), dataset.load_arrays(dataset_dir, "validation"))]
-        for fold, ((x_train, y_train), (x_val, y_val)) in enumerate(folds):
+            folds = [None]
+        for fold, in_validation in enumerate(folds):
             done = trial_dir / f"fold{fold}.json"
             epoch_log = trial_dir / f"fold{fold}.epochs.json"
             if not done.exists():
@@ -496,24 +550,20 @@ def run_trial(
                 model = build_for_trial(values, info, config)
                 if parent:
                     model.load_weights(Path(state_dir, PROJECT, f"trial_{parent}", WEIGHTS_FILE))
-                train = training_batches(
-                    tf.data.Dataset.from_tensor_slices((x_train, y_train)), spec, batch_size, config.seed + fold
-                )
+                train_data, val_data = _trial_data(dataset_dir, in_validation)
+                train = training_batches(train_data, spec, batch_size, config.seed + fold)
                 model.fit(
                     train,
-                    validation_data=(x_val.astype(np.float32), y_val),
+                    validation_data=dataset.batches(val_data, EVAL_BATCH),
                     epochs=epochs,
                     initial_epoch=initial_epoch,
-                    callbacks=[
-                        k.callbacks.BackupAndRestore(str(trial_dir / f"fold{fold}.backup")),
-                        _epoch_logger(epoch_log, after_epoch),
-                    ],
+                    callbacks=_epoch_callbacks(trial_dir, fold, after_epoch),
                     verbose=verbose,
                 )
                 if config.folds == 1:
                     model.save_weights(trial_dir / WEIGHTS_FILE)
                 logged = json.loads(epoch_log.read_text())
-                done.write_text(json.dumps({
+                _write_atomically(done, json.dumps({
                     "score": max(e["val_accuracy"] for e in logged),
                     "epochs": len(logged),
                 }))
@@ -622,4 +672,6 @@ class SearchPlan:
         config.check_space(space)
         if not state_uri:
             raise InputError("`state_uri` is empty: give a folder or gs:// prefix that outlives the run.")
+        # Every later step reads and writes there: a missing bucket must stop the run now, not after a round.
+        storage.check_reachable(state_uri)
         return cls(space_yaml, config, state_uri)

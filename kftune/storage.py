@@ -5,6 +5,15 @@ Google Cloud Storage. Everything that takes a location takes either, and goes
 through here, so that the GCS client's retries and the error messages a user
 sees are the same everywhere. Setting ``STORAGE_EMULATOR_HOST`` points the
 client at an emulator (the tests do).
+
+Every request has a timeout and is retried with exponential backoff when GCS
+answers 408/429/5xx or the connection drops or times out (google-cloud-storage's
+own retry predicate). Two settings, read at each call, tune that for slow or
+flaky networks: ``KFTUNE_GCS_TIMEOUT`` (seconds one request may take, default
+60) and ``KFTUNE_GCS_RETRY_SECONDS`` (how long to keep retrying, default 300).
+Uploads are retried only when a retry cannot do harm: publishing a version
+writes with ``if_generation_match=0``, so a retry can never overwrite someone
+else's object; ``mirror`` rewrites files only its own step writes.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from pathlib import Path
 from kftune.errors import ExistsError, InputError, StorageError
 
 GCS_SCHEME = "gs://"
+TIMEOUT_ENV, RETRY_ENV = "KFTUNE_GCS_TIMEOUT", "KFTUNE_GCS_RETRY_SECONDS"
+DEFAULT_TIMEOUT_S, DEFAULT_RETRY_S = 60.0, 300.0
 
 
 def is_gcs(uri: str) -> bool:
@@ -55,6 +66,48 @@ def _client():
         ) from e
 
 
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw.strip() else default
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InputError(f"environment variable {name} must be a number of seconds > 0. Received: {raw!r}")
+    return value
+
+
+def _timeout() -> tuple[float, float]:
+    """(connect, read) timeout of one request."""
+    seconds = _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    return (min(seconds, 10.0), seconds)
+
+
+def _retry():
+    """google-cloud-storage's retry predicate (408, 429, 5xx, dropped connections, timeouts), with kftune's deadline."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_delay(initial=1.0, maximum=32.0, multiplier=2.0).with_timeout(
+        _seconds(RETRY_ENV, DEFAULT_RETRY_S))
+
+
+def _retry_if_generation_match():
+    """Retries an upload only when it carries a generation precondition, so a retry never overwrites."""
+    from google.cloud.storage.retry import ConditionalRetryPolicy, is_generation_specified
+
+    return ConditionalRetryPolicy(_retry(), is_generation_specified, ["query_params"])
+
+
+def _calls() -> dict:
+    """The retry and timeout every read or listing passes to the client."""
+    return {"retry": _retry(), "timeout": _timeout()}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
 def _denied(uri: str) -> StorageError:
     return StorageError(
         f"access to `{uri}` was denied: give the pipeline's service account "
@@ -65,7 +118,10 @@ def _denied(uri: str) -> StorageError:
 @contextlib.contextmanager
 def _requests_for(uri: str):
     """Turns the client's refusals into StorageErrors that name ``uri`` and say what to do."""
+    import requests
     from google.api_core import exceptions
+    from google.auth.exceptions import TransportError
+    from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
     try:
         yield
@@ -74,6 +130,15 @@ def _requests_for(uri: str):
     except exceptions.Unauthorized as e:
         raise StorageError(
             f"GCS rejected the credentials used for `{uri}` ({e.message}): refresh or replace them."
+        ) from e
+    except (exceptions.RetryError, exceptions.TooManyRequests, exceptions.ServerError, requests.ConnectionError,
+            requests.Timeout, ConnectionError, TimeoutError, TransportError, InvalidResponse, DataCorruption) as e:
+        # What is left once the client's retries gave up: an outage, not a mistake. The step
+        # can be retried as it is: what it already stored is kept and picked up again.
+        raise StorageError(
+            f"GCS kept failing for `{uri}` ({_first_line(e)}) after retrying for up to "
+            f"{_seconds(RETRY_ENV, DEFAULT_RETRY_S):g} s: the service or the network is unavailable. Run the step "
+            f"again (it resumes from what was stored), or raise {RETRY_ENV} to wait longer."
         ) from e
 
 
@@ -87,13 +152,22 @@ def _bucket(name: str):
     # needs) does not grant, while a missing bucket answers a listing with 404 too.
     with _requests_for(f"gs://{name}"):
         try:
-            next(iter(bucket.list_blobs(max_results=1)), None)
+            next(iter(bucket.list_blobs(max_results=1, **_calls())), None)
         except exceptions.NotFound as e:
             raise StorageError(
                 f"GCS bucket `{name}` does not exist: create it "
                 f"(gcloud storage buckets create gs://{name}) or fix the URI."
             ) from e
     return bucket
+
+
+def check_reachable(uri: str) -> None:
+    """Fails at once if ``uri`` is in a bucket that is missing or cannot be read; local paths pass.
+
+    For steps that will write there only after hours of work.
+    """
+    if is_gcs(uri):
+        _bucket(parse_gcs(uri)[0])
 
 
 def _blob_name(prefix: str, relative: str) -> str:
@@ -112,12 +186,17 @@ def _safe_join(root: Path, relative: str) -> Path:
     return target
 
 
-def _list_names(bucket, uri: str, prefix: str) -> list[str]:
-    """Object names under ``prefix`` (as a folder), relative to it, sorted."""
+def _list_objects(bucket, uri: str, prefix: str) -> dict[str, str | None]:
+    """The MD5 (base64) of every object under ``prefix`` (as a folder), keyed by name relative to it, sorted."""
     base = f"{prefix}/" if prefix else ""
     with _requests_for(uri):
-        names = sorted(b.name for b in bucket.list_blobs(prefix=base))
-    return [name[len(base) :] for name in names if not name.endswith("/")]
+        blobs = sorted((b.name, b.md5_hash) for b in bucket.list_blobs(prefix=base, **_calls()))
+    return {name[len(base) :]: md5 for name, md5 in blobs if not name.endswith("/")}
+
+
+def _list_names(bucket, uri: str, prefix: str) -> list[str]:
+    """Object names under ``prefix`` (as a folder), relative to it, sorted."""
+    return list(_list_objects(bucket, uri, prefix))
 
 
 def list_files(uri: str) -> Iterator[str]:
@@ -138,25 +217,41 @@ def exists(uri: str) -> bool:
         bucket_name, prefix = parse_gcs(uri)
         bucket = _bucket(bucket_name)
         with _requests_for(uri):
-            if prefix and bucket.blob(prefix).exists():
+            if prefix and bucket.blob(prefix).exists(**_calls()):
                 return True
             base = f"{prefix}/" if prefix else ""
-            return any(True for _ in bucket.list_blobs(prefix=base, max_results=1))
+            return any(True for _ in bucket.list_blobs(prefix=base, max_results=1, **_calls()))
     return Path(uri).exists()
 
 
-def _download(bucket, uri: str, prefix: str, dest: Path) -> int:
+def _download_verified(blob, target: Path, md5: str | None, uri: str) -> None:
+    """Downloads ``blob`` to ``target`` and checks it against the MD5 GCS listed for it.
+
+    The client checks downloads itself where GCS sends a hash header; this check
+    also holds where none is sent (composite objects, emulators).
+    """
+    with _requests_for(uri):
+        blob.download_to_filename(str(target), **_calls())
+    if md5 and md5_base64(target) != md5:
+        target.unlink()
+        raise StorageError(
+            f"`gs://{blob.bucket.name}/{blob.name}` was corrupted on the way (its MD5 differs from the one GCS "
+            "lists for it): run the step again."
+        )
+
+
+def _download(bucket, uri: str, prefix: str, dest: Path) -> dict[str, str | None]:
     """Downloads every object under ``prefix`` into ``dest``, keeping relative paths.
 
-    Every name is checked before anything is written. Returns how many objects there were.
+    Every name is checked before anything is written. Returns the MD5 of each
+    object, keyed by relative path.
     """
-    names = _list_names(bucket, uri, prefix)
-    targets = [_safe_join(dest, relative) for relative in names]
-    for relative, target in zip(names, targets, strict=True):
+    objects = _list_objects(bucket, uri, prefix)
+    targets = [_safe_join(dest, relative) for relative in objects]
+    for (relative, md5), target in zip(objects.items(), targets, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _requests_for(uri):
-            bucket.blob(_blob_name(prefix, relative)).download_to_filename(str(target))
-    return len(names)
+        _download_verified(bucket.blob(_blob_name(prefix, relative)), target, md5, uri)
+    return objects
 
 
 def fetch(uri: str, workdir: str | os.PathLike) -> Path:
@@ -174,11 +269,11 @@ def fetch(uri: str, workdir: str | os.PathLike) -> Path:
     bucket = _bucket(bucket_name)
     dest = _safe_join(Path(workdir), f"{bucket_name}/{prefix}")
     with _requests_for(uri):
-        blob = bucket.blob(prefix) if prefix else None
-        if blob is not None and blob.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            blob.download_to_filename(str(dest))
-            return dest
+        blob = bucket.get_blob(prefix, **_calls()) if prefix else None
+    if blob is not None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _download_verified(blob, dest, blob.md5_hash, uri)
+        return dest
     if not _download(bucket, uri, prefix, dest):
         raise InputError(f"`{uri}` holds no objects: check the bucket and prefix.")
     return dest
@@ -216,29 +311,44 @@ def _publish_local(local_dir: Path, dest: Path) -> dict[str, str]:
     return {p.relative_to(dest).as_posix(): md5_base64(p) for p in sorted(dest.rglob("*")) if p.is_file()}
 
 
-def _publish_gcs(files: list[Path], local_dir: Path, uri: str) -> dict[str, str]:
+def _upload_new(blob, path: Path, uri: str) -> None:
+    """Uploads ``path`` to ``blob``, which must not exist yet.
+
+    if_generation_match=0 makes GCS itself refuse an existing object, which closes
+    the race between the exists() check in publish_dir and this write, and makes
+    the upload safe to retry. A retry can meet that refusal for the attempt whose
+    answer was lost on the way back although GCS had stored it: an object with the
+    file's own MD5 is that attempt, anything else is someone else's.
+    """
     from google.api_core import exceptions
 
+    try:
+        with _requests_for(uri):
+            blob.upload_from_filename(str(path), if_generation_match=0, retry=_retry_if_generation_match(),
+                                      timeout=_timeout())
+    except exceptions.PreconditionFailed as e:
+        with _requests_for(uri):
+            blob.reload(**_calls())
+        if blob.md5_hash != md5_base64(path):
+            raise ExistsError(f"`{uri}` was written by someone else meanwhile: choose a new version.") from e
+
+
+def _publish_gcs(files: list[Path], local_dir: Path, uri: str) -> dict[str, str]:
     bucket_name, prefix = parse_gcs(uri)
     bucket = _bucket(bucket_name)
     checksums: dict[str, str] = {}
     try:
-        with _requests_for(uri):
-            for path in files:
-                relative = path.relative_to(local_dir).as_posix()
-                blob = bucket.blob(_blob_name(prefix, relative))
-                # if_generation_match=0 makes GCS itself refuse an existing object,
-                # which closes the race between the exists() check in publish_dir
-                # and this write. gcp-storage-emulator ignores preconditions and
-                # overwrites, so against it (in the tests) the refusal comes from
-                # that exists() check instead: keep both.
-                blob.upload_from_filename(str(path), if_generation_match=0)
-                # Read the checksum back from the service rather than trusting the
-                # upload's own response: this is what a reader will get.
-                blob.reload()
-                checksums[relative] = blob.md5_hash
-    except exceptions.PreconditionFailed as e:
-        raise ExistsError(f"`{uri}` was written by someone else meanwhile: choose a new version.") from e
+        for path in files:
+            relative = path.relative_to(local_dir).as_posix()
+            blob = bucket.blob(_blob_name(prefix, relative))
+            # gcp-storage-emulator ignores preconditions and overwrites, so against
+            # it alone the refusal comes from the exists() check: keep both.
+            _upload_new(blob, path, uri)
+            # Read the checksum back from the service rather than trusting the
+            # upload's own response: this is what a reader will get.
+            with _requests_for(uri):
+                blob.reload(**_calls())
+            checksums[relative] = blob.md5_hash
     except StorageError as e:
         if checksums:
             raise StorageError(
@@ -288,6 +398,8 @@ class mirror:  # noqa: N801 - used as a context manager
     def __init__(self, uri: str, *, write_back: str | None = ""):
         self.uri, self.write_back = uri, write_back
         self._tmp = None
+        # MD5 of each file as it is in storage, so that a sync uploads only what changed.
+        self._stored: dict[str, str | None] = {}
 
     def __enter__(self) -> Path:
         if not is_gcs(self.uri):
@@ -297,12 +409,12 @@ class mirror:  # noqa: N801 - used as a context manager
         import tempfile
 
         bucket_name, prefix = parse_gcs(self.uri)
-        bucket = _bucket(bucket_name)
+        self._bucket = bucket = _bucket(bucket_name)
         self._tmp = tempfile.TemporaryDirectory()
         self.local = Path(self._tmp.name, "mirror")
         self.local.mkdir()
         try:
-            _download(bucket, self.uri, prefix, self.local)
+            self._stored = _download(bucket, self.uri, prefix, self.local)
         except BaseException:
             self._tmp.cleanup()
             raise
@@ -312,17 +424,29 @@ class mirror:  # noqa: N801 - used as a context manager
         """Uploads the files under ``write_back`` now, e.g. after each training epoch.
 
         A pod killed mid-step loses nothing that was synced: the next attempt
-        downloads it again on entry.
+        downloads it again on entry. Files go up in the order they were written
+        (oldest first), so storage passes through the states the local folder
+        did: a checkpoint's data before the pointer naming it. A kill part-way
+        through a sync then leaves what a kill part-way through writing would
+        have left on disk, which the writer (TensorFlow's CheckpointManager) is
+        built to survive. Files unchanged since the last sync are not sent again.
         """
         if self._tmp is None or self.write_back is None:
             return
-        bucket_name, prefix = parse_gcs(self.uri)
-        bucket = _bucket(bucket_name)
+        prefix = parse_gcs(self.uri)[1]
         root = _safe_join(self.local, self.write_back)
+        files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.stat().st_mtime_ns, p.name))
         with _requests_for(self.uri):
-            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            for path in files:
                 relative = path.relative_to(self.local).as_posix()
-                bucket.blob(_blob_name(prefix, relative)).upload_from_filename(str(path))
+                md5 = md5_base64(path)
+                if self._stored.get(relative) == md5:
+                    continue
+                # Retried without a precondition on purpose: only this step writes
+                # these files, so writing one twice leaves what writing it once does.
+                self._bucket.blob(_blob_name(prefix, relative)).upload_from_filename(
+                    str(path), retry=_retry(), timeout=_timeout())
+                self._stored[relative] = md5
 
     def __exit__(self, kind, error, tb):
         if self._tmp is None:

@@ -1,0 +1,169 @@
+"""A fault-injecting HTTP proxy on loopback, in front of the GCS emulator.
+
+The storage client under test makes real HTTP requests to it; the proxy fails a
+share of them the ways a real network and a busy GCS do, and forwards the rest
+to the emulator:
+
+- ``503`` / ``429``: GCS's JSON error body with that status (backend error,
+  rate limit), the request never reaching the emulator;
+- ``drop``: the connection is closed without an answer, the request unsent;
+- ``lost_reply``: the request is carried out, then the connection is closed
+  before its answer: the client cannot tell it from ``drop``;
+- ``hang``: no answer until the client's timeout has passed; never forwarded;
+- ``slow``: forwarded after a short delay, well within any timeout;
+- ``ok``: forwarded;
+- ``403``: access denied, as for a service account without a role on the bucket.
+
+Which fault meets which request follows a fixed cycle per kind of request
+(``upload``, ``download``, ``api``), so a run is the same every time and each
+fault is certain to occur. The proxy also does what the emulator does not: it
+refuses an upload whose ``ifGenerationMatch=0`` precondition fails (the object
+exists) with 412, as GCS does. That is what a retried upload meets when its
+first attempt's answer was lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import http.server
+import itertools
+import json
+import re
+import threading
+import time
+from urllib.parse import parse_qs, quote, urlsplit
+
+FAULTS = ("503", "429", "drop", "lost_reply", "hang")
+
+
+class FaultProxy(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, upstream: str, schedule: dict[str, list[str]], *, hold_s: float = 3.0):
+        self.upstream = urlsplit(upstream)
+        self._cycles = {kind: itertools.cycle(plan) for kind, plan in schedule.items()}
+        self._lock = threading.Lock()
+        self.hold_s = hold_s
+        self.released = threading.Event()
+        self.injected: collections.Counter[str] = collections.Counter()
+        self.preconditions_refused = 0
+        self.requests = 0
+        self.uploaded: list[str] = []  # names of the objects whose upload reached the emulator, in order
+        super().__init__(("127.0.0.1", 0), _Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def next_action(self, kind: str) -> str:
+        with self._lock:
+            self.requests += 1
+            action = next(self._cycles.get(kind) or self._cycles["api"])
+            self.injected[action] += 1
+            return action
+
+    def handle_error(self, request, client_address):
+        pass  # a client that gave up on a held connection resets it: expected here
+
+    def close(self) -> None:
+        self.released.set()
+        self.shutdown()
+        self.server_close()
+
+
+def _kind(method: str, path: str) -> str:
+    if path.startswith("/upload/"):
+        return "upload"
+    if path.startswith("/download/") or "alt=media" in path:
+        return "download"
+    return "api"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+    def _reply(self, status: int, headers, body: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers:
+            if key.lower() not in self._HOP:
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status: int, reason: str, message: str) -> None:
+        body = {"error": {"code": status, "message": message, "errors": [{"reason": reason, "message": message}]}}
+        self._reply(status, [("Content-Type", "application/json")], json.dumps(body).encode())
+
+    def _upstream(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        connection = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            connection.close()
+
+    def _upload_target(self, body: bytes) -> tuple[str, str] | None:
+        """(bucket, object name) of an upload request, from its URL or its multipart metadata."""
+        parts = urlsplit(self.path)
+        bucket = re.match(r"/upload/storage/v1/b/([^/]+)/o", parts.path)
+        name = parse_qs(parts.query).get("name", [None])[0]
+        if name is None:
+            found = re.search(rb'"name":\s*"([^"]+)"', body)
+            name = found.group(1).decode() if found else None
+        return (bucket.group(1), name) if bucket and name else None
+
+    def _precondition_fails(self, body: bytes) -> bool:
+        """Whether GCS would refuse this upload: ifGenerationMatch=0 and the object exists."""
+        target = self._upload_target(body)
+        if target is None or parse_qs(urlsplit(self.path).query).get("ifGenerationMatch") != ["0"]:
+            return False
+        status, _, _ = self._upstream("GET", f"/storage/v1/b/{target[0]}/o/{quote(target[1], safe='')}")
+        return status == 200
+
+    def _forward(self, body: bytes):
+        target = self._upload_target(body) if self.command == "POST" else None
+        if target is not None and self._precondition_fails(body):
+            self.server.preconditions_refused += 1
+            message = "At least one of the pre-conditions you specified did not hold."
+            return 412, [("Content-Type", "application/json")], json.dumps(
+                {"error": {"code": 412, "message": message, "errors": [{"reason": "conditionNotMet"}]}}).encode()
+        if target is not None:
+            self.server.uploaded.append(target[1])
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in self._HOP}
+        return self._upstream(self.command, self.path, body, headers)
+
+    def _any(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        action = self.server.next_action(_kind(self.command, self.path))
+        if action == "503":
+            return self._error(503, "backendError", "Backend Error (injected by the test proxy)")
+        if action == "429":
+            return self._error(429, "rateLimitExceeded", "The rate of requests is too high (injected by the test proxy)")
+        if action == "403":
+            return self._error(403, "forbidden", "kftune-test@example.iam.gserviceaccount.com does not have "
+                                                 "storage.objects.list access to the Google Cloud Storage bucket.")
+        if action == "drop":
+            self.close_connection = True
+            return None
+        if action == "hang":
+            self.server.released.wait(self.server.hold_s)
+            self.close_connection = True
+            return None
+        if action == "slow":
+            time.sleep(0.2)
+        status, headers, answer = self._forward(body)
+        if action == "lost_reply":
+            self.close_connection = True
+            return None
+        return self._reply(status, headers, answer)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+    def log_message(self, *args):
+        pass

@@ -8,8 +8,6 @@ search steps under KFP's local runner with 1 and with 3 parallel trial tasks.
     .venv/bin/python bench/bench_search.py [--quick]
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 import tempfile
@@ -100,9 +98,13 @@ def parallel_wall_times(trials: int, epochs: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer epochs and trials, to check the script runs")
+    parser.add_argument("--parallel-only", action="store_true", help="only the parallel trial tasks measurement")
     args = parser.parse_args()
     epochs = 2 if args.quick else 5
     with tempfile.TemporaryDirectory() as tmp:
+        if args.parallel_only:
+            print(parallel_wall_times(trials=6, epochs=epochs))
+            return 0
         data = Path(tmp, "digits")
         dataset.ingest(dataset.IngestConfig(image_size=16), data, progress=lambda _: None)
         print(compare(data, "The tutorial's 3 x 3 space (learning rate x batch size)", search.CLASSIC_SPACE_YAML,

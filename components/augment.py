@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Output
 
-from components import KFTUNE_IMAGE
+from components import KFTUNE_CPU_IMAGE
 
 
-@dsl.component(base_image=KFTUNE_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=KFTUNE_CPU_IMAGE, install_kfp_package=False)
 def augment(
     dataset: Input[Dataset],
     augmented: Output[Dataset],

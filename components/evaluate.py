@@ -26,20 +26,20 @@ def evaluate(
         metrics: Output: accuracy, loss, top-k, sizes, parameters, latency, per-class precision/recall/F1.
         confusion: Output: the confusion matrix, labelled with the class names.
         tflite_file: A TFLite file in the Model folder to measure instead of
-            model.keras (e.g. model_int8.tflite); empty: the Keras model.
+            model.keras (e.g. model_int8.tflite); empty: the Keras model. When
+            the file was not made, the step says so and writes an empty evaluation.
     """
-    import os
-
     from kftune import evaluate as ev
     from kftune.errors import user_errors
 
     with user_errors():
-        if tflite_file:
-            result = ev.evaluate_tflite(name, os.path.join(model.path, tflite_file), dataset.path)
-        else:
-            result = ev.evaluate(name, model.path, dataset.path)
+        result = ev.evaluate_candidate(name, model.path, dataset.path, tflite_file)
     with open(evaluation.path, "w") as f:
-        f.write(result.to_json())
+        f.write(result.to_json() if result else "")
+    if result is None:
+        print(f"evaluate: no {name} candidate: the model folder holds no {tflite_file} "
+              "(the prune step writes it only when its `quantize` parameter asks for it)")
+        return
     for key, value in result.scalars().items():
         metrics.log_metric(key, value)
     for cls, precision, recall, f1 in zip(result.class_names, result.precision, result.recall, result.f1, strict=True):
@@ -99,9 +99,10 @@ def compare(
         pairs.append((quantized_eval, pruned))
     candidates, folders = [], {}
     for artifact, model in pairs:
-        with open(artifact.path) as f:
-            candidates.append(ev.Evaluation.from_json(f.read()))
-        folders[candidates[-1].name] = model.path
+        evaluation = ev.read_evaluation(artifact.path)
+        if evaluation is not None:  # None: a candidate that was not made (no quantization asked for)
+            candidates.append(evaluation)
+            folders[evaluation.name] = model.path
     with user_errors():
         gate = ev.GateConfig(min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop, max_size_bytes=max_size_bytes)
         decision = ev.choose(candidates, gate)

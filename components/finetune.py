@@ -26,6 +26,8 @@ def finetune(
     patience: int,
     seed: int,
     checkpoint_uri: str,
+    pipeline_root: str,
+    run_id: str,
 ):
     """Fine-tunes the search winner, or a pretrained keras.applications backbone.
 
@@ -37,7 +39,7 @@ def finetune(
         curves: Output: training curves.
         tensorboard: Output: TensorBoard logs.
         backbone: Empty to continue training the search winner; or vgg16,
-            mobilenet_v2, efficientnet_b0, resnet50.
+            mobilenet_v2, mobilenet_v2_035, efficientnet_b0, resnet50.
         weights: imagenet (needs internet), a weights file or gs:// URI, or none.
         epochs: Epochs of the head phase (or of continued training).
         finetune_epochs: Epochs of each unfreezing step.
@@ -48,21 +50,25 @@ def finetune(
         input_size: Backbone input size; 0 keeps the dataset's.
         patience: Early-stopping patience in epochs.
         seed: Seeds shuffling, augmentation and initialisation.
-        checkpoint_uri: Folder for per-epoch checkpoints that outlive the pod
-            (a rerun with the same folder resumes); empty: none kept.
+        checkpoint_uri: Folder or gs:// prefix for per-epoch checkpoints; a
+            rerun with the same one resumes. Empty: under the pipeline root, per
+            run, so a retried pod resumes from its last finished epoch.
+        pipeline_root: The run's pipeline root (set by the pipeline).
+        run_id: The run's id (set by the pipeline).
     """
     from kftune import finetune as ft
-    from kftune import report
+    from kftune import report, storage
     from kftune.errors import user_errors
 
-    with user_errors():
+    checkpoints = storage.mirror(checkpoint_uri or f"{pipeline_root.rstrip('/')}/kftune-checkpoints/{run_id}/finetune")
+    with user_errors(), checkpoints as checkpoint_dir:
         config = ft.FinetuneConfig(
             backbone=backbone, weights=weights, epochs=epochs, finetune_epochs=finetune_epochs,
             unfreeze_layers=unfreeze_layers, unfreeze_steps=unfreeze_steps, learning_rate=learning_rate,
             finetune_lr_factor=finetune_lr_factor, input_size=input_size, patience=patience, seed=seed,
         )
-        result = ft.finetune(dataset.path, baseline.path, config, model.path,
-                             checkpoint_dir=checkpoint_uri or None, tensorboard_dir=tensorboard.path)
+        result = ft.finetune(dataset.path, baseline.path, config, model.path, checkpoint_dir=checkpoint_dir,
+                             tensorboard_dir=tensorboard.path, after_epoch=checkpoints.sync)
     for phase in result.phases:
         history = phase["history"]
         for name in ("val_accuracy", "val_loss"):

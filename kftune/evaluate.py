@@ -254,6 +254,26 @@ class TFLiteModel:
         return float(np.median(times))
 
 
+def evaluate_candidate(name: str, model_dir: str | Path, dataset_dir: str | Path, tflite_file: str = "") -> Evaluation | None:
+    """Measures the Keras model in ``model_dir``, or its ``tflite_file``.
+
+    Returns None when ``tflite_file`` was not made (the prune step writes it only
+    for the modes in its ``quantize`` parameter): then there is no such candidate.
+    """
+    if not tflite_file:
+        return evaluate(name, model_dir, dataset_dir)
+    path = Path(model_dir, tflite_file)
+    if not path.exists():
+        return None
+    return evaluate_tflite(name, path, dataset_dir)
+
+
+def read_evaluation(path: str | Path) -> Evaluation | None:
+    """An evaluation written by the evaluate step; None for a candidate that was not made."""
+    text = Path(path).read_text()
+    return Evaluation.from_json(text) if text.strip() else None
+
+
 def evaluate_tflite(name: str, tflite_path: str | Path, dataset_dir: str | Path, split: str = "test") -> Evaluation:
     """Measures a TFLite model (float or quantized) on ``split`` of the dataset.
 

@@ -93,7 +93,7 @@ class PruneConfig:
     learning_rate: float = 1e-4
     batch_size: int = 0
     seed: int = 0
-    quantize: str = ""
+    quantize: str = "int8"
     max_accuracy_drop: float = 0.0
     sparsity_levels: str = "0.5,0.7,0.8,0.9,0.95"
 

@@ -171,6 +171,7 @@ STAGES = [
     ("search", ("search-",), "baseline"),
     ("fine-tune", ("finetune",), "finetuned"),
     ("prune", ("prune",), "pruned"),
+    ("  + int8 TFLite", None, "quantized"),
     ("evaluate + compare", ("evaluate", "compare"), None),
     ("export", ("export",), None),
 ]
@@ -182,17 +183,24 @@ def summary(run_dir: Path, timer: _TaskTimer) -> str:
 
     evaluations = {}
     for path in run_dir.glob("evaluate*/evaluation"):
-        values = json.loads(path.read_text())
-        evaluations[values["name"]] = values
+        text = path.read_text()
+        if text.strip():  # empty: a candidate that was not made
+            values = json.loads(text)
+            evaluations[values["name"]] = values
     chosen = None
     compare_out = run_dir / "compare" / "executor_output.json"
     if compare_out.exists():
         chosen = json.loads(compare_out.read_text()).get("artifacts", {}).get("chosen", {}).get("artifacts", [{}])[0].get("metadata", {})
     rows = []
     for stage, prefixes, candidate in STAGES:
+        ev = evaluations.get(candidate) if candidate else None
+        if prefixes is None:  # made inside another stage's step
+            if ev:
+                rows.append([stage, f"{ev['accuracy']:.4f}", f"{ev['size_bytes'] / 1024:.0f} KiB",
+                             f"{ev['gzip_bytes'] / 1024:.0f} KiB", ""])
+            continue
         seconds = sum(s for name, s in timer.seconds.items() if name.startswith(prefixes))
         ran = any(name.startswith(prefixes) for name in timer.seconds)
-        ev = evaluations.get(candidate) if candidate else None
         rows.append([
             stage,
             f"{ev['accuracy']:.4f}" if ev else "",

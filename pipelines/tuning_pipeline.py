@@ -11,7 +11,14 @@ from components.export import export
 from components.finetune import finetune
 from components.ingest import ingest
 from components.prune import prune
-from components.search import search_ask, search_result, search_round_list, search_setup, search_tell, search_trial
+from components.search import (
+    search_ask,
+    search_result,
+    search_round_list,
+    search_setup,
+    search_tell,
+    search_trial,
+)
 from kftune.augment import MILD_YAML
 from kftune.dataset import IngestConfig
 from kftune.evaluate import GateConfig
@@ -106,6 +113,7 @@ def tuning_pipeline(
         epochs=finetune_epochs, finetune_epochs=unfreeze_epochs, unfreeze_layers=unfreeze_layers,
         unfreeze_steps=unfreeze_steps, learning_rate=finetune_learning_rate, finetune_lr_factor=finetune_lr_factor,
         input_size=backbone_input_size, patience=patience, seed=seed, checkpoint_uri=checkpoint_uri,
+        pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_display_name("fine-tune")
     pruned = prune(
         dataset=train_data, model=tuned.outputs["model"], target_sparsity=target_sparsity, schedule=prune_schedule,
@@ -121,13 +129,19 @@ def tuning_pipeline(
         "pruned": pruned.outputs["pruned"],
     }
     evaluations = {
-        name: evaluate(dataset=data.outputs["dataset"], model=candidate, name=name).set_display_name(f"evaluate: {name}")
+        name: evaluate(dataset=data.outputs["dataset"], model=candidate, name=name, tflite_file="")
+        .set_display_name(f"evaluate: {name}")
         for name, candidate in candidates.items()
     }
+    # The int8 TFLite file the prune step writes beside the pruned model (absent unless prune_quantize asks for it).
+    evaluations["quantized"] = evaluate(
+        dataset=data.outputs["dataset"], model=pruned.outputs["pruned"], name="quantized", tflite_file="model_int8.tflite"
+    ).set_display_name("evaluate: quantized")
     gate = compare(
         baseline_eval=evaluations["baseline"].outputs["evaluation"],
         finetuned_eval=evaluations["finetuned"].outputs["evaluation"],
         pruned_eval=evaluations["pruned"].outputs["evaluation"],
+        quantized_eval=evaluations["quantized"].outputs["evaluation"],
         baseline=candidates["baseline"], finetuned=candidates["finetuned"], pruned=candidates["pruned"],
         min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop, max_size_bytes=max_size_bytes,
     ).set_display_name("compare and gate")

@@ -67,6 +67,7 @@ def test_the_whole_pipeline_runs_locally_and_exports(tmp_path):
         row = next(line for line in table.splitlines() if line.startswith(stage))
         assert "skipped" not in row, table
     assert "(exported)" in table
+    assert "+ int8 TFLite" in table, table  # the quantized candidate was made and measured
     # Search ran in rounds of parallel trials and told the oracle everything.
     plan = json.loads(next(run_dir.glob("search-setup/plan")).read_text())
     results = sorted(Path(plan["state_uri"]).glob("kftune_search/trial_*/result.json"))
@@ -81,7 +82,7 @@ def test_the_whole_pipeline_runs_locally_and_exports(tmp_path):
     # The export is complete and loadable by serving.
     version = destination / "v1"
     metadata = json.loads((version / "metadata.json").read_text())
-    assert metadata["data_fingerprint"] and metadata["candidate"] in ("baseline", "finetuned", "pruned")
+    assert metadata["data_fingerprint"] and metadata["candidate"] in ("baseline", "finetuned", "pruned", "quantized")
     assert (version / "saved_model" / "saved_model.pb").exists()
 
 

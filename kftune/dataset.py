@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kftune import storage
-from kftune.errors import InputError, check_numbers
+from kftune.errors import InputError, check_numbers, check_whole_numbers
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,7 @@ class IngestConfig:
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source.strip():
             raise InputError(f"`source` is empty: give bundled:digits, a folder, or a gs:// prefix. Received: {self.source!r}")
-        for name in ("image_size", "channels", "seed", "shard_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InputError(f"`{name}` must be a whole number. Received: {name}={value!r}")
+        check_whole_numbers(self, {"image_size": None, "channels": None, "seed": None, "shard_size": None})
         check_numbers(self, ("validation_fraction", "test_fraction", "max_corrupt_fraction"))
         if not 8 <= self.image_size <= 1024:
             raise InputError(f"`image_size` must be between 8 and 1024. Received: image_size={self.image_size}")

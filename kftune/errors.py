@@ -38,6 +38,18 @@ def check_numbers(config, names: tuple[str, ...]) -> None:
             raise InputError(f"`{name}` must be a number. Received: {name}={value!r}")
 
 
+def check_whole_numbers(config, minimums: dict[str, int | None]) -> None:
+    """Refuses a field of ``config`` that is not a whole number at least its minimum (None: any).
+
+    ``True`` is refused too, although Python counts it as 1.
+    """
+    for name, low in minimums.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            bound = "" if low is None else f" >= {low}"
+            raise InputError(f"`{name}` must be a whole number{bound}. Received: {name}={value!r}")
+
+
 # Exit codes at the component boundary: a user's mistake is not worth a retry.
 EXIT_INPUT = 2
 EXIT_STORAGE = 3

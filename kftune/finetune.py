@@ -28,7 +28,7 @@ from pathlib import Path
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import dataset, models, storage
 from kftune.augment import AugmentSpec, training_batches
-from kftune.errors import InputError, check_numbers
+from kftune.errors import InputError, check_numbers, check_whole_numbers
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,8 @@ class FinetuneConfig:
                 f"`backbone` must be empty (fine-tune the search winner) or one of {sorted(models.BACKBONES)}. "
                 f"Received: backbone={self.backbone!r}"
             )
-        for name, low in (("epochs", 1), ("finetune_epochs", 0), ("unfreeze_layers", 0), ("unfreeze_steps", 1),
-                          ("batch_size", 0), ("input_size", 0), ("patience", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise InputError(f"`{name}` must be a whole number >= {low}. Received: {name}={value!r}")
+        check_whole_numbers(self, {"epochs": 1, "finetune_epochs": 0, "unfreeze_layers": 0, "unfreeze_steps": 1,
+                                   "batch_size": 0, "input_size": 0, "patience": 1})
         if self.learning_rate < 0 or not 0 < self.finetune_lr_factor <= 1:
             raise InputError(
                 "`learning_rate` must be >= 0 (0: the search's best) and `finetune_lr_factor` in (0, 1]. "

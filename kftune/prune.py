@@ -22,7 +22,7 @@ from pathlib import Path
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow (and tfmot) is imported
 from kftune import dataset, measure, models, quantize, report
 from kftune.augment import AugmentSpec, training_batches
-from kftune.errors import InputError, check_numbers
+from kftune.errors import InputError, check_numbers, check_whole_numbers
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,7 @@ class PruneConfig:
             raise InputError(f"`target_sparsity` must be in [0, 1). Received: target_sparsity={self.target_sparsity}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"`schedule` must be one of {SCHEDULES}. Received: schedule={self.schedule!r}")
-        for name, low in (("epochs", 1), ("begin_step", 0), ("end_step", 0), ("frequency", 1), ("batch_size", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise InputError(f"`{name}` must be a whole number >= {low}. Received: {name}={value!r}")
+        check_whole_numbers(self, {"epochs": 1, "begin_step": 0, "end_step": 0, "frequency": 1, "batch_size": 0})
         if self.end_step and self.end_step <= self.begin_step:
             raise InputError(
                 "`end_step` must be after `begin_step`, or 0 for the end of training. "

@@ -35,7 +35,7 @@ import yaml
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import dataset, models, storage
 from kftune.augment import AugmentSpec, training_batches
-from kftune.errors import InputError, check_numbers
+from kftune.errors import InputError, check_numbers, check_whole_numbers
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +235,7 @@ class SearchConfig:
         check_numbers(self, ("learning_rate",))
         if self.algorithm not in ALGORITHMS:
             raise InputError(f"`algorithm` must be one of {ALGORITHMS}. Received: algorithm={self.algorithm!r}")
-        for name, low in (("max_trials", 1), ("epochs", 1), ("folds", 1), ("batch_size", 1), ("hyperband_factor", 2)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise InputError(f"`{name}` must be a whole number >= {low}. Received: {name}={value!r}")
+        check_whole_numbers(self, {"max_trials": 1, "epochs": 1, "folds": 1, "batch_size": 1, "hyperband_factor": 2})
         if not self.learning_rate > 0:
             raise InputError(f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate}")
         models.resolve_builder(self.model)

@@ -98,12 +98,12 @@ def compare(
     if quantized_eval is not None:
         pairs.append((quantized_eval, pruned))
     candidates, folders = [], {}
-    for artifact, model in pairs:
-        evaluation = ev.read_evaluation(artifact.path)
-        if evaluation is not None:  # None: a candidate that was not made (no quantization asked for)
-            candidates.append(evaluation)
-            folders[evaluation.name] = model.path
     with user_errors():
+        for artifact, model in pairs:
+            evaluation = ev.read_evaluation(artifact.path)
+            if evaluation is not None:  # None: a candidate that was not made (no quantization asked for)
+                candidates.append(evaluation)
+                folders[evaluation.name] = model.path
         gate = ev.GateConfig(min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop, max_size_bytes=max_size_bytes)
         decision = ev.choose(candidates, gate)
     winner = next(c for c in candidates if c.name == decision.chosen)

@@ -349,6 +349,20 @@ def augment_batch(images, spec: AugmentSpec, seed, backend: str = "auto"):
     return apply(images, draw(spec, tf.shape(images)[0], seed), spec, backend)
 
 
+SHUFFLE_BUFFER_BYTES = 128 * 2**20
+
+
+def shuffle_buffer(data) -> int:
+    """How many images to shuffle among: 10,000, or fewer where that would hold over 128 MiB.
+
+    A fixed count would cost 30 MiB at 32x32 but 1.5 GiB at 224x224 RGB.
+    """
+    import numpy as np
+
+    image_bytes = int(np.prod(data.element_spec[0].shape)) * data.element_spec[0].dtype.size
+    return int(max(256, min(10_000, SHUFFLE_BUFFER_BYTES // max(image_bytes, 1))))
+
+
 def training_batches(data, spec: AugmentSpec | None, batch_size: int, seed: int, *, backend: str = "auto"):
     """Shuffled, batched, augmented training data: the online mode.
 
@@ -356,7 +370,7 @@ def training_batches(data, spec: AugmentSpec | None, batch_size: int, seed: int,
     """
     import tensorflow as tf
 
-    data = data.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    data = data.shuffle(shuffle_buffer(data), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
     if spec is not None and not spec.is_identity:
         backend = resolve_backend(backend, input_pipeline=True)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)

@@ -271,7 +271,13 @@ def evaluate_candidate(name: str, model_dir: str | Path, dataset_dir: str | Path
 def read_evaluation(path: str | Path) -> Evaluation | None:
     """An evaluation written by the evaluate step; None for a candidate that was not made."""
     text = Path(path).read_text()
-    return Evaluation.from_json(text) if text.strip() else None
+    if not text.strip():
+        return None
+    try:
+        return Evaluation.from_json(text)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"`{path}` is not an evaluation written by kftune's evaluate step ({e}): "
+                         "connect the evaluate step's `evaluation` output.") from e
 
 
 def evaluate_tflite(name: str, tflite_path: str | Path, dataset_dir: str | Path, split: str = "test") -> Evaluation:

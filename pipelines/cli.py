@@ -100,6 +100,7 @@ def check_arguments(arguments: dict, compiled: str | Path = COMPILED) -> None:
     ingest = dataset.IngestConfig(
         source=source, image_size=values["image_size"], channels=values["channels"],
         validation_fraction=values["validation_fraction"], test_fraction=values["test_fraction"], seed=values["seed"],
+        max_corrupt_fraction=values["max_corrupt_fraction"],
     )
     if ingest.source != dataset.BUNDLED and "://" not in source and not Path(source).exists():
         raise InputError(f"dataset source `{source}` does not exist: give a folder, a gs:// prefix or {dataset.BUNDLED}.")

@@ -41,6 +41,7 @@ def tuning_pipeline(
     validation_fraction: float = _INGEST.validation_fraction,
     test_fraction: float = _INGEST.test_fraction,
     seed: int = _INGEST.seed,
+    max_corrupt_fraction: float = _INGEST.max_corrupt_fraction,
     augment_spec: str = MILD_YAML,
     augment_copies: int = 0,
     search_space: str = CLASSIC_SPACE_YAML,
@@ -84,7 +85,7 @@ def tuning_pipeline(
 ):
     data = ingest(
         source=source, image_size=image_size, channels=channels, validation_fraction=validation_fraction,
-        test_fraction=test_fraction, seed=seed, max_corrupt_fraction=_INGEST.max_corrupt_fraction,
+        test_fraction=test_fraction, seed=seed, max_corrupt_fraction=max_corrupt_fraction,
     ).set_display_name("ingest")
     augmented = augment(
         dataset=data.outputs["dataset"], spec=augment_spec, copies=augment_copies, seed=seed

@@ -82,7 +82,9 @@ def _kind(method: str, path: str) -> str:
     return "api"
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """What every loopback proxy in the tests does: answer as GCS would, or forward to ``server.upstream``."""
+
     protocol_version = "HTTP/1.1"
     _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
@@ -108,6 +110,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         finally:
             connection.close()
 
+    def _forward_as_is(self, body: bytes):
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in self._HOP}
+        return self._upstream(self.command, self.path, body, headers)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Handler(ProxyHandler):
     def _upload_target(self, body: bytes) -> tuple[str, str] | None:
         """(bucket, object name) of an upload request, from its URL or its multipart metadata."""
         parts = urlsplit(self.path)
@@ -135,8 +146,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 {"error": {"code": 412, "message": message, "errors": [{"reason": "conditionNotMet"}]}}).encode()
         if target is not None:
             self.server.uploaded.append(target[1])
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in self._HOP}
-        return self._upstream(self.command, self.path, body, headers)
+        return self._forward_as_is(body)
 
     def _any(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -164,6 +174,3 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._reply(status, headers, answer)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
-
-    def log_message(self, *args):
-        pass

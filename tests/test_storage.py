@@ -2,13 +2,13 @@
 
 import http.client
 import http.server
-import json
 import threading
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from faultproxy import ProxyHandler
 
 from kftune import storage
 from kftune.errors import ExistsError, InputError, StorageError
@@ -157,41 +157,18 @@ class _Gateway(http.server.ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
-class _GatewayHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
-
-    def _reply(self, status: int, headers, body: bytes):
-        self.send_response(status)
-        for key, value in headers:
-            if key.lower() not in self._HOP:
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class _GatewayHandler(ProxyHandler):
     def _any(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.server.denied(self.command, self.path, body):
-            message = "kftune-test@example.iam.gserviceaccount.com does not have storage.objects.create access."
-            error = {"error": {"code": 403, "message": message, "errors": [{"reason": "forbidden", "message": message}]}}
-            return self._reply(403, [("Content-Type", "application/json")], json.dumps(error).encode())
-        upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=30)
-        try:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in self._HOP}
-            upstream.request(self.command, self.path, body=body, headers=headers)
-            response = upstream.getresponse()
-            answer = response.read()
-            if self.server.edit is not None:
-                answer = self.server.edit(self.path, answer)
-            self._reply(response.status, response.getheaders(), answer)
-        finally:
-            upstream.close()
+            return self._error(403, "forbidden",
+                               "kftune-test@example.iam.gserviceaccount.com does not have storage.objects.create access.")
+        status, headers, answer = self._forward_as_is(body)
+        if self.server.edit is not None:
+            answer = self.server.edit(self.path, answer)
+        self._reply(status, headers, answer)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

@@ -479,29 +479,11 @@ def load_arrays(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(images), np.concatenate(labels)
 
 
-def batches(
-    data,
-    batch_size: int,
-    *,
-    shuffle: bool = False,
-    seed: int = 0,
-    transform: Callable | None = None,
-):
-    """Batches a (image, label) ``tf.data.Dataset`` for training or evaluation.
+def batches(data, batch_size: int):
+    """Batches a (image, label) ``tf.data.Dataset`` for evaluation, unshuffled and never augmented.
 
-    ``transform`` maps a batch of uint8 images to augmented ones; it is given only
-    for training data (see kftune.augment), never for validation or test.
+    Training data goes through :func:`kftune.augment.training_batches` instead.
     """
     import tensorflow as tf
 
-    if shuffle:
-        data = data.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
-    data = data.batch(batch_size)
-    if transform is not None:
-        data = data.map(lambda x, y: (transform(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return data.prefetch(tf.data.AUTOTUNE)
-
-
-def iter_split(folder: str | Path, split: str) -> Iterator[tuple[np.ndarray, int]]:
-    for image, label in load_split(folder, split).as_numpy_iterator():
-        yield image, int(label)
+    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -109,7 +109,7 @@ def main() -> int:
         dataset.ingest(dataset.IngestConfig(image_size=16), data, progress=lambda _: None)
         print(compare(data, "The tutorial's 3 x 3 space (learning rate x batch size)", search.CLASSIC_SPACE_YAML,
                       budget_trials=3, epochs=epochs), flush=True)
-        print(compare(data, "Four hyperparameters, 81-point grid", SPACE_81, budget_trials=6, epochs=epochs), flush=True)
+        print(compare(data, "Four hyperparameters, 81-point grid", SPACE_81, budget_trials=8, epochs=epochs), flush=True)
     print(parallel_wall_times(trials=6, epochs=epochs))
     return 0
 

@@ -54,30 +54,16 @@ def parallel_wall_times(trials: int, epochs: int) -> str:
 
     from kfp import dsl, local
 
-    from components.search import (
-        search_ask,
-        search_result,
-        search_round_list,
-        search_setup,
-        search_tell,
-        search_trial,
-    )
+    from pipelines.search_steps import search_steps
 
     warnings.filterwarnings("ignore")
 
     @dsl.pipeline(name="kftune-search-bench")
     def search_only(data_dir: str, per_round: int, rounds: int):
         imported = dsl.importer(artifact_uri=data_dir, artifact_class=dsl.Dataset, reimport=True)
-        setup = search_setup(space=search.CLASSIC_SPACE_YAML, pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
-                             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, algorithm="random", max_trials=trials,
-                             epochs=epochs, folds=1, seed=1, model="small_cnn", state_uri="")
-        rounds_list = search_round_list(rounds=rounds)
-        with dsl.ParallelFor(rounds_list.output, parallelism=1) as index:
-            asked = search_ask(plan=setup.outputs["plan"], count=per_round, round_index=index).after(rounds_list)
-            with dsl.ParallelFor(asked.output) as trial:
-                trained = search_trial(dataset=imported.output, plan=setup.outputs["plan"], trial=trial)
-            told = search_tell(plan=setup.outputs["plan"], results=dsl.Collected(trained.output))
-        search_result(dataset=imported.output, plan=setup.outputs["plan"], rounds_done=dsl.Collected(told.output))
+        search_steps(imported.output, space=search.CLASSIC_SPACE_YAML, algorithm="random", max_trials=trials,
+                     epochs=epochs, folds=1, seed=1, model="small_cnn", rounds=rounds, trials_per_round=per_round,
+                     state_uri="")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

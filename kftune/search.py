@@ -339,11 +339,6 @@ def _oracle(space: SearchSpace, config: SearchConfig, state_dir: str | Path):
     return oracle
 
 
-def _active_values(trial) -> dict:
-    hps = trial.hyperparameters
-    return {name: value for name, value in hps.values.items() if hps.is_active(name)}
-
-
 def ask(space: SearchSpace, config: SearchConfig, state_dir: str | Path, count: int) -> list[dict]:
     """Asks the oracle for up to ``count`` new trials; an empty list means the search is done.
 

@@ -11,14 +11,6 @@ from components.export import export
 from components.finetune import finetune
 from components.ingest import ingest
 from components.prune import prune
-from components.search import (
-    search_ask,
-    search_result,
-    search_round_list,
-    search_setup,
-    search_tell,
-    search_trial,
-)
 from kftune.augment import MILD_YAML
 from kftune.dataset import IngestConfig
 from kftune.evaluate import GateConfig
@@ -26,6 +18,7 @@ from kftune.finetune import FinetuneConfig
 from kftune.prune import PruneConfig
 from kftune.search import CLASSIC_SPACE_YAML, SearchConfig
 from pipelines import cluster
+from pipelines.search_steps import search_steps
 
 _INGEST, _SEARCH, _FT, _PRUNE, _GATE = IngestConfig(), SearchConfig(), FinetuneConfig(), PruneConfig(), GateConfig()
 
@@ -92,22 +85,12 @@ def tuning_pipeline(
     ).set_display_name("augment")
     train_data = augmented.outputs["augmented"]
 
-    setup = search_setup(
-        space=search_space, pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        algorithm=search_algorithm, max_trials=max_trials, epochs=trial_epochs, folds=folds, seed=seed, model=model,
+    searching = search_steps(
+        train_data, space=search_space, algorithm=search_algorithm, max_trials=max_trials, epochs=trial_epochs,
+        folds=folds, seed=seed, model=model, rounds=search_rounds, trials_per_round=trials_per_round,
         state_uri=search_state_uri,
-    ).set_display_name("search: setup")
-    plan = setup.outputs["plan"]
-    rounds = search_round_list(rounds=search_rounds).set_display_name("search: rounds")
-    with dsl.ParallelFor(rounds.output, parallelism=1, name="search-rounds") as round_index:
-        # .after() because KFP leaves a loop's item source out of its dependencies.
-        asked = search_ask(plan=plan, count=trials_per_round, round_index=round_index).after(rounds).set_display_name("search: ask")
-        with dsl.ParallelFor(asked.output, name="search-trials") as trial:
-            trained = search_trial(dataset=train_data, plan=plan, trial=trial).set_display_name("search: trial")
-        told = search_tell(plan=plan, results=dsl.Collected(trained.output)).set_display_name("search: tell")
-    searched = search_result(
-        dataset=train_data, plan=plan, rounds_done=dsl.Collected(told.output)
-    ).set_display_name("search: result")
+    )
+    searched = searching.result
 
     tuned = finetune(
         dataset=train_data, baseline=searched.outputs["model"], backbone=backbone, weights=weights,
@@ -153,5 +136,4 @@ def tuning_pipeline(
         ).set_display_name("export")
 
     # Resources, GPUs, retries, caching and credentials per step, from the cluster profile (pipelines/cluster.py).
-    cluster.apply(data, augmented, setup, rounds, asked, trained, told, searched, tuned, pruned, *evaluations.values(),
-                  gate, exported)
+    cluster.apply(data, augmented, *searching.all, tuned, pruned, *evaluations.values(), gate, exported)

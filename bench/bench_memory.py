@@ -96,7 +96,7 @@ def child(step: str, args: list[str]) -> dict:
     elif step == "search-trial":
         data, state, epochs = args
         result = search.run_trial(data, {"trial_id": "0", "values": {"learning_rate": 0.003, "batch_size": 32}},
-                                  search.SearchConfig(epochs=int(epochs)), state, verbose=0)
+                                  search.SearchConfig(trial_epochs=int(epochs)), state, verbose=0)
         assert result.status == "COMPLETED", result.error
     elif step == "fine-tune":
         data, work, epochs = args
@@ -105,7 +105,7 @@ def child(step: str, args: list[str]) -> dict:
                                models.ModelMeta(family="small_cnn", class_names=info.class_names,
                                                 input_shape=list(info.shape),
                                                 hyperparameters={"learning_rate": 0.003, "batch_size": 32}))
-        finetune.finetune(data, baseline, finetune.FinetuneConfig(epochs=int(epochs)), Path(work, "tuned"),
+        finetune.finetune(data, baseline, finetune.FinetuneConfig(finetune_epochs=int(epochs)), Path(work, "tuned"),
                           checkpoint_dir=Path(work, "checkpoints"), progress=lambda _: None, verbose=0)
     return {"peak_mb": _peak_mb(), "step_mb": _status_mb("VmHWM") - floor, "seconds": time.time() - started}
 

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         dataset.ingest(dataset.IngestConfig(), tmp / "data", progress=lambda _: None)
         train_dense(tmp / "data", tmp / "dense", args.seed)
-        config = pr.PruneConfig(target_sparsity=args.sparsity, schedule="polynomial", epochs=args.prune_epochs,
-                                learning_rate=1e-3, quantize="int8", seed=args.seed)
+        config = pr.PruneConfig(target_sparsity=args.sparsity, prune_schedule="polynomial", prune_epochs=args.prune_epochs,
+                                prune_learning_rate=1e-3, prune_quantize="int8", seed=args.seed)
         result = pr.prune(tmp / "data", tmp / "dense", config, tmp / "pruned", progress=lambda _: None, verbose=0)
         tests = [test_accuracy(models.load(tmp / folder)[0], tmp / "data") for folder in ("dense", "pruned")]
         tests.append(test_accuracy(tmp / "pruned" / quantize.file_name("int8"), tmp / "data"))

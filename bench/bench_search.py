@@ -26,7 +26,7 @@ dropout: {type: choice, values: [0.0, 0.25, 0.5]}
 
 
 def run(data: Path, space_yaml: str, algorithm: str, max_trials: int, epochs: int, workdir: Path) -> list:
-    config = search.SearchConfig(algorithm=algorithm, max_trials=max_trials, epochs=epochs, seed=1)
+    config = search.SearchConfig(search_algorithm=algorithm, max_trials=max_trials, trial_epochs=epochs, seed=1)
     started = time.perf_counter()
     best = search.search(data, search.SearchSpace.from_yaml(space_yaml), config, workdir / algorithm,
                          progress=lambda _: None)

@@ -42,7 +42,7 @@ import yaml
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import dataset
-from kftune.errors import InputError
+from kftune.errors import InputError, check_whole_numbers
 
 FILL_MODES = ("nearest", "reflect", "constant", "wrap")
 BACKENDS = ("auto", "opencv", "tf")
@@ -474,3 +474,39 @@ def preview_html(dataset_dir: str | Path, spec: AugmentSpec, *, mode: str, spec_
 # Milder settings that suit the bundled digits (a mirrored 2 is not a 2): the pipeline's default.
 MILD = AugmentSpec(rotation_range=10, width_shift_range=0.1, height_shift_range=0.1, zoom_range=0.1, fill_mode="nearest")
 MILD_YAML = yaml.safe_dump(MILD.to_dict(), sort_keys=False, default_flow_style=True, width=10_000).strip()
+
+# At most this many augmented copies of the training split: each is a full copy on disk.
+MAX_COPIES = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """How the augment step augments the training split.
+
+    Attributes:
+        augment_spec: YAML mapping with ImageDataGenerator's names and meanings,
+            e.g. {rotation_range: 40, width_shift_range: 0.2, height_shift_range: 0.2,
+            shear_range: 0.2, zoom_range: 0.2, horizontal_flip: true, fill_mode: nearest};
+            also vertical_flip, brightness_range: [lo, hi], contrast_range: [lo, hi]
+            and cval. Empty: no augmentation.
+        augment_copies: 0 augments online (each training batch as it is read); K > 0
+            writes K augmented copies of every training image (offline). Validation
+            and test images are never augmented.
+        seed: Seeds the transforms: the same seed gives the same images.
+    """
+
+    augment_spec: str = MILD_YAML
+    augment_copies: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        check_whole_numbers(self, {"augment_copies": 0, "seed": 0})
+        if self.augment_copies > MAX_COPIES:
+            raise InputError(f"`augment_copies` must be at most {MAX_COPIES} (each copy is the whole training split "
+                             f"again on disk); use online augmentation (0) for more variety. "
+                             f"Received: augment_copies={self.augment_copies}")
+        AugmentSpec.from_yaml(self.augment_spec)
+
+    @property
+    def spec(self) -> AugmentSpec:
+        return AugmentSpec.from_yaml(self.augment_spec)

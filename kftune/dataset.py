@@ -49,7 +49,8 @@ class IngestConfig:
         channels: 1 (grayscale) or 3 (RGB; what pretrained backbones expect).
         validation_fraction: Share of each class held out for validation.
         test_fraction: Share of each class held out for the final test.
-        seed: Seeds the split, so the same seed gives the same split.
+        seed: Seeds the split and every later step's shuffling, augmentation and
+            initialisation: the same seed gives the same run.
         shard_size: Examples per TFRecord shard.
         max_corrupt_fraction: Undecodable images are skipped and counted;
             ingest fails when more than this share of the images are bad.
@@ -67,7 +68,8 @@ class IngestConfig:
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source.strip():
             raise InputError(f"`source` is empty: give bundled:digits, a folder, or a gs:// prefix. Received: {self.source!r}")
-        check_whole_numbers(self, {"image_size": None, "channels": None, "seed": None, "shard_size": None})
+        storage.check_location(self.source, "source")
+        check_whole_numbers(self, {"image_size": None, "channels": None, "seed": 0, "shard_size": None})
         check_numbers(self, ("validation_fraction", "test_fraction", "max_corrupt_fraction"))
         if not 8 <= self.image_size <= 1024:
             raise InputError(f"`image_size` must be between 8 and 1024. Received: image_size={self.image_size}")

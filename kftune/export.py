@@ -32,6 +32,35 @@ def default_version() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("v%Y%m%d-%H%M%S")
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Where the export step publishes the chosen model.
+
+    Attributes:
+        export_destination: gs://BUCKET/PREFIX or a folder (a mounted volume on a
+            cluster); the model goes to <destination>/<version>/. Empty: the run's
+            pipeline root, under exports/.
+        export_version: The version folder; empty for a UTC timestamp. An existing
+            version is never overwritten.
+    """
+
+    export_destination: str = ""
+    export_version: str = ""
+
+    def __post_init__(self):
+        if self.export_destination:
+            storage.check_location(self.export_destination, "export_destination")
+        if self.export_version and not _VERSION.match(self.export_version):
+            raise InputError(
+                "`export_version` must start with a letter or digit and hold letters, digits, '.', '_' and '-' only "
+                f"(at most 128). Received: export_version={self.export_version!r}"
+            )
+
+    def destination_for(self, pipeline_root: str) -> str:
+        """The destination, defaulting to the pipeline root's ``exports`` folder."""
+        return self.export_destination or f"{pipeline_root.rstrip('/')}/exports"
+
+
 def check_destination(destination: str, version: str) -> None:
     """Validates the destination and version before any work is done."""
     if not destination.strip():

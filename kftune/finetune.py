@@ -46,45 +46,53 @@ class FinetuneConfig:
         weights: For a backbone: ``imagenet`` (downloaded by Keras, needs
             internet), a weights file path or ``gs://`` URI (for clusters without
             internet), or ``none`` (random initialisation).
-        epochs: Epochs of the head phase (or of the continued training).
-        finetune_epochs: Epochs of each unfreezing step.
+        finetune_epochs: Epochs of the head phase (or of the continued training).
+        unfreeze_epochs: Epochs of each unfreezing step.
         unfreeze_layers: How many of the base's top layers end up trainable.
         unfreeze_steps: In how many steps they are unfrozen.
-        learning_rate: Head learning rate; 0 takes the search's best.
+        finetune_learning_rate: Head learning rate; 0 takes the search's best.
         finetune_lr_factor: Unfreezing steps train at learning_rate times this.
         batch_size: 0 takes the search's best.
-        input_size: Backbone input size; 0 keeps the dataset's (at least 32).
+        backbone_input_size: Backbone input size; 0 keeps the dataset's (at least 32).
         patience: Early stopping patience (epochs without better val_accuracy).
         seed: Seeds shuffling, augmentation and initialisation.
+        checkpoint_uri: Folder or gs:// prefix for per-epoch checkpoints; a rerun
+            with the same one resumes. Empty: under the pipeline root, per run, so
+            a retried pod resumes from its last finished epoch.
     """
 
     backbone: str = ""
     weights: str = "imagenet"
-    epochs: int = 10
-    finetune_epochs: int = 3
+    finetune_epochs: int = 10
+    unfreeze_epochs: int = 3
     unfreeze_layers: int = 20
     unfreeze_steps: int = 2
-    learning_rate: float = 0.0
+    finetune_learning_rate: float = 0.0
     finetune_lr_factor: float = 0.1
     batch_size: int = 0
-    input_size: int = 0
+    backbone_input_size: int = 0
     patience: int = 3
     seed: int = 0
+    checkpoint_uri: str = ""
 
     def __post_init__(self):
-        check_numbers(self, ("learning_rate", "finetune_lr_factor"))
+        check_numbers(self, ("finetune_learning_rate", "finetune_lr_factor"))
         if self.backbone and self.backbone not in models.BACKBONES:
             raise InputError(
                 f"`backbone` must be empty (fine-tune the search winner) or one of {sorted(models.BACKBONES)}. "
                 f"Received: backbone={self.backbone!r}"
             )
-        check_whole_numbers(self, {"epochs": 1, "finetune_epochs": 0, "unfreeze_layers": 0, "unfreeze_steps": 1,
-                                   "batch_size": 0, "input_size": 0, "patience": 1})
-        if self.learning_rate < 0 or not 0 < self.finetune_lr_factor <= 1:
+        check_whole_numbers(self, {"finetune_epochs": 1, "unfreeze_epochs": 0, "unfreeze_layers": 0, "unfreeze_steps": 1,
+                                   "batch_size": 0, "backbone_input_size": 0, "patience": 1})
+        if self.finetune_learning_rate < 0 or not 0 < self.finetune_lr_factor <= 1:
             raise InputError(
-                "`learning_rate` must be >= 0 (0: the search's best) and `finetune_lr_factor` in (0, 1]. "
-                f"Received: learning_rate={self.learning_rate}, finetune_lr_factor={self.finetune_lr_factor}"
+                "`finetune_learning_rate` must be >= 0 (0: the search's best) and `finetune_lr_factor` in (0, 1]. "
+                f"Received: finetune_learning_rate={self.finetune_learning_rate}, finetune_lr_factor={self.finetune_lr_factor}"
             )
+        if self.checkpoint_uri:
+            storage.check_location(self.checkpoint_uri, "checkpoint_uri")
+        if self.weights not in ("imagenet", "none", ""):
+            storage.check_location(self.weights, "weights")
         if self.backbone and not self.weights:
             raise InputError("`weights` is empty: give imagenet, a weights file or gs:// URI, or none.")
 
@@ -187,7 +195,7 @@ def finetune(
         # Continued training keeps the baseline's head: it must fit this dataset.
         models.check_fits(baseline, meta, info, baseline_dir)
     hyper = dict(meta.hyperparameters) if meta else {}
-    lr = config.learning_rate or float(hyper.get("learning_rate", 1e-3))
+    lr = config.finetune_learning_rate or float(hyper.get("learning_rate", 1e-3))
     batch_size = config.batch_size or int(hyper.get("batch_size", 32))
     hyper.update({"learning_rate": lr, "batch_size": batch_size})
     with tempfile.TemporaryDirectory() as workdir:
@@ -215,28 +223,28 @@ def finetune(
                 model = baseline if strategy.num_replicas_in_sync == 1 else models.load(baseline_dir)[0]
                 models.compile_model(model, info.num_classes, optimizer=hyper.get("optimizer", "adam"),
                                      learning_rate=lr, momentum=hyper.get("momentum", 0.0))
-            progress(f"fine-tune: continuing the search winner for up to {config.epochs} epochs (lr={lr:g})")
-            phases.append({"phase": "continue", "history": fit(model, "continue", config.epochs)})
+            progress(f"fine-tune: continuing the search winner for up to {config.finetune_epochs} epochs (lr={lr:g})")
+            phases.append({"phase": "continue", "history": fit(model, "continue", config.finetune_epochs)})
             family = meta.family if meta else "unknown"
         else:
             k.mixed_precision.set_global_policy(policy)
             try:
                 with strategy.scope():
                     model, base = models.backbone_classifier(
-                        config.backbone, info.shape, info.num_classes, weights=weights, input_size=config.input_size,
+                        config.backbone, info.shape, info.num_classes, weights=weights, input_size=config.backbone_input_size,
                         dense_units=int(hyper.get("dense_units", 256)), dropout=float(hyper.get("dropout", 0.2)),
                     )
                     models.compile_model(model, info.num_classes, learning_rate=lr)
             finally:
                 k.mixed_precision.set_global_policy("float32")
             progress(f"fine-tune: phase 1, new head on frozen {config.backbone} ({weights or 'random'} weights), "
-                     f"{config.epochs} epochs")
-            phases.append({"phase": "head", "history": fit(model, "head", config.epochs)})
+                     f"{config.finetune_epochs} epochs")
+            phases.append({"phase": "head", "history": fit(model, "head", config.finetune_epochs)})
             candidates = [layer for layer in base.layers
                           if not isinstance(layer, k.layers.BatchNormalization) and layer.weights]
             for step in range(1, config.unfreeze_steps + 1):
                 count = round(config.unfreeze_layers * step / config.unfreeze_steps)
-                if count == 0 or config.finetune_epochs == 0:
+                if count == 0 or config.unfreeze_epochs == 0:
                     continue
                 base.trainable = True
                 for layer in base.layers:
@@ -248,7 +256,7 @@ def finetune(
                 progress(f"fine-tune: phase 2 step {step}, top {count} layers trainable, "
                          f"lr={lr * config.finetune_lr_factor:g}")
                 phases.append({"phase": f"unfreeze{step}", "history": fit(model, f"unfreeze{step}",
-                                                                          config.finetune_epochs)})
+                                                                          config.unfreeze_epochs)})
             family = config.backbone
         models.save(
             model,

@@ -5,7 +5,7 @@ the schedule while the model trains on, and ``strip_pruning`` removes the
 wrappers for export. kftune picks the schedule from :class:`PruneConfig`,
 prunes the whole model or chosen layer types, and measures what changed.
 
-Beyond tfmot's own API, an accuracy budget: given ``max_accuracy_drop``, kftune
+Beyond tfmot's own API, an accuracy budget: given ``prune_max_accuracy_drop``, kftune
 prunes at increasing sparsity levels and keeps the highest one whose validation
 accuracy stays within the budget. The kept model can also be quantized to
 TFLite (see :mod:`kftune.quantize`).
@@ -38,11 +38,11 @@ def _parse_levels(text: str) -> list[float]:
         levels = sorted({float(v) for v in _split(text)})
     except ValueError:
         raise InputError(
-            f"`sparsity_levels` must be comma-separated numbers such as 0.5,0.8,0.9. Received: {text!r}"
+            f"`prune_sparsity_levels` must be comma-separated numbers such as 0.5,0.8,0.9. Received: {text!r}"
         ) from None
     for level in levels:
         if not 0.0 <= level < 1.0:
-            raise InputError(f"every sparsity in `sparsity_levels` must be in [0, 1). Received: {level}")
+            raise InputError(f"every sparsity in `prune_sparsity_levels` must be in [0, 1). Received: {level}")
     return levels
 
 
@@ -52,94 +52,94 @@ class PruneConfig:
 
     Attributes:
         target_sparsity: Share of weights set to zero, in [0, 1).
-        schedule: ``constant`` (tfmot ConstantSparsity, the tutorial's) or
-            ``polynomial`` (PolynomialDecay from ``initial_sparsity``).
-        initial_sparsity: Start of the polynomial schedule.
-        epochs: Epochs of training while pruning.
-        begin_step: Step at which pruning starts.
-        end_step: Step at which pruning ends (the polynomial schedule reaches
+        prune_schedule: ``constant`` (tfmot ConstantSparsity, the tutorial's) or
+            ``polynomial`` (PolynomialDecay from ``prune_initial_sparsity``).
+        prune_initial_sparsity: Start of the polynomial schedule.
+        prune_epochs: Epochs of training while pruning.
+        prune_begin_step: Step at which pruning starts.
+        prune_end_step: Step at which pruning ends (the polynomial schedule reaches
             the target there); 0 means the last pruning step of training.
-        frequency: Prune every this many steps.
-        layer_types: Comma-separated Keras layer class names to prune
+        prune_frequency: Prune every this many steps.
+        prune_layer_types: Comma-separated Keras layer class names to prune
             (``Conv2D,Dense``); empty prunes every prunable layer.
-        m_by_n: ``2:4`` for structured M-by-N sparsity (tfmot's
+        prune_m_by_n: ``2:4`` for structured M-by-N sparsity (tfmot's
             sparsity_m_by_n), which some hardware accelerates; empty for none.
             It zeroes exactly 2 of every 4 weights, so it needs
             ``target_sparsity`` 0.5.
-        learning_rate: Learning rate of training while pruning.
+        prune_learning_rate: Learning rate of training while pruning.
         batch_size: 0 takes the fine-tuned model's.
         seed: Seeds shuffling and augmentation.
-        quantize: Comma-separated TFLite post-training quantization modes to
+        prune_quantize: Comma-separated TFLite post-training quantization modes to
             export beside the pruned model: ``dynamic`` (int8 weights) and/or
             ``int8`` (full integer, calibrated on the validation split); empty
             for none.
-        max_accuracy_drop: 0 prunes to ``target_sparsity``. Above 0, the
+        prune_max_accuracy_drop: 0 prunes to ``target_sparsity``. Above 0, the
             accuracy budget (0.01 = one point of validation accuracy): kftune
-            prunes at each of ``sparsity_levels`` in increasing order, stops at
+            prunes at each of ``prune_sparsity_levels`` in increasing order, stops at
             the first level that loses more than the budget, and keeps the
             highest level within it; ``target_sparsity`` is then not used.
-        sparsity_levels: The levels the budget search tries, comma-separated.
+        prune_sparsity_levels: The levels the budget search tries, comma-separated.
     """
 
     target_sparsity: float = 0.5
-    schedule: str = "constant"
-    initial_sparsity: float = 0.0
-    epochs: int = 2
-    begin_step: int = 0
-    end_step: int = 0
-    frequency: int = 10
-    layer_types: str = ""
-    m_by_n: str = ""
-    learning_rate: float = 1e-4
+    prune_schedule: str = "constant"
+    prune_initial_sparsity: float = 0.0
+    prune_epochs: int = 2
+    prune_begin_step: int = 0
+    prune_end_step: int = 0
+    prune_frequency: int = 10
+    prune_layer_types: str = ""
+    prune_m_by_n: str = ""
+    prune_learning_rate: float = 1e-4
     batch_size: int = 0
     seed: int = 0
-    quantize: str = "int8"
-    max_accuracy_drop: float = 0.0
-    sparsity_levels: str = "0.5,0.7,0.8,0.9,0.95"
+    prune_quantize: str = "int8"
+    prune_max_accuracy_drop: float = 0.0
+    prune_sparsity_levels: str = "0.5,0.7,0.8,0.9,0.95"
 
     def __post_init__(self):
-        check_numbers(self, ("target_sparsity", "initial_sparsity", "learning_rate", "max_accuracy_drop"))
+        check_numbers(self, ("target_sparsity", "prune_initial_sparsity", "prune_learning_rate", "prune_max_accuracy_drop"))
         if not 0.0 <= self.target_sparsity < 1.0:
             raise InputError(f"`target_sparsity` must be in [0, 1). Received: target_sparsity={self.target_sparsity}")
-        if self.schedule not in SCHEDULES:
-            raise InputError(f"`schedule` must be one of {SCHEDULES}. Received: schedule={self.schedule!r}")
-        check_whole_numbers(self, {"epochs": 1, "begin_step": 0, "end_step": 0, "frequency": 1, "batch_size": 0})
-        if self.end_step and self.end_step <= self.begin_step:
+        if self.prune_schedule not in SCHEDULES:
+            raise InputError(f"`prune_schedule` must be one of {SCHEDULES}. Received: prune_schedule={self.prune_schedule!r}")
+        check_whole_numbers(self, {"prune_epochs": 1, "prune_begin_step": 0, "prune_end_step": 0, "prune_frequency": 1, "batch_size": 0})
+        if self.prune_end_step and self.prune_end_step <= self.prune_begin_step:
             raise InputError(
-                "`end_step` must be after `begin_step`, or 0 for the end of training. "
-                f"Received: begin_step={self.begin_step}, end_step={self.end_step}"
+                "`prune_end_step` must be after `prune_begin_step`, or 0 for the end of training. "
+                f"Received: prune_begin_step={self.prune_begin_step}, prune_end_step={self.prune_end_step}"
             )
-        if not self.learning_rate > 0:
-            raise InputError(f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate}")
-        if not 0.0 <= self.max_accuracy_drop < 1.0:
+        if not self.prune_learning_rate > 0:
+            raise InputError(f"`prune_learning_rate` must be > 0. Received: prune_learning_rate={self.prune_learning_rate}")
+        if not 0.0 <= self.prune_max_accuracy_drop < 1.0:
             raise InputError(
-                f"`max_accuracy_drop` must be in [0, 1) (0.01 = one point; 0 turns the search off). "
-                f"Received: max_accuracy_drop={self.max_accuracy_drop}"
+                f"`prune_max_accuracy_drop` must be in [0, 1) (0.01 = one point; 0 turns the search off). "
+                f"Received: prune_max_accuracy_drop={self.prune_max_accuracy_drop}"
             )
         # Parsed even with the search off, so a bad ladder fails here rather than when the search is turned on.
-        ladder = _parse_levels(self.sparsity_levels)
-        if self.max_accuracy_drop > 0 and not ladder:
-            raise InputError("`sparsity_levels` is empty: give the levels the accuracy-budget search tries, e.g. 0.5,0.8,0.9.")
+        ladder = _parse_levels(self.prune_sparsity_levels)
+        if self.prune_max_accuracy_drop > 0 and not ladder:
+            raise InputError("`prune_sparsity_levels` is empty: give the levels the accuracy-budget search tries, e.g. 0.5,0.8,0.9.")
         for level in self.levels:
-            if not 0.0 <= self.initial_sparsity <= level:
+            if not 0.0 <= self.prune_initial_sparsity <= level:
                 raise InputError(
-                    "`initial_sparsity` must be in [0, target sparsity]. "
-                    f"Received: initial_sparsity={self.initial_sparsity}, target sparsity={level}"
+                    "`prune_initial_sparsity` must be in [0, target sparsity]. "
+                    f"Received: prune_initial_sparsity={self.prune_initial_sparsity}, target sparsity={level}"
                 )
         self._check_m_by_n()
         quantize.check_modes(self.quantize_modes)
         self._check_layer_types()
 
     def _check_m_by_n(self):
-        if not self.m_by_n:
+        if not self.prune_m_by_n:
             return
-        if self.m_by_n != "2:4":
-            raise InputError(f"`m_by_n` must be empty or 2:4 (what tfmot supports). Received: m_by_n={self.m_by_n!r}")
-        if self.max_accuracy_drop > 0:
-            raise InputError("`m_by_n`=2:4 fixes sparsity at 50%, so there is nothing to search: set max_accuracy_drop=0.")
+        if self.prune_m_by_n != "2:4":
+            raise InputError(f"`prune_m_by_n` must be empty or 2:4 (what tfmot supports). Received: prune_m_by_n={self.prune_m_by_n!r}")
+        if self.prune_max_accuracy_drop > 0:
+            raise InputError("`prune_m_by_n`=2:4 fixes sparsity at 50%, so there is nothing to search: set prune_max_accuracy_drop=0.")
         if self.target_sparsity != 0.5:
             raise InputError(
-                "`m_by_n`=2:4 zeroes exactly 2 of every 4 weights: set target_sparsity=0.5. "
+                "`prune_m_by_n`=2:4 zeroes exactly 2 of every 4 weights: set target_sparsity=0.5. "
                 f"Received: target_sparsity={self.target_sparsity}"
             )
 
@@ -152,21 +152,21 @@ class PruneConfig:
             cls = getattr(layers, name, None)
             if not (isinstance(cls, type) and issubclass(cls, layers.Layer)):
                 raise InputError(
-                    f"`layer_types`: `{name}` is not a Keras layer class; give class names such as Conv2D,Dense."
+                    f"`prune_layer_types`: `{name}` is not a Keras layer class; give class names such as Conv2D,Dense."
                 )
 
     @property
     def layer_type_names(self) -> list[str]:
-        return _split(self.layer_types)
+        return _split(self.prune_layer_types)
 
     @property
     def quantize_modes(self) -> list[str]:
-        return _split(self.quantize)
+        return _split(self.prune_quantize)
 
     @property
     def levels(self) -> list[float]:
         """The sparsities to prune to: the search's ladder, or just the target."""
-        return _parse_levels(self.sparsity_levels) if self.max_accuracy_drop > 0 else [self.target_sparsity]
+        return _parse_levels(self.prune_sparsity_levels) if self.prune_max_accuracy_drop > 0 else [self.target_sparsity]
 
 
 @dataclasses.dataclass
@@ -256,7 +256,7 @@ class PruneReport:
                          "latencies within one runtime, not Keras against TFLite.")
         if self.within_budget is False:
             notes.append(f"No level tried stayed within the budget: the lowest, {self.target_sparsity:.0%}, "
-                         "was kept. Add lower levels to `sparsity_levels` or raise `max_accuracy_drop`.")
+                         "was kept. Add lower levels to `prune_sparsity_levels` or raise `prune_max_accuracy_drop`.")
         elif self.within_budget:
             notes.append(f"Kept: {self.target_sparsity:.0%}, the highest level tried within the budget.")
         return notes
@@ -289,37 +289,37 @@ def _tfmot():
 
 def _schedule(config: PruneConfig, end_step: int):
     sparsity = _tfmot().sparsity.keras
-    if config.schedule == "constant":
+    if config.prune_schedule == "constant":
         return sparsity.ConstantSparsity(
-            config.target_sparsity, begin_step=config.begin_step, end_step=end_step, frequency=config.frequency
+            config.target_sparsity, begin_step=config.prune_begin_step, end_step=end_step, frequency=config.prune_frequency
         )
     return sparsity.PolynomialDecay(
-        initial_sparsity=config.initial_sparsity,
+        initial_sparsity=config.prune_initial_sparsity,
         final_sparsity=config.target_sparsity,
-        begin_step=config.begin_step,
+        begin_step=config.prune_begin_step,
         end_step=end_step,
-        frequency=config.frequency,
+        frequency=config.prune_frequency,
     )
 
 
 def end_step(config: PruneConfig, steps: int) -> int:
-    """The step pruning ends at: ``config.end_step``, or the last pruning turn of ``steps`` training steps.
+    """The step pruning ends at: ``config.prune_end_step``, or the last pruning turn of ``steps`` training steps.
 
     tfmot prunes only on steps ``begin_step + k * frequency`` (counting from 1), so
     a polynomial schedule must end on one of them to reach its target.
     """
-    last = config.begin_step + (steps - config.begin_step) // config.frequency * config.frequency
-    if last <= config.begin_step or last < 1:
+    last = config.prune_begin_step + (steps - config.prune_begin_step) // config.prune_frequency * config.prune_frequency
+    if last <= config.prune_begin_step or last < 1:
         raise InputError(
-            f"`begin_step`={config.begin_step} and `frequency`={config.frequency} leave no pruning step in the "
-            f"{steps} training steps: lower them, or raise `epochs`."
+            f"`prune_begin_step`={config.prune_begin_step} and `prune_frequency`={config.prune_frequency} leave no pruning step in the "
+            f"{steps} training steps: lower them, or raise `prune_epochs`."
         )
-    if config.end_step > steps:
+    if config.prune_end_step > steps:
         raise InputError(
-            f"`end_step`={config.end_step} is past the end of training ({steps} steps), so the target sparsity "
-            "would never be reached: lower it, set 0 for the end of training, or raise `epochs`."
+            f"`prune_end_step`={config.prune_end_step} is past the end of training ({steps} steps), so the target sparsity "
+            "would never be reached: lower it, set 0 for the end of training, or raise `prune_epochs`."
         )
-    return config.end_step or last
+    return config.prune_end_step or last
 
 
 def _wrap(model, config: PruneConfig, end: int):
@@ -327,18 +327,18 @@ def _wrap(model, config: PruneConfig, end: int):
     tfmot = _tfmot()
     k = models.keras()
     params = {"pruning_schedule": _schedule(config, end)}
-    if config.m_by_n:
+    if config.prune_m_by_n:
         params["sparsity_m_by_n"] = (2, 4)
     types = config.layer_type_names
     nested = [layer.name for layer in model.layers if isinstance(layer, k.Model)]
     if nested and not types:
         raise InputError(
             f"layer `{nested[0]}` is a nested model (a pretrained backbone), which tfmot cannot prune whole: "
-            "set `layer_types` (for example Dense) to prune only those layers."
+            "set `prune_layer_types` (for example Dense) to prune only those layers."
         )
     if types and not any(type(layer).__name__ in types for layer in model.layers):
         present = sorted({type(layer).__name__ for layer in model.layers})
-        raise InputError(f"`layer_types`={config.layer_types} matches no layer of the model; it has: {', '.join(present)}.")
+        raise InputError(f"`prune_layer_types`={config.prune_layer_types} matches no layer of the model; it has: {', '.join(present)}.")
 
     def clone(layer):
         if types and type(layer).__name__ not in types:
@@ -349,7 +349,7 @@ def _wrap(model, config: PruneConfig, end: int):
             return tfmot.sparsity.keras.prune_low_magnitude(layer, **params)
         except ValueError as e:
             raise InputError(
-                f"layer `{layer.name}` ({type(layer).__name__}) cannot be pruned by tfmot: set `layer_types` to "
+                f"layer `{layer.name}` ({type(layer).__name__}) cannot be pruned by tfmot: set `prune_layer_types` to "
                 "the layer classes to prune (for example Conv2D,Dense) to leave it dense, or give the layer "
                 "tfmot's PrunableLayer interface (get_prunable_weights)."
             ) from e
@@ -390,19 +390,19 @@ class _Run:
         # A fresh copy each time: tfmot's wrappers share the original layers' weights.
         model, _ = models.load(self.model_dir)
         pruned = _wrap(model, config, self.end_step)
-        models.compile_model(pruned, self.info.num_classes, learning_rate=config.learning_rate)
+        models.compile_model(pruned, self.info.num_classes, learning_rate=config.prune_learning_rate)
         tf.keras.utils.set_random_seed(config.seed)
         spec = AugmentSpec.from_dict(self.info.augment) if self.info.augment else None
         train = training_batches(dataset.load_split(self.dataset_dir, "train"), spec, self.batch_size, config.seed)
         history = pruned.fit(
             train,
             validation_data=(self.x_val.astype("float32"), self.y_val),
-            epochs=config.epochs,
+            epochs=config.prune_epochs,
             callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
             verbose=self.verbose,
         )
         stripped = tfmot.sparsity.keras.strip_pruning(pruned)
-        models.compile_model(stripped, self.info.num_classes, learning_rate=config.learning_rate)
+        models.compile_model(stripped, self.info.num_classes, learning_rate=config.prune_learning_rate)
         return stripped, {key: [float(v) for v in values] for key, values in history.history.items()}
 
 
@@ -417,7 +417,7 @@ def prune(
 ) -> PruneReport:
     """Prunes the model in ``model_dir`` while training on, strips it, saves it to ``output_dir``, and reports.
 
-    With ``config.max_accuracy_drop`` set, prunes at each of ``config.levels`` and
+    With ``config.prune_max_accuracy_drop`` set, prunes at each of ``config.levels`` and
     keeps the highest sparsity within the budget. ``output_dir`` receives the model
     (``model.keras`` + ``model.json``) and one ``model_<mode>.tflite`` per quantize mode.
     """
@@ -426,7 +426,7 @@ def prune(
     models.check_fits(dense, meta, info, model_dir)
     hyper = dict(meta.hyperparameters) if meta else {}
     batch_size = config.batch_size or int(hyper.get("batch_size", 32))
-    steps = math.ceil(info.splits["train"] / batch_size) * config.epochs
+    steps = math.ceil(info.splits["train"] / batch_size) * config.prune_epochs
     x_val, y_val = dataset.load_arrays(dataset_dir, "validation")
     if len(y_val) == 0:
         raise InputError(f"the validation split of `{dataset_dir}` is empty: ingest with a larger validation_fraction.")
@@ -434,21 +434,21 @@ def prune(
     # Fails fast, naming any layer tfmot cannot prune, before measuring or training anything.
     _wrap(models.load(model_dir)[0], config, run.end_step)
 
-    models.compile_model(dense, info.num_classes, learning_rate=config.learning_rate)
+    models.compile_model(dense, info.num_classes, learning_rate=config.prune_learning_rate)
     before = _measured(dense, x_val, y_val, Path(model_dir, models.MODEL_FILE))
-    searching = config.max_accuracy_drop > 0
+    searching = config.prune_max_accuracy_drop > 0
     attempts, kept = [], None
     for level in config.levels:
         level_config = dataclasses.replace(config, target_sparsity=level)
-        progress(f"prune: {config.schedule} schedule to {level:.0%} sparsity over {steps} steps")
+        progress(f"prune: {config.prune_schedule} schedule to {level:.0%} sparsity over {steps} steps")
         stripped, history = run.prune_to(level_config)
         scores = evaluate_split(stripped, x_val, y_val)
         drop = before["accuracy"] - scores["accuracy"]
-        within = drop <= config.max_accuracy_drop if searching else None
+        within = drop <= config.prune_max_accuracy_drop if searching else None
         attempts.append({"sparsity": level, "accuracy": scores["accuracy"], "accuracy_drop": drop, "within_budget": within})
         if searching:
             progress(f"prune: {level:.0%} sparsity: validation accuracy {scores['accuracy']:.4f}, drop {drop:.4f}"
-                     f" ({'within' if within else 'over'} the budget of {config.max_accuracy_drop})")
+                     f" ({'within' if within else 'over'} the budget of {config.prune_max_accuracy_drop})")
         if kept is None or (searching and within):
             kept = (level_config, stripped, history)
         if searching and not within:
@@ -466,7 +466,7 @@ def prune(
     )
     after = _measured(stripped, x_val, y_val, output_dir / models.MODEL_FILE)
     if config.quantize_modes:
-        progress(f"prune: quantizing to TFLite ({config.quantize})")
+        progress(f"prune: quantizing to TFLite ({config.prune_quantize})")
     tflite = quantize.quantize(stripped, config.quantize_modes, output_dir, x_val, y_val)
     return PruneReport(
         before=before,
@@ -475,6 +475,6 @@ def prune(
         history=history,
         target_sparsity=kept_config.target_sparsity,
         attempts=attempts,
-        max_accuracy_drop=config.max_accuracy_drop,
+        max_accuracy_drop=config.prune_max_accuracy_drop,
         tflite=tflite,
     )

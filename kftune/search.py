@@ -35,7 +35,7 @@ import yaml
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import dataset, models, storage
 from kftune.augment import AugmentSpec, training_batches
-from kftune.errors import InputError, check_numbers, check_whole_numbers
+from kftune.errors import InputError, StorageError, check_numbers, check_whole_numbers
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ RESULT_FILE = "result.json"
 WEIGHTS_FILE = "checkpoint.weights.h5"
 # Batch size of validation passes: it changes no number, only how much is in memory at once.
 EVAL_BATCH = 256
+# Upper bounds that catch a typo (max_trials=100000) before it books GPUs for days.
+MAX_TRIALS, MAX_PARALLEL = 10_000, 64
 
 # The tutorial's grid (learning rate x batch size), kftune's default space. One
 # line: KFP writes parameter defaults into a YAML comment that breaks on newlines.
@@ -198,8 +200,8 @@ class SearchSpace:
                 size *= len(p.values)
             elif p.type == "bool":
                 size *= 2
-            elif p.type in ("float", "int") and p.step:
-                size *= int(math.floor((p.max - p.min) / p.step)) + 1
+            elif p.type == "int" or (p.type == "float" and p.step):
+                size *= int(math.floor((p.max - p.min) / (p.step or 1))) + 1
         return size
 
 
@@ -208,10 +210,15 @@ class SearchConfig:
     """How to search.
 
     Attributes:
-        algorithm: grid, random, bayesian or hyperband (keras-tuner's oracles).
-        max_trials: Upper bound on trials (grid stops earlier when exhausted;
-            Hyperband's budget comes from ``epochs`` instead).
-        epochs: Epochs per trial (Hyperband: the most any trial trains).
+        search_space: YAML search space, name: {type: float/int/choice/bool/fixed, min,
+            max, step, sampling: log, values, when: {parent: [values]}}, e.g.
+            {learning_rate: {type: float, min: 0.0001, max: 0.01, sampling: log}}.
+        search_algorithm: grid, random, bayesian or hyperband (keras-tuner's oracles).
+        max_trials: Trials to run (grid: at most the grid's size; Hyperband
+            budgets by ``trial_epochs`` instead).
+        parallel_trials: Trials that train at once, each in its own worker task
+            (a pod with a GPU on a cluster); at most max_trials.
+        trial_epochs: Epochs per trial (Hyperband: the most any trial trains).
         folds: k-fold cross-validation on the training split when > 1, like
             GridSearchCV(cv=k); the objective is the mean over folds.
         seed: Seeds the oracle and training, so the same seed gives the same trials.
@@ -219,29 +226,60 @@ class SearchConfig:
         batch_size: Batch size when the space has no ``batch_size``.
         learning_rate: Learning rate when the space has no ``learning_rate``.
         hyperband_factor: Hyperband's reduction factor.
+        search_state_uri: Where the oracle's state and the trials' checkpoints
+            live: a folder or gs:// prefix. Empty: under the pipeline root, per run.
+            Reuse a URI to resume a stopped search.
     """
 
-    algorithm: str = "random"
+    search_space: str = CLASSIC_SPACE_YAML
+    search_algorithm: str = "random"
     max_trials: int = 6
-    epochs: int = 3
+    parallel_trials: int = 2
+    trial_epochs: int = 3
     folds: int = 1
     seed: int = 0
     model: str = "small_cnn"
     batch_size: int = 32
     learning_rate: float = 1e-3
     hyperband_factor: int = 3
+    search_state_uri: str = ""
 
     def __post_init__(self):
         check_numbers(self, ("learning_rate",))
-        if self.algorithm not in ALGORITHMS:
-            raise InputError(f"`algorithm` must be one of {ALGORITHMS}. Received: algorithm={self.algorithm!r}")
-        check_whole_numbers(self, {"max_trials": 1, "epochs": 1, "folds": 1, "batch_size": 1, "hyperband_factor": 2})
+        if self.search_algorithm not in ALGORITHMS:
+            raise InputError(f"`search_algorithm` must be one of {ALGORITHMS}. Received: search_algorithm={self.search_algorithm!r}")
+        check_whole_numbers(self, {"max_trials": 1, "parallel_trials": 1, "trial_epochs": 1, "folds": 1,
+                                   "batch_size": 1, "hyperband_factor": 2, "seed": 0})
+        for name, most in (("max_trials", MAX_TRIALS), ("parallel_trials", MAX_PARALLEL), ("trial_epochs", 10_000),
+                           ("folds", 20)):
+            if getattr(self, name) > most:
+                raise InputError(f"`{name}` must be at most {most}. Received: {name}={getattr(self, name)}")
         if not self.learning_rate > 0:
             raise InputError(f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate}")
+        if self.search_state_uri:
+            storage.check_location(self.search_state_uri, "search_state_uri")
+        self.check_space(self.space)
         models.resolve_builder(self.model)
 
+    @property
+    def space(self) -> SearchSpace:
+        return SearchSpace.from_yaml(self.search_space)
+
+    def check_workers(self) -> None:
+        """Says before any training why the requested trials cannot all run."""
+        if self.search_algorithm == "hyperband":
+            return  # its brackets set the number of trials; parallel_trials bounds how many train at once
+        if self.parallel_trials > self.max_trials:
+            raise InputError(
+                f"`parallel_trials`={self.parallel_trials} is more than `max_trials`={self.max_trials}: the extra "
+                "workers would hold a GPU with nothing to train. Lower parallel_trials or raise max_trials.")
+        if self.search_algorithm == "grid" and self.max_trials > (size := self.space.grid_size()):
+            raise InputError(
+                f"`max_trials`={self.max_trials} is more than the {size} points of the grid in `search_space`: "
+                f"set max_trials={size} to run the whole grid, or add values to the space.")
+
     def check_space(self, space: SearchSpace) -> None:
-        if self.algorithm == "grid":
+        if self.search_algorithm == "grid":
             for p in space.params:
                 if p.type == "float" and not p.step:
                     raise InputError(
@@ -269,109 +307,99 @@ class TrialResult:
     def from_json(cls, text: str) -> TrialResult:
         return cls(**json.loads(text))
 
+    def describe(self) -> str:
+        if self.status != "COMPLETED":
+            return f"{self.status}: {self.error}"
+        folds = f" (folds {' '.join(f'{s:.4f}' for s in self.fold_scores)})" if len(self.fold_scores) > 1 else ""
+        return f"val_accuracy {self.objective:.4f}{folds}, {self.epochs} epochs, {self.seconds:.0f} s"
+
 
 # ---------------------------------------------------------------- oracle
+#
+# A search's state (``search_state_uri``) is laid out so that each step moves
+# only what it needs:
+#
+#   oracle/kftune_search/...   keras-tuner's oracle.json and trial_*/trial.json, plus
+#                              each told trial's result.json: kilobytes per trial
+#   oracle.lock                held by the worker taking its turn at the oracle
+#   trials/trial_<id>/         one trial's epoch log, backups and final weights
+#
+# An oracle turn reads and writes ``oracle/`` only; a trial reads and writes its
+# own folder (and reads a Hyperband parent's weights file); the result step reads
+# ``oracle/`` and the winner's weights file.
+
+ORACLE_DIR, TRIALS_DIR, LOCK_FILE = "oracle", "trials", "oracle.lock"
+# How long a worker waits, in all, for a Hyperband bracket or grid step other workers are finishing.
+IDLE_TIMEOUT_S = 6 * 3600.0
 
 
-def _resumable_grid_oracle():
-    """keras-tuner's grid oracle, with its place in the grid kept in its saved state.
+def trial_uri(state_uri: str | Path, trial_id: str) -> str:
+    return f"{str(state_uri).rstrip('/')}/{TRIALS_DIR}/trial_{trial_id}"
 
-    keras-tuner keeps the grid's order and its queue of trials to extend in
-    memory only, so a grid search reloaded from its files stops after one
-    trial. kftune reloads the oracle for every ask and tell (each is its own
-    pod), so both go into the state here.
-    """
+
+def _oracle(config: SearchConfig, oracle_dir: str | Path):
     import keras_tuner as kt
-    from keras_tuner.src.tuners.gridsearch import LinkedList
 
-    class ResumableGridSearchOracle(kt.oracles.GridSearchOracle):
-        def get_state(self):
-            state = super().get_state()
-            order, index = [], self._ordered_ids._next_index[None]
-            while index is not None:
-                order.append(self._ordered_ids._memory[index])
-                index = self._ordered_ids._next_index[index]
-            state["kftune_grid_order"] = order
-            state["kftune_grid_populate_next"] = list(self._populate_next)
-            return state
-
-        def set_state(self, state):
-            super().set_state(state)
-            self._ordered_ids = LinkedList()
-            for trial_id in state.get("kftune_grid_order", []):
-                self._ordered_ids.insert(trial_id)
-            self._populate_next = list(state.get("kftune_grid_populate_next", []))
-
-        def end_trial(self, trial):
-            super().end_trial(trial)
-            self.save()  # the parent queues the trial after its own save
-
-    return ResumableGridSearchOracle
-
-
-def _oracle(space: SearchSpace, config: SearchConfig, state_dir: str | Path):
-    import keras_tuner as kt
+    from kftune import tuner_compat
 
     common = dict(
         objective=kt.Objective("val_accuracy", direction="max"),
-        hyperparameters=space.hyperparameters(),
+        hyperparameters=config.space.hyperparameters(),
         seed=config.seed + 1,  # keras-tuner treats seed 0 as "no seed"
         allow_new_entries=False,
         tune_new_entries=True,
         max_consecutive_failed_trials=max(3, config.max_trials),
     )
-    if config.algorithm == "grid":
-        oracle = _resumable_grid_oracle()(max_trials=config.max_trials, **common)
-    elif config.algorithm == "random":
+    if config.search_algorithm == "grid":
+        oracle = tuner_compat.resumable_grid_oracle()(max_trials=config.max_trials, **common)
+    elif config.search_algorithm == "random":
         oracle = kt.oracles.RandomSearchOracle(max_trials=config.max_trials, **common)
-    elif config.algorithm == "bayesian":
+    elif config.search_algorithm == "bayesian":
         oracle = kt.oracles.BayesianOptimizationOracle(
             max_trials=config.max_trials, num_initial_points=max(2, config.max_trials // 3), **common
         )
     else:
         oracle = kt.oracles.HyperbandOracle(
-            max_epochs=config.epochs, factor=config.hyperband_factor, hyperband_iterations=1, **common
+            max_epochs=config.trial_epochs, factor=config.hyperband_factor, hyperband_iterations=1, **common
         )
-    oracle._set_project_dir(str(state_dir), PROJECT)
-    oracle.verbose = 0
-    if Path(state_dir, PROJECT, "oracle.json").exists():
-        oracle.reload()
+    tuner_compat.open_project(oracle, oracle_dir, PROJECT)
     return oracle
 
 
-def ask(space: SearchSpace, config: SearchConfig, state_dir: str | Path, count: int) -> list[dict]:
-    """Asks the oracle for up to ``count`` new trials; an empty list means the search is done.
+RUNNING, IDLE, STOPPED = "RUNNING", "IDLE", "STOPPED"
 
-    Returns one ``{"trial_id": ..., "values": {...}}`` per trial. Trials that were
-    running when an earlier run stopped come back first.
+
+def ask(config: SearchConfig, oracle_dir: str | Path, worker: str = "worker0") -> tuple[str, dict | None]:
+    """Asks the oracle for ``worker``'s next trial.
+
+    Returns ``(RUNNING, {"trial_id": ..., "values": {...}})``; ``(IDLE, None)``
+    while the oracle waits for other workers' trials (a Hyperband bracket, the
+    grid's next step); ``(STOPPED, None)`` once the search is done. A worker
+    that was stopped part-way gets its own unfinished trial back first.
     """
     import keras_tuner as kt
 
-    config.check_space(space)
-    oracle = _oracle(space, config, state_dir)
-    trials = []
-    for worker in range(count):
-        trial = oracle.create_trial(f"worker{worker}")
-        if trial.status != kt.engine.trial.TrialStatus.RUNNING:
-            break  # STOPPED: the budget is spent; IDLE: Hyperband waits for this bracket.
-        trials.append({"trial_id": trial.trial_id, "values": dict(trial.hyperparameters.values)})
+    oracle = _oracle(config, oracle_dir)
+    trial = oracle.create_trial(worker)
     oracle.save()
-    return trials
+    if trial.status == kt.engine.trial.TrialStatus.RUNNING:
+        return RUNNING, {"trial_id": trial.trial_id, "values": dict(trial.hyperparameters.values)}
+    return (STOPPED, None) if trial.status == kt.engine.trial.TrialStatus.STOPPED else (IDLE, None)
 
 
-def tell(space: SearchSpace, config: SearchConfig, state_dir: str | Path, results: list[TrialResult]) -> None:
+def tell(config: SearchConfig, oracle_dir: str | Path, results: list[TrialResult]) -> None:
     """Reports finished trials to the oracle and saves its state."""
     import keras_tuner as kt
 
-    oracle = _oracle(space, config, state_dir)
+    from kftune import tuner_compat
+
+    oracle = _oracle(config, oracle_dir)
     Status = kt.engine.trial.TrialStatus
     for result in results:
         trial = oracle.trials.get(result.trial_id)
         if trial is None or trial.status in (Status.COMPLETED, Status.FAILED):
-            continue  # a result told twice (a retried tell step) changes nothing
-        # Ongoing trials were moved to the retry queue when the state was reloaded.
-        if result.trial_id in oracle._retry_queue:
-            oracle._retry_queue.remove(result.trial_id)
+            continue  # a result told twice (a retried worker) changes nothing
+        tuner_compat.forget_retry(oracle, result.trial_id)
         if result.status == "COMPLETED":
             oracle.update_trial(result.trial_id, {"val_accuracy": result.objective}, step=result.epochs)
             trial.status = Status.COMPLETED
@@ -380,23 +408,25 @@ def tell(space: SearchSpace, config: SearchConfig, state_dir: str | Path, result
             trial.message = result.error
         oracle.ongoing_trials = {k: t for k, t in oracle.ongoing_trials.items() if t.trial_id != result.trial_id}
         oracle.end_trial(trial)
-        Path(oracle._get_trial_dir(result.trial_id), RESULT_FILE).write_text(result.to_json())
+        Path(tuner_compat.trial_dir(oracle, result.trial_id), RESULT_FILE).write_text(result.to_json())
     oracle.save()
 
 
-def results(state_dir: str | Path) -> list[TrialResult]:
+def results(oracle_dir: str | Path) -> list[TrialResult]:
     """Every trial told so far, in trial order."""
     out = []
-    for path in sorted(Path(state_dir, PROJECT).glob(f"trial_*/{RESULT_FILE}")):
+    for path in sorted(Path(oracle_dir, PROJECT).glob(f"trial_*/{RESULT_FILE}")):
         out.append(TrialResult.from_json(path.read_text()))
     return out
 
 
-def best(state_dir: str | Path) -> TrialResult:
-    done = [r for r in results(state_dir) if r.status == "COMPLETED" and r.objective is not None]
+def best(oracle_dir: str | Path) -> TrialResult:
+    done = [r for r in results(oracle_dir) if r.status == "COMPLETED" and r.objective is not None]
     if not done:
+        failed = [r for r in results(oracle_dir) if r.error]
+        why = f" The first error: trial {failed[0].trial_id}: {failed[0].error}." if failed else ""
         raise InputError(
-            f"no trial in `{state_dir}` completed: read the trials' errors in the search logs and fix the space or model."
+            f"no trial completed.{why} Read the trials' errors in the search logs and fix the space or model."
         )
     return max(done, key=lambda r: (r.objective, -int(r.trial_id)))
 
@@ -498,12 +528,13 @@ def run_trial(
     dataset_dir: str | Path,
     trial: dict,
     config: SearchConfig,
-    state_dir: str | Path,
+    trial_dir: str | Path,
     *,
+    parent_weights: str | Path | None = None,
     after_epoch: Callable[[], None] | None = None,
     verbose: int = 2,
 ) -> TrialResult:
-    """Trains one trial and returns its result; a crash is a FAILED result, not an exception.
+    """Trains one trial in ``trial_dir`` and returns its result; a crash is a FAILED result, not an exception.
 
     Every epoch is checkpointed in the trial's folder (Keras' BackupAndRestore),
     and every finished fold is recorded, so a trial whose process was killed
@@ -511,13 +542,13 @@ def run_trial(
     ``after_epoch`` is called once each epoch's checkpoint is written (the
     pipeline uploads the trial's folder there). With Hyperband, a trial that
     continues an earlier one (``tuner/trial_id``) starts from that trial's
-    saved weights at ``tuner/initial_epoch``.
+    saved weights (``parent_weights``) at ``tuner/initial_epoch``.
     """
     import numpy as np
     import tensorflow as tf
 
     values = trial["values"]
-    trial_dir = Path(state_dir, PROJECT, f"trial_{trial['trial_id']}")
+    trial_dir = Path(trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     result = TrialResult(trial_id=trial["trial_id"], values={k_: v for k_, v in values.items() if not k_.startswith("tuner/")})
@@ -525,7 +556,7 @@ def run_trial(
         info = dataset.DatasetInfo.load(dataset_dir)
         spec = AugmentSpec.from_dict(info.augment) if info.augment else None
         batch_size = int(values.get("batch_size", config.batch_size))
-        epochs = int(values.get("tuner/epochs", config.epochs))
+        epochs = int(values.get("tuner/epochs", config.trial_epochs))
         parent = values.get("tuner/trial_id") if config.folds == 1 else None
         initial_epoch = int(values.get("tuner/initial_epoch", 0)) if parent else 0
         if config.folds > 1:
@@ -541,7 +572,7 @@ def run_trial(
                 tf.keras.utils.set_random_seed(config.seed + fold)
                 model = build_for_trial(values, info, config)
                 if parent:
-                    model.load_weights(Path(state_dir, PROJECT, f"trial_{parent}", WEIGHTS_FILE))
+                    model.load_weights(parent_weights)
                 train_data, val_data = _trial_data(dataset_dir, in_validation)
                 train = training_batches(train_data, spec, batch_size, config.seed + fold)
                 model.fit(
@@ -573,54 +604,146 @@ def run_trial(
     return result
 
 
+def run_stored_trial(dataset_dir: str | Path, trial: dict, config: SearchConfig, *, verbose: int = 2) -> TrialResult:
+    """Runs one trial against the search state at ``config.search_state_uri``, touching only its own files.
+
+    The trial's folder is synced to storage after every epoch, so a trial
+    whose process or pod was killed resumes from its last finished epoch.
+    """
+    import tempfile
+
+    own = storage.mirror(trial_uri(config.search_state_uri, trial["trial_id"]))
+    with own as trial_dir, tempfile.TemporaryDirectory() as work:
+        parent = trial["values"].get("tuner/trial_id") if config.folds == 1 else None
+        parent_weights = None
+        if parent:
+            parent_weights = storage.fetch(f"{trial_uri(config.search_state_uri, parent)}/{WEIGHTS_FILE}", work)
+        return run_trial(dataset_dir, trial, config, trial_dir, parent_weights=parent_weights,
+                         after_epoch=own.sync, verbose=verbose)
+
+
+@contextlib.contextmanager
+def oracle_turn(state_uri: str | Path):
+    """The oracle's files, held by this process alone until the block ends (and written back if it ends well)."""
+    from kftune import locking
+
+    root = str(state_uri).rstrip("/")
+    with locking.lock(f"{root}/{LOCK_FILE}"), storage.mirror(f"{root}/{ORACLE_DIR}") as oracle_dir:
+        yield oracle_dir
+
+
+def _trial_in_child(dataset_dir: str | Path, trial: dict, config: SearchConfig) -> TrialResult:
+    """Runs one trial in a fresh Python process, so that no trial inherits another's memory or graph."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as work:
+        out, err = Path(work, "result.json"), Path(work, "error.txt")
+        args = [sys.executable, "-m", "kftune.search", str(dataset_dir), json.dumps(trial),
+                json.dumps(dataclasses.asdict(config)), str(out), str(err)]
+        code = subprocess.run(args, check=False).returncode
+        if err.exists():
+            raise InputError(err.read_text())
+        if out.exists():
+            return TrialResult.from_json(out.read_text())
+        values = {k: v for k, v in trial["values"].items() if not k.startswith("tuner/")}
+        return TrialResult(trial["trial_id"], values, status="FAILED",
+                           error=f"the trial's process ended with exit code {code} (killed, or out of memory?)")
+
+
+def work(
+    dataset_dir: str | Path,
+    config: SearchConfig,
+    worker: int = 0,
+    *,
+    fresh_process: bool = True,
+    progress: Callable[[str], None] = print,
+    poll: float = 1.0,
+) -> list[TrialResult]:
+    """One search worker: asks for a trial, trains it, tells the result, until the search is done.
+
+    Any number of workers may run at once against one ``config.search_state_uri``
+    (they take turns at the oracle through a lock), each in its own pod; the
+    search ends when every worker has stopped. A worker that is restarted
+    (a preempted pod, a retried task) resumes its unfinished trial from its last
+    epoch. Returns the trials this worker ran.
+    """
+    if not config.search_state_uri:
+        raise InputError("`search_state_uri` is empty: give a folder or gs:// prefix that outlives the run.")
+    name, ran, idle_since = f"worker{worker}", [], None
+    while True:
+        with oracle_turn(config.search_state_uri) as oracle_dir:
+            status, trial = ask(config, oracle_dir, name)
+        if status == STOPPED:
+            break
+        if status == IDLE:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > IDLE_TIMEOUT_S:
+                raise StorageError(f"search worker {worker} waited {IDLE_TIMEOUT_S:.0f} s for other workers' trials "
+                                   f"at `{config.search_state_uri}`: a worker stopped without finishing. Rerun the "
+                                   "pipeline with the same search_state_uri to resume.")
+            time.sleep(poll)
+            continue
+        idle_since = None
+        progress(f"search: worker {worker} trains trial {trial['trial_id']} {json.dumps(_shown(trial['values']))}")
+        if fresh_process:
+            result = _trial_in_child(dataset_dir, trial, config)
+        else:
+            result = run_stored_trial(dataset_dir, trial, config, verbose=0)
+        with oracle_turn(config.search_state_uri) as oracle_dir:
+            tell(config, oracle_dir, [result])
+            told = len(results(oracle_dir))
+        ran.append(result)
+        progress(f"search: trial {result.trial_id} {result.describe()} ({told} of {config.max_trials} told)")
+    return ran
+
+
+def _shown(values: dict) -> dict:
+    return {k: v for k, v in values.items() if not k.startswith("tuner/")}
+
+
 def search(
     dataset_dir: str | Path,
-    space: SearchSpace,
     config: SearchConfig,
-    state_dir: str | Path,
     *,
     progress: Callable[[str], None] = print,
-    verbose: int = 0,
 ) -> TrialResult:
     """Runs a whole search in this process, one trial at a time, and returns the best trial."""
-    config.check_space(space)
-    while True:
-        trials = ask(space, config, state_dir, 1)
-        if not trials:
-            break
-        result = run_trial(dataset_dir, trials[0], config, state_dir, verbose=verbose)
-        tell(space, config, state_dir, [result])
-        progress(
-            f"search: trial {result.trial_id} {result.status} objective={result.objective} "
-            f"epochs={result.epochs} {json.dumps(result.values)}"
-        )
-    return best(state_dir)
+    work(dataset_dir, config, fresh_process=False, progress=progress)
+    with storage.mirror(f"{config.search_state_uri.rstrip('/')}/{ORACLE_DIR}", write_back=None) as oracle_dir:
+        return best(oracle_dir)
 
 
-def save_best_model(
-    dataset_dir: str | Path, state_dir: str | Path, config: SearchConfig, output_dir: str | Path, *, verbose: int = 0
-) -> TrialResult:
-    """Saves the best trial's model to ``output_dir``.
+def save_best_model(dataset_dir: str | Path, config: SearchConfig, output_dir: str | Path, *,
+                    verbose: int = 0) -> tuple[TrialResult, list[TrialResult]]:
+    """Saves the best trial's model to ``output_dir``; returns the winner and every trial.
 
+    Reads the oracle's files and the winner's weights file, nothing else.
     Trials keep their weights when trained without folds; with k-fold
     cross-validation, the best hyperparameters are trained once more on the
     whole training split, as GridSearchCV's ``refit`` does.
     """
+    import tempfile
+
     import tensorflow as tf
 
-    winner = best(state_dir)
+    root = config.search_state_uri.rstrip("/")
+    with storage.mirror(f"{root}/{ORACLE_DIR}", write_back=None) as oracle_dir:
+        winner, trials = best(oracle_dir), results(oracle_dir)
     info = dataset.DatasetInfo.load(dataset_dir)
-    weights = Path(state_dir, PROJECT, f"trial_{winner.trial_id}", WEIGHTS_FILE)
-    if config.folds == 1 and weights.exists():
-        model = build_for_trial(winner.values, info, config)
-        model.load_weights(weights)
-    else:
-        tf.keras.utils.set_random_seed(config.seed)
-        model = build_for_trial(winner.values, info, config)
-        spec = AugmentSpec.from_dict(info.augment) if info.augment else None
-        batch_size = int(winner.values.get("batch_size", config.batch_size))
-        model.fit(training_batches(dataset.load_split(dataset_dir, "train"), spec, batch_size, config.seed),
-                  epochs=config.epochs, verbose=verbose)
+    with tempfile.TemporaryDirectory() as work:
+        weights_uri = f"{trial_uri(root, winner.trial_id)}/{WEIGHTS_FILE}"
+        if config.folds == 1 and storage.exists(weights_uri):
+            model = build_for_trial(winner.values, info, config)
+            model.load_weights(storage.fetch(weights_uri, work))
+        else:
+            tf.keras.utils.set_random_seed(config.seed)
+            model = build_for_trial(winner.values, info, config)
+            spec = AugmentSpec.from_dict(info.augment) if info.augment else None
+            batch_size = int(winner.values.get("batch_size", config.batch_size))
+            model.fit(training_batches(dataset.load_split(dataset_dir, "train"), spec, batch_size, config.seed),
+                      epochs=config.trial_epochs, verbose=verbose)
     hyper = {"batch_size": config.batch_size, "learning_rate": config.learning_rate, **winner.values}
     models.save(
         model,
@@ -628,42 +751,23 @@ def save_best_model(
         models.ModelMeta(family=config.model, class_names=info.class_names, input_shape=list(info.shape),
                          hyperparameters=hyper, stage="baseline"),
     )
-    return winner
+    return winner, trials
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchPlan:
-    """Everything the search steps share: the space, the config and where the state lives.
+def _main(argv: list[str]) -> int:
+    """One trial in a child process of a worker: ``python -m kftune.search DATASET TRIAL CONFIG OUT ERR``."""
+    dataset_dir, trial, config, out, err = argv
+    config_ = SearchConfig(**json.loads(config))
+    try:
+        result = run_stored_trial(dataset_dir, json.loads(trial), config_)
+    except InputError as e:
+        Path(err).write_text(str(e))
+        return 2
+    Path(out).write_text(result.to_json())
+    return 0
 
-    Validated once by the first search step and handed to the others as JSON.
-    """
 
-    space_yaml: str
-    config: SearchConfig
-    state_uri: str
+if __name__ == "__main__":
+    import sys
 
-    @property
-    def space(self) -> SearchSpace:
-        return SearchSpace.from_yaml(self.space_yaml)
-
-    def to_json(self) -> str:
-        return json.dumps({"space_yaml": self.space_yaml, "config": dataclasses.asdict(self.config), "state_uri": self.state_uri})
-
-    @classmethod
-    def from_json(cls, text: str) -> SearchPlan:
-        values = json.loads(text)
-        return cls(values["space_yaml"], SearchConfig(**values["config"]), values["state_uri"])
-
-    @classmethod
-    def read(cls, path: str | Path) -> SearchPlan:
-        return cls.from_json(Path(path).read_text())
-
-    @classmethod
-    def create(cls, space_yaml: str, config: SearchConfig, state_uri: str) -> SearchPlan:
-        space = SearchSpace.from_yaml(space_yaml)
-        config.check_space(space)
-        if not state_uri:
-            raise InputError("`state_uri` is empty: give a folder or gs:// prefix that outlives the run.")
-        # Every later step reads and writes there: a missing bucket must stop the run now, not after a round.
-        storage.check_reachable(state_uri)
-        return cls(space_yaml, config, state_uri)
+    sys.exit(_main(sys.argv[1:]))

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,23 @@ DEFAULT_TIMEOUT_S, DEFAULT_RETRY_S = 60.0, 300.0
 
 def is_gcs(uri: str) -> bool:
     return str(uri).startswith(GCS_SCHEME)
+
+
+def check_location(uri: str, parameter: str) -> None:
+    """Refuses a URI kftune cannot read or write, naming the parameter it came in.
+
+    kftune speaks local paths (a mounted volume on a cluster) and ``gs://``;
+    anything else that looks like ``scheme://`` (s3://, minio://, https://) would
+    otherwise be taken for a local folder named ``s3:``, written on the pod's
+    disk and lost with it.
+    """
+    text = str(uri)
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):/", text)
+    if scheme and not text.startswith(GCS_SCHEME):
+        raise InputError(f"`{parameter}` uses {scheme.group(1)}://, which kftune cannot read or write: give a "
+                         f"gs://BUCKET/PREFIX URI or a path on a mounted volume. Received: {parameter}={text!r}")
+    if is_gcs(text):
+        parse_gcs(text)
 
 
 def parse_gcs(uri: str) -> tuple[str, str]:

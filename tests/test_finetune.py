@@ -74,8 +74,8 @@ def test_fine_tune_from_gcs_weights_in_two_phases(digits_dir, trained_model_dir,
     storage._client().bucket(bucket).blob("weights/mobilenet_v2.weights.h5").upload_from_filename(
         str(tmp_path / "base.weights.h5"))
     config = finetune.FinetuneConfig(
-        backbone="mobilenet_v2", weights=f"gs://{bucket}/weights/mobilenet_v2.weights.h5", epochs=1,
-        finetune_epochs=1, unfreeze_layers=10, unfreeze_steps=2, learning_rate=1e-3,
+        backbone="mobilenet_v2", weights=f"gs://{bucket}/weights/mobilenet_v2.weights.h5", finetune_epochs=1,
+        unfreeze_epochs=1, unfreeze_layers=10, unfreeze_steps=2, finetune_learning_rate=1e-3,
     )
     result = finetune.finetune(digits_dir, trained_model_dir, config, tmp_path / "out", progress=lambda _: None,
                                verbose=0)
@@ -86,7 +86,7 @@ def test_fine_tune_from_gcs_weights_in_two_phases(digits_dir, trained_model_dir,
 
 
 def test_continue_training_the_search_winner(digits_dir, trained_model_dir, tmp_path):
-    result = finetune.finetune(digits_dir, trained_model_dir, finetune.FinetuneConfig(epochs=2), tmp_path / "out",
+    result = finetune.finetune(digits_dir, trained_model_dir, finetune.FinetuneConfig(finetune_epochs=2), tmp_path / "out",
                                progress=lambda _: None, verbose=0)
     assert [p["phase"] for p in result.phases] == ["continue"]
     assert result.hyperparameters["learning_rate"] == 3e-3  # from the search winner's metadata
@@ -95,7 +95,7 @@ def test_continue_training_the_search_winner(digits_dir, trained_model_dir, tmp_
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"backbone": "inception"}, "`backbone` must be empty"),
-    ({"epochs": 0}, "epochs"),
+    ({"finetune_epochs": 0}, "epochs"),
     ({"finetune_lr_factor": 2.0}, "finetune_lr_factor"),
     ({"backbone": "vgg16", "weights": ""}, "`weights` is empty"),
 ])
@@ -108,7 +108,7 @@ def test_a_killed_fine_tune_resumes_from_its_last_finished_epoch(digits_dir, tra
     checkpoints = tmp_path / "checkpoints"
     script = textwrap.dedent(f"""
         from kftune import finetune
-        config = finetune.FinetuneConfig(epochs=8, patience=8)
+        config = finetune.FinetuneConfig(finetune_epochs=8, patience=8)
         finetune.finetune({str(digits_dir)!r}, {str(trained_model_dir)!r}, config, {str(tmp_path / 'killed')!r},
                           checkpoint_dir={str(checkpoints)!r}, verbose=0)
     """)
@@ -125,7 +125,7 @@ def test_a_killed_fine_tune_resumes_from_its_last_finished_epoch(digits_dir, tra
     assert backup.exists(), "no epoch finished before the kill"
     assert not (checkpoints / "continue.done.json").exists(), "training finished before it could be killed"
 
-    result = finetune.finetune(digits_dir, trained_model_dir, finetune.FinetuneConfig(epochs=8, patience=8),
+    result = finetune.finetune(digits_dir, trained_model_dir, finetune.FinetuneConfig(finetune_epochs=8, patience=8),
                                tmp_path / "resumed", checkpoint_dir=checkpoints, progress=lambda _: None, verbose=0)
     epochs_run = len(result.phases[0]["history"]["loss"])
     assert 1 <= epochs_run < 8, f"resumed run trained {epochs_run} epochs: it started over"
@@ -192,7 +192,7 @@ def test_fine_tuning_from_pretrained_weights_beats_training_from_scratch(tmp_pat
                                  hyperparameters={"learning_rate": 2e-3, "batch_size": 16}))
     accuracy = {}
     for weights in (str(tmp_path / "pretrained.weights.h5"), "none"):
-        config = finetune.FinetuneConfig(backbone="mobilenet_v2_035", weights=weights, epochs=25, finetune_epochs=5,
+        config = finetune.FinetuneConfig(backbone="mobilenet_v2_035", weights=weights, finetune_epochs=25, unfreeze_epochs=5,
                                          unfreeze_layers=10, unfreeze_steps=1, patience=25)
         out = tmp_path / f"tuned-{len(accuracy)}"
         finetune.finetune(few_shot, baseline, config, out, progress=lambda _: None, verbose=0)

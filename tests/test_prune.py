@@ -46,15 +46,15 @@ def prune_once(digits_dir, trained_model_dir, tmp_path_factory):
         key = tuple(sorted(fields.items()))
         if key not in done:
             out = tmp_path_factory.mktemp("pruned")
-            config = pr.PruneConfig(epochs=1, learning_rate=1e-3, **fields)
+            config = pr.PruneConfig(prune_epochs=1, prune_learning_rate=1e-3, **fields)
             done[key] = pr.prune(digits_dir, trained_model_dir, config, out, progress=lambda _: None, verbose=0), out
         return done[key]
 
     return run
 
 
-CONSTANT_80 = {"target_sparsity": 0.8, "schedule": "constant", "quantize": "dynamic,int8"}
-POLYNOMIAL_60 = {"target_sparsity": 0.6, "schedule": "polynomial", "initial_sparsity": 0.1, "frequency": 5}
+CONSTANT_80 = {"target_sparsity": 0.8, "prune_schedule": "constant", "prune_quantize": "dynamic,int8"}
+POLYNOMIAL_60 = {"target_sparsity": 0.6, "prune_schedule": "polynomial", "prune_initial_sparsity": 0.1, "prune_frequency": 5}
 
 
 @pytest.mark.parametrize("fields", [CONSTANT_80, POLYNOMIAL_60], ids=["constant", "polynomial"])
@@ -68,7 +68,7 @@ def test_both_schedules_reach_the_target_on_the_stripped_weights(prune_once, fie
         assert abs(value - fields["target_sparsity"]) <= 0.01, (name, value)
         assert report.sparsity[name] == pytest.approx(value)
     assert abs(report.sparsity["overall"] - fields["target_sparsity"]) <= 0.01
-    assert meta.stage == "pruned" and meta.hyperparameters["prune"]["schedule"] == fields["schedule"]
+    assert meta.stage == "pruned" and meta.hyperparameters["prune"]["prune_schedule"] == fields["prune_schedule"]
 
 
 def test_report_tells_sizes_and_accuracy_as_measured(prune_once, trained_model_dir, digits_dir):
@@ -180,13 +180,13 @@ def test_budget_search_says_so_when_no_level_fits(prune_once):
 @pytest.mark.parametrize("fields, message", [
     ({"target_sparsity": 1.0}, "`target_sparsity` must be in [0, 1). Received: target_sparsity=1.0"),
     ({"target_sparsity": -0.1}, "`target_sparsity` must be in [0, 1). Received: target_sparsity=-0.1"),
-    ({"schedule": "cubic"}, "`schedule` must be one of ('constant', 'polynomial'). Received: schedule='cubic'"),
-    ({"layer_types": "Dense,Conv2d"}, "`layer_types`: `Conv2d` is not a Keras layer class"),
-    ({"quantize": "float16"}, "`quantize` takes a comma-separated subset of ('dynamic', 'int8')"),
-    ({"max_accuracy_drop": 0.01, "sparsity_levels": "0.5,1.2"}, "`sparsity_levels` must be in [0, 1). Received: 1.2"),
-    ({"max_accuracy_drop": 0.01, "sparsity_levels": "half"}, "`sparsity_levels` must be comma-separated numbers"),
-    ({"m_by_n": "2:4", "target_sparsity": 0.8}, "set target_sparsity=0.5"),
-    ({"begin_step": 20, "end_step": 10}, "`end_step` must be after `begin_step`"),
+    ({"prune_schedule": "cubic"}, "`prune_schedule` must be one of ('constant', 'polynomial'). Received: prune_schedule='cubic'"),
+    ({"prune_layer_types": "Dense,Conv2d"}, "`prune_layer_types`: `Conv2d` is not a Keras layer class"),
+    ({"prune_quantize": "float16"}, "`prune_quantize` takes a comma-separated subset of ('dynamic', 'int8')"),
+    ({"prune_max_accuracy_drop": 0.01, "prune_sparsity_levels": "0.5,1.2"}, "`prune_sparsity_levels` must be in [0, 1). Received: 1.2"),
+    ({"prune_max_accuracy_drop": 0.01, "prune_sparsity_levels": "half"}, "`prune_sparsity_levels` must be comma-separated numbers"),
+    ({"prune_m_by_n": "2:4", "target_sparsity": 0.8}, "set target_sparsity=0.5"),
+    ({"prune_begin_step": 20, "prune_end_step": 10}, "`prune_end_step` must be after `prune_begin_step`"),
 ])
 def test_bad_config_is_rejected_naming_the_input(fields, message):
     with pytest.raises(InputError) as error:
@@ -195,9 +195,9 @@ def test_bad_config_is_rejected_naming_the_input(fields, message):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"begin_step": 10_000}, "`begin_step`=10000 and `frequency`=10 leave no pruning step"),
-    ({"end_step": 10_000}, "`end_step`=10000 is past the end of training"),
-    ({"layer_types": "LSTM"}, "`layer_types`=LSTM matches no layer of the model"),
+    ({"prune_begin_step": 10_000}, "`prune_begin_step`=10000 and `prune_frequency`=10 leave no pruning step"),
+    ({"prune_end_step": 10_000}, "`prune_end_step`=10000 is past the end of training"),
+    ({"prune_layer_types": "LSTM"}, "`prune_layer_types`=LSTM matches no layer of the model"),
 ])
 def test_a_config_that_cannot_work_on_this_model_stops_before_training(digits_dir, trained_model_dir, tmp_path, fields, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
@@ -215,10 +215,10 @@ def test_a_layer_tfmot_cannot_prune_is_named_with_what_to_do(digits_dir, tmp_pat
     with pytest.raises(InputError) as error:
         pr.prune(digits_dir, folder, pr.PruneConfig(), tmp_path / "out", progress=lambda _: None)
     assert "layer `my_scale` (Scale) cannot be pruned by tfmot" in str(error.value)
-    assert "set `layer_types`" in str(error.value)
+    assert "set `prune_layer_types`" in str(error.value)
     assert not (tmp_path / "out").exists()
     # The advice works: pruning only the Dense layer goes through.
-    report = pr.prune(digits_dir, folder, pr.PruneConfig(layer_types="Dense", epochs=1), tmp_path / "out",
+    report = pr.prune(digits_dir, folder, pr.PruneConfig(prune_layer_types="Dense", prune_epochs=1), tmp_path / "out",
                       progress=lambda _: None, verbose=0)
     assert abs(report.sparsity["predictions"] - 0.5) <= 0.01
 

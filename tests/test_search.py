@@ -52,9 +52,9 @@ def test_space_becomes_keras_tuner_hyperparameters_with_conditions():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"algorithm": "genetic"}, "`algorithm` must be one of"),
+    ({"search_algorithm": "genetic"}, "`search_algorithm` must be one of"),
     ({"max_trials": 0}, "max_trials"),
-    ({"epochs": -1}, "epochs"),
+    ({"trial_epochs": -1}, "epochs"),
     ({"folds": 0}, "folds"),
     ({"model": "no_such_module:build"}, "cannot be imported"),
 ])
@@ -64,43 +64,53 @@ def test_bad_search_settings(kwargs, message):
 
 
 def test_grid_needs_steps_for_floats():
-    config = search.SearchConfig(algorithm="grid")
     with pytest.raises(InputError, match="grid search needs a `step`"):
-        search.SearchPlan.create(SPACE, config, "state")
+        search.SearchConfig(search_algorithm="grid", search_space=SPACE)
     assert search.SearchSpace.from_yaml(search.CLASSIC_SPACE_YAML).grid_size() == 9
+    assert search.SearchSpace.from_yaml("units: {type: int, min: 1, max: 4}").grid_size() == 4
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"parallel_trials": 4, "max_trials": 2}, "`parallel_trials`=4 is more than `max_trials`=2"),
+    ({"search_algorithm": "grid", "max_trials": 12}, "more than the 9 points of the grid"),
+])
+def test_trials_that_cannot_all_run_are_refused_before_training(fields, message):
+    with pytest.raises(InputError, match=message):
+        search.SearchConfig(**fields).check_workers()
+    search.SearchConfig(search_algorithm="grid", max_trials=9, parallel_trials=3).check_workers()
 
 
 @pytest.mark.parametrize("algorithm", search.ALGORITHMS)
 def test_each_algorithm_runs_real_trials(algorithm, digits_dir, tmp_path):
     space = search.CLASSIC_SPACE_YAML if algorithm == "grid" else SPACE
-    config = search.SearchConfig(algorithm=algorithm, max_trials=2, epochs=2, hyperband_factor=2)
-    best = search.search(digits_dir, search.SearchSpace.from_yaml(space), config, tmp_path, progress=lambda _: None)
-    results = search.results(tmp_path)
+    config = search.SearchConfig(search_algorithm=algorithm, max_trials=2, trial_epochs=2, hyperband_factor=2,
+                                 search_space=space, search_state_uri=str(tmp_path))
+    best = search.search(digits_dir, config, progress=lambda _: None)
+    results = search.results(tmp_path / search.ORACLE_DIR)
     assert len(results) >= 2
     assert all(r.status == "COMPLETED" for r in results)
     assert best.objective == max(r.objective for r in results)
     assert best.objective > 0.3  # ten classes: chance is 0.1
     if algorithm == "hyperband":
-        assert any(r.epochs < config.epochs for r in results) or len(results) > 2
-    search.save_best_model(digits_dir, tmp_path, config, tmp_path / "best")
-    assert (tmp_path / "best" / "model.keras").exists()
+        assert any(r.epochs < config.trial_epochs for r in results) or len(results) > 2
+    winner, trials = search.save_best_model(digits_dir, config, tmp_path / "best")
+    assert (tmp_path / "best" / "model.keras").exists() and winner == best and trials == results
 
 
 def test_same_seed_same_trials(digits_dir, tmp_path):
-    space = search.SearchSpace.from_yaml(SPACE)
     asked = []
     for seed, name in ((3, "a"), (3, "b"), (4, "c")):
-        config = search.SearchConfig(algorithm="random", max_trials=4, seed=seed)
-        asked.append([t["values"] for t in search.ask(space, config, tmp_path / name, 4)])
+        config = search.SearchConfig(search_algorithm="random", max_trials=4, seed=seed, search_space=SPACE)
+        asked.append([search.ask(config, tmp_path / name, f"worker{i}")[1]["values"] for i in range(4)])
     assert asked[0] == asked[1]
     assert asked[0] != asked[2]
     assert len({json.dumps(v, sort_keys=True) for v in asked[0]}) == 4
 
 
 def test_k_fold_objective_is_the_mean_of_fold_scores(digits_dir, tmp_path):
-    config = search.SearchConfig(algorithm="random", max_trials=1, epochs=1, folds=3)
-    best = search.search(digits_dir, search.SearchSpace.from_yaml(search.CLASSIC_SPACE_YAML), config, tmp_path,
-                         progress=lambda _: None)
+    config = search.SearchConfig(search_algorithm="random", max_trials=1, parallel_trials=1, trial_epochs=1, folds=3,
+                                 search_state_uri=str(tmp_path))
+    best = search.search(digits_dir, config, progress=lambda _: None)
     assert len(best.fold_scores) == 3
     assert best.objective == pytest.approx(sum(best.fold_scores) / 3)
     assert best.epochs == 3
@@ -115,60 +125,52 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(digits_dir, tmp_pat
             return small_cnn(input_shape, num_classes, dense_units=dense_units)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    space = search.SearchSpace.from_yaml("dense_units: {type: choice, values: [13, 32]}")
-    config = search.SearchConfig(algorithm="grid", max_trials=2, epochs=1, model="fragile:build")
-    best = search.search(digits_dir, space, config, tmp_path / "state", progress=lambda _: None)
-    statuses = {r.values["dense_units"]: r for r in search.results(tmp_path / "state")}
+    config = search.SearchConfig(search_algorithm="grid", max_trials=2, trial_epochs=1, model="fragile:build",
+                                 search_space="dense_units: {type: choice, values: [13, 32]}",
+                                 search_state_uri=str(tmp_path / "state"))
+    best = search.search(digits_dir, config, progress=lambda _: None)
+    statuses = {r.values["dense_units"]: r for r in search.results(tmp_path / "state" / search.ORACLE_DIR)}
     assert statuses[13].status == "FAILED" and "MemoryError" in statuses[13].error
     assert best.values["dense_units"] == 32
 
 
 def test_a_killed_search_resumes_without_losing_or_repeating_trials(digits_dir, tmp_path):
     state = tmp_path / "state"
+    config = search.SearchConfig(search_algorithm="random", max_trials=3, trial_epochs=2, search_space=SPACE,
+                                 search_state_uri=str(state))
     script = textwrap.dedent(f"""
         from kftune import search
-        config = search.SearchConfig(algorithm="random", max_trials=3, epochs=2)
-        search.search({str(digits_dir)!r}, search.SearchSpace.from_yaml({SPACE!r}), config, {str(state)!r})
+        search.search({str(digits_dir)!r}, search.SearchConfig(**{config.__dict__!r}))
     """)
     process = subprocess.Popen([sys.executable, "-c", script])
-    first = state / search.PROJECT / "trial_0" / search.RESULT_FILE
+    oracle = state / search.ORACLE_DIR
+    first = oracle / search.PROJECT / "trial_0" / search.RESULT_FILE
     deadline = time.time() + 300
     while not first.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert first.exists(), "the first trial never finished"
-    told_before = {r.trial_id: r for r in search.results(state)}
+    told_before = {r.trial_id: r for r in search.results(oracle)}
     assert len(told_before) < 3, "the search finished before it could be killed"
 
-    config = search.SearchConfig(algorithm="random", max_trials=3, epochs=2)
-    search.search(digits_dir, search.SearchSpace.from_yaml(SPACE), config, state, progress=lambda _: None)
-    after = search.results(state)
+    search.search(digits_dir, config, progress=lambda _: None)
+    after = search.results(oracle)
     assert sorted(r.trial_id for r in after) == ["0", "1", "2"]
     for trial_id, result in told_before.items():  # finished trials were not run again
         assert next(r for r in after if r.trial_id == trial_id) == result
 
 
-def test_plan_round_trips_and_validates(tmp_path):
-    config = search.SearchConfig(algorithm="bayesian", max_trials=3)
-    plan = search.SearchPlan.create(SPACE, config, str(tmp_path))
-    (tmp_path / "plan.json").write_text(plan.to_json())
-    assert search.SearchPlan.read(tmp_path / "plan.json") == plan
-    with pytest.raises(InputError, match="state_uri"):
-        search.SearchPlan.create(SPACE, config, "")
-    assert Path(plan.state_uri) == tmp_path
-
-
 def test_a_killed_trial_resumes_from_its_last_finished_epoch(digits_dir, tmp_path):
     state = tmp_path / "state"
     trial = {"trial_id": "0", "values": {"learning_rate": 0.003, "batch_size": 32}}
-    config = search.SearchConfig(epochs=8)
+    config = search.SearchConfig(trial_epochs=8)
     script = textwrap.dedent(f"""
         from kftune import search
-        search.run_trial({str(digits_dir)!r}, {trial!r}, search.SearchConfig(epochs=8), {str(state)!r}, verbose=0)
+        search.run_trial({str(digits_dir)!r}, {trial!r}, search.SearchConfig(trial_epochs=8), {str(state)!r}, verbose=0)
     """)
     process = subprocess.Popen([sys.executable, "-c", script])
-    epoch_log = state / search.PROJECT / "trial_0" / "fold0.epochs.json"
+    epoch_log = state / "fold0.epochs.json"
     deadline = time.time() + 300
     while process.poll() is None and time.time() < deadline:
         if epoch_log.exists() and len(json.loads(epoch_log.read_text() or "[]")) >= 2:
@@ -183,3 +185,52 @@ def test_a_killed_trial_resumes_from_its_last_finished_epoch(digits_dir, tmp_pat
     epochs = [e["epoch"] for e in json.loads(epoch_log.read_text())]
     assert epochs == list(range(8)), "every epoch trained exactly once across the kill"
     assert result.status == "COMPLETED" and result.epochs == 8
+
+
+def _worker_script(digits_dir, config, worker: int) -> str:
+    return textwrap.dedent(f"""
+        from kftune import search
+        search.work({str(digits_dir)!r}, search.SearchConfig(**{config.__dict__!r}), {worker}, fresh_process=False,
+                    poll=0.1)
+    """)
+
+
+def test_parallel_workers_share_one_oracle_and_run_every_trial_once(digits_dir, tmp_path):
+    # Two worker processes at once, as two pods of the pipeline's ParallelFor: they take turns at
+    # the oracle through the lock, and max_trials is met exactly, with no trial handed out twice.
+    state = tmp_path / "state"
+    config = search.SearchConfig(search_algorithm="random", max_trials=5, parallel_trials=2, trial_epochs=1,
+                                 search_space=SPACE, search_state_uri=str(state))
+    workers = [subprocess.Popen([sys.executable, "-c", _worker_script(digits_dir, config, i)]) for i in range(2)]
+    assert [w.wait(timeout=600) for w in workers] == [0, 0]
+    told = search.results(state / search.ORACLE_DIR)
+    assert sorted(r.trial_id for r in told) == ["0", "1", "2", "3", "4"]
+    assert all(r.status == "COMPLETED" for r in told)
+    assert len({json.dumps(r.values, sort_keys=True) for r in told}) == 5
+    assert not (state / search.LOCK_FILE).exists()
+    # Each trial's checkpoints are in its own folder, apart from the oracle's small files.
+    assert sorted(p.name for p in (state / search.TRIALS_DIR).iterdir()) == [f"trial_{i}" for i in range(5)]
+    assert not list((state / search.ORACLE_DIR).rglob("*.h5"))
+
+
+def test_a_restarted_worker_resumes_its_own_trial_and_no_other(digits_dir, tmp_path):
+    state = tmp_path / "state"
+    config = search.SearchConfig(search_algorithm="random", max_trials=2, parallel_trials=2, trial_epochs=6,
+                                 search_space=SPACE, search_state_uri=str(state))
+    process = subprocess.Popen([sys.executable, "-c", _worker_script(digits_dir, config, 1)])
+    epoch_log = state / search.TRIALS_DIR / "trial_0" / "fold0.epochs.json"
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if epoch_log.exists() and len(json.loads(epoch_log.read_text() or "[]")) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # a preempted pod
+    process.wait()
+    assert 2 <= len(json.loads(epoch_log.read_text())) < 6, "the worker was not killed part-way"
+    # Another worker does not take the killed worker's trial: it gets a new one.
+    status, other = search.ask(config, state / search.ORACLE_DIR, "worker0")
+    assert status == search.RUNNING and other["trial_id"] == "1"
+    # The restarted worker (same index, as a retried task) gets trial 0 back and finishes it from its last epoch.
+    ran = search.work(digits_dir, config, 1, fresh_process=False, progress=lambda _: None)
+    assert [r.trial_id for r in ran] == ["0"]
+    assert [e["epoch"] for e in json.loads(epoch_log.read_text())] == list(range(6))

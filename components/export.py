@@ -1,5 +1,7 @@
 """Export component: an immutable, verified model version in object storage."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
@@ -10,11 +12,9 @@ from components import KFTUNE_CPU_IMAGE
 def export(
     model: Input[Model],
     dataset: Input[Dataset],
-    pipeline_root: str,
+    config: str,
     run_name: str,
-    destination: str,
-    version: str,
-) -> str:
+) -> NamedTuple("Published", [("exported_uri", str), ("chosen_candidate", str)]):
     """Writes the chosen model to destination/version/: model.keras, a SavedModel, any TFLite files, metadata.json.
 
     An existing version is never overwritten; checksums are read back after upload.
@@ -22,15 +22,15 @@ def export(
     Args:
         model: The chosen model (the compare step's output).
         dataset: The dataset it was trained on (its fingerprint is recorded).
-        pipeline_root: The run's pipeline root (set by the pipeline).
+        config: The export settings (from the validation step): export_destination
+            (resolved: the pipeline root's exports/ when left empty), export_version.
         run_name: The run's name (set by the pipeline), recorded as the source.
-        destination: gs://BUCKET/PREFIX or a local folder; empty: <pipeline root>/exports.
-        version: The version folder; empty: a UTC timestamp (vYYYYMMDD-HHMMSS).
 
     Returns:
-        The URI of the exported version.
+        The URI of the exported version, and the candidate it holds.
     """
     from kftune import export as ex
+    from kftune import parameters
     from kftune.errors import user_errors
 
     metadata = {
@@ -39,8 +39,9 @@ def export(
         "model_file": model.metadata.get("model_file", ""),
         "metrics": model.metadata.get("metrics", {}),
     }
+    settings = parameters.load(ex.ExportConfig, config)
     with user_errors():
-        uri, checksums = ex.export(model.path, destination or f"{pipeline_root.rstrip('/')}/exports", metadata,
-                                   version=version, dataset_dir=dataset.path)
+        uri, checksums = ex.export(model.path, settings.export_destination, metadata,
+                                   version=settings.export_version, dataset_dir=dataset.path)
     print(f"export: wrote {len(checksums)} files to {uri}, checksums read back and verified")
-    return uri
+    return uri, metadata["candidate"]

@@ -413,3 +413,49 @@ def comparison_html(candidates: list[Evaluation], gate: GateConfig, decision: De
         report.html_table(["class", *(c.name for c in candidates)], per_class),
         report.figure(fig),
     )
+
+
+# The int8 TFLite file the prune step writes beside the pruned model, measured as the `quantized` candidate.
+QUANTIZED_FILE = "model_int8.tflite"
+
+
+def evaluate_and_choose(dataset_dir: str | Path, model_dirs: dict[str, str | Path], gate: GateConfig, *,
+                        progress=print) -> tuple[list[Evaluation], Decision, dict[str, Path]]:
+    """Scores every candidate on the same test split, then applies the gate.
+
+    ``model_dirs`` maps candidate names to Model folders, the baseline first;
+    the pruned folder's int8 TFLite file, when the prune step made one, is one
+    more candidate (``quantized``). Returns the evaluations, the decision, and
+    each candidate's Model folder.
+    """
+    candidates, folders = [], {}
+    for name, folder in model_dirs.items():
+        entries = [(name, "")] + ([("quantized", QUANTIZED_FILE)] if name == "pruned" else [])
+        for candidate, tflite_file in entries:
+            evaluation = evaluate_candidate(candidate, folder, dataset_dir, tflite_file)
+            if evaluation is None:
+                progress(f"evaluate: no {candidate} candidate: the prune step made no {tflite_file} "
+                         "(its prune_quantize setting does not ask for int8)")
+                continue
+            progress(f"evaluate: {candidate} ({evaluation.model_file}) accuracy {evaluation.accuracy:.4f}, "
+                     f"gzip {evaluation.gzip_bytes / 1024:.0f} KiB")
+            candidates.append(evaluation)
+            folders[candidate] = Path(folder)
+    return candidates, choose(candidates, gate), folders
+
+
+def gate_markdown(candidates: list[Evaluation], gate: GateConfig, decision: Decision) -> str:
+    """Why nothing was exported: each candidate with the thresholds it missed (the gate's else branch)."""
+    from kftune import report
+
+    baseline = candidates[0]
+    rows = [[c.name, f"{c.accuracy:.4f}", f"{c.gzip_bytes}", "<br>".join(gate.failures(c, baseline)) or "passes"]
+            for c in candidates]
+    return (
+        "## Not exported: no candidate passed the gate\n\n"
+        f"Thresholds: min_accuracy={gate.min_accuracy}, max_accuracy_drop={gate.max_accuracy_drop} "
+        f"(against {baseline.name}), max_size_bytes={gate.max_size_bytes or 'no limit'}.\n\n"
+        + report.markdown_table(["candidate", "test accuracy", "gzip bytes", "thresholds missed"], rows)
+        + f"\n\nThe most accurate candidate is **{decision.chosen}**. Relax the threshold named above "
+        "(min_accuracy, max_accuracy_drop, max_size_bytes) or improve the model, and run again.\n"
+    )

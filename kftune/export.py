@@ -61,6 +61,11 @@ class ExportConfig:
         return self.export_destination or f"{pipeline_root.rstrip('/')}/exports"
 
 
+def version_exists(uri: str) -> bool:
+    """Whether an export version is already at ``uri``."""
+    return storage.exists(uri)
+
+
 def check_destination(destination: str, version: str) -> None:
     """Validates the destination and version before any work is done."""
     if not destination.strip():

@@ -22,6 +22,7 @@ import re
 import typing
 from typing import Any
 
+from kftune import dataset, storage
 from kftune.augment import AugmentConfig
 from kftune.dataset import IngestConfig
 from kftune.errors import InputError
@@ -177,3 +178,80 @@ def help_table() -> str:
         lines.append(f"  {p.name} ({p.type_name}, default {default})")
         lines.extend(textwrap.wrap(p.description, 96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
+
+
+def load(cls: type, text: str):
+    """A step's config from the JSON the validation step wrote for it (:meth:`Settings.stage_json`)."""
+    return cls(**json.loads(text))
+
+
+def resolve(settings: Settings, pipeline_root: str, run_id: str) -> Settings:
+    """Fills in the locations left empty with their per-run defaults under the pipeline root."""
+    root = pipeline_root.rstrip("/")
+    if not root:
+        raise InputError("the run has no pipeline root: set one in the cluster profile or with "
+                         "`kftune submit --pipeline-root gs://BUCKET/kftune`.")
+    storage.check_location(root, "pipeline_root")
+    search = settings.search
+    finetune = settings.finetune
+    return dataclasses.replace(
+        settings,
+        search=dataclasses.replace(search, search_state_uri=search.search_state_uri or f"{root}/kftune-search/{run_id}"),
+        finetune=dataclasses.replace(
+            finetune, checkpoint_uri=finetune.checkpoint_uri or f"{root}/kftune-checkpoints/{run_id}/finetune"),
+        export=dataclasses.replace(settings.export, export_destination=settings.export.destination_for(root)),
+    )
+
+
+def check_locations(settings: Settings) -> list[str]:
+    """Checks every location the run will read or write, before any step asks for a GPU.
+
+    Reads must exist (the dataset, a weights file); writes must be reachable (a
+    bucket that exists and answers) or creatable (a local folder); an export
+    version given up front must not exist yet. Returns one line per location checked.
+    """
+    from kftune import export
+
+    lines = []
+    source = settings.ingest.source
+    if source != dataset.BUNDLED:
+        if not storage.exists(source):
+            raise InputError(f"`source` `{source}` does not exist or holds no files: give a folder, TFRecord "
+                             f"shards, a gs:// prefix or {dataset.BUNDLED}.")
+        lines.append(f"source: {source} (found)")
+    weights = settings.finetune.weights
+    if settings.finetune.backbone and weights not in ("imagenet", "none"):
+        if not storage.exists(weights):
+            raise InputError(f"`weights` `{weights}` does not exist: give a weights file or gs:// URI, imagenet or none.")
+        lines.append(f"weights: {weights} (found)")
+    for name, uri in (("search_state_uri", settings.search.search_state_uri),
+                      ("checkpoint_uri", settings.finetune.checkpoint_uri),
+                      ("export_destination", settings.export.export_destination)):
+        if not uri:
+            continue
+        storage.check_writable(uri, name)
+        lines.append(f"{name}: {uri} (writable)")
+    if settings.export.export_version and settings.export.export_destination:
+        uri = f"{settings.export.export_destination.rstrip('/')}/{settings.export.export_version}"
+        if export.version_exists(uri):
+            raise InputError(f"`export_version` `{settings.export.export_version}` already exists at `{uri}` and kftune "
+                             "never overwrites an export: choose a new version, or leave it empty for a timestamp.")
+    return lines
+
+
+def settings_markdown(settings: Settings, locations: list[str]) -> str:
+    """The run's settings, step by step, and the locations checked: the validation step's artifact."""
+    from kftune import report
+
+    rows = []
+    for stage in STAGES:
+        config = getattr(settings, stage)
+        for p in PARAMETERS:
+            if p.stages[0] == stage:
+                value = getattr(config, p.name)
+                shown = str(value) if len(str(value)) <= 80 else str(value)[:77] + "..."
+                rows.append([stage, p.name, f"`{shown}`", "" if value == p.default else "set"])
+    text = "## Run settings\n\n" + report.markdown_table(["step", "parameter", "value", ""], rows)
+    if locations:
+        text += "\n\n## Locations checked\n\n" + "\n".join(f"- {line}" for line in locations)
+    return text + "\n"

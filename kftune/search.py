@@ -771,3 +771,32 @@ if __name__ == "__main__":
     import sys
 
     sys.exit(_main(sys.argv[1:]))
+
+
+def trials_markdown(config: SearchConfig, winner: TrialResult, trials: list[TrialResult]) -> str:
+    """The trials table of the search result's Markdown artifact."""
+    from kftune import report
+
+    names = sorted({k for t in trials for k in t.values})
+    rows = [[t.trial_id, *[t.values.get(n, "") for n in names],
+             f"{t.objective:.4f}" if t.objective is not None else "",
+             " ".join(f"{s:.3f}" for s in t.fold_scores), t.epochs, t.seconds,
+             t.status + (f": {t.error}" if t.error else "")]
+            for t in trials]
+    head = f"## {config.search_algorithm} search: best trial {winner.trial_id} ({winner.objective:.4f})\n\n"
+    return head + report.markdown_table(["trial", *names, "objective", "fold scores", "epochs", "seconds", "status"], rows)
+
+
+def trials_figure(trials: list[TrialResult]) -> str:
+    """Objective per trial and the best so far, as an inline figure."""
+    from kftune import report
+
+    fig, ax = report.pyplot().subplots(figsize=(6, 3.5))
+    done = [t for t in trials if t.objective is not None]
+    ax.plot([int(t.trial_id) for t in done], [t.objective for t in done], "o-", label="trial")
+    best_so_far = [max(t.objective for t in done[: i + 1]) for i in range(len(done))]
+    ax.step([int(t.trial_id) for t in done], best_so_far, where="post", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("val_accuracy")
+    ax.legend()
+    return report.figure(fig)

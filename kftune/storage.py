@@ -188,6 +188,26 @@ def check_reachable(uri: str) -> None:
         _bucket(parse_gcs(uri)[0])
 
 
+def check_writable(uri: str, parameter: str) -> None:
+    """Fails at once, naming ``parameter``, where ``uri`` could not be written: a missing bucket,
+    a local path under a file, or a folder this process may not write."""
+    check_location(uri, parameter)
+    if is_gcs(uri):
+        check_reachable(uri)
+        return
+    path = Path(uri).absolute()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"`{parameter}` `{uri}` is a file, not a folder: give a folder path.")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"`{parameter}` `{uri}` is under `{existing}`, which is a file: give a folder path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"`{parameter}` `{uri}` cannot be written: `{existing}` is not writable by this user "
+                         f"(uid {os.getuid()}). Give a folder it may write, or a gs:// URI.")
+
+
 def _blob_name(prefix: str, relative: str) -> str:
     return f"{prefix}/{relative}" if prefix else relative
 

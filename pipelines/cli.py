@@ -32,9 +32,9 @@ def compile_pipeline(output: str | Path = COMPILED, profile: str | Path = "gke-g
     from kfp import compiler
 
     from pipelines import cluster
-    from pipelines.tuning_pipeline import tuning_pipeline
+    from pipelines.tuning_pipeline import make_pipeline
 
-    pipeline = cluster.build(tuning_pipeline, cluster.Profile.load(profile))
+    pipeline = cluster.build(make_pipeline, cluster.Profile.load(profile))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, str(output))
@@ -87,53 +87,28 @@ def parse_arguments(pairs: list[str], compiled: str | Path = COMPILED) -> dict:
 
 
 def check_arguments(arguments: dict, compiled: str | Path = COMPILED) -> None:
-    """Builds every step's config from the arguments, so bad input stops here, before any work."""
-    from kftune import augment, dataset, evaluate, export, finetune, prune, search
+    """The validation step's own check (kftune.parameters), so bad input stops here, before any work.
+
+    Locations are checked as far as this machine can: a local ``source`` or
+    weights file must exist; a gs:// URI must name a bucket. The validation step
+    checks the rest on the cluster, where the pods' credentials apply.
+    """
+    from kftune import parameters, storage
     from kftune.errors import InputError
 
-    values = {name: spec.get("defaultValue") for name, spec in pipeline_parameters(compiled).items()}
-    values.update(arguments)
-    for name, spec in pipeline_parameters(compiled).items():
-        if spec["parameterType"] == "NUMBER_INTEGER" and values[name] is not None:
-            values[name] = int(values[name])
-    source = values["source"]
-    ingest = dataset.IngestConfig(
-        source=source, image_size=values["image_size"], channels=values["channels"],
-        validation_fraction=values["validation_fraction"], test_fraction=values["test_fraction"], seed=values["seed"],
-        max_corrupt_fraction=values["max_corrupt_fraction"],
-    )
-    if ingest.source != dataset.BUNDLED and "://" not in source and not Path(source).exists():
-        raise InputError(f"dataset source `{source}` does not exist: give a folder, a gs:// prefix or {dataset.BUNDLED}.")
-    augment.AugmentSpec.from_yaml(values["augment_spec"])
-    if values["augment_copies"] < 0:
-        raise InputError(f"`augment_copies` must be 0 (online) or more. Received: {values['augment_copies']}")
-    config = search.SearchConfig(
-        algorithm=values["search_algorithm"], max_trials=values["max_trials"], epochs=values["trial_epochs"],
-        folds=values["folds"], seed=values["seed"], model=values["model"],
-    )
-    config.check_space(search.SearchSpace.from_yaml(values["search_space"]))
-    for name in ("search_rounds", "trials_per_round"):
-        if values[name] < 1:
-            raise InputError(f"`{name}` must be at least 1. Received: {name}={values[name]}")
-    finetune.FinetuneConfig(
-        backbone=values["backbone"], weights=values["weights"], epochs=values["finetune_epochs"],
-        finetune_epochs=values["unfreeze_epochs"], unfreeze_layers=values["unfreeze_layers"],
-        unfreeze_steps=values["unfreeze_steps"], learning_rate=values["finetune_learning_rate"],
-        finetune_lr_factor=values["finetune_lr_factor"], input_size=values["backbone_input_size"],
-        patience=values["patience"], seed=values["seed"],
-    )
-    prune.PruneConfig(
-        target_sparsity=values["target_sparsity"], schedule=values["prune_schedule"],
-        initial_sparsity=values["prune_initial_sparsity"], epochs=values["prune_epochs"],
-        begin_step=values["prune_begin_step"], end_step=values["prune_end_step"],
-        frequency=values["prune_frequency"], layer_types=values["prune_layer_types"], m_by_n=values["prune_m_by_n"],
-        learning_rate=values["prune_learning_rate"], quantize=values["prune_quantize"],
-        max_accuracy_drop=values["prune_max_accuracy_drop"], sparsity_levels=values["prune_sparsity_levels"],
-    )
-    evaluate.GateConfig(min_accuracy=values["min_accuracy"], max_accuracy_drop=values["max_accuracy_drop"],
-                        max_size_bytes=values["max_size_bytes"])
-    if values["export_destination"] or values["export_version"]:
-        export.check_destination(values["export_destination"] or "local", values["export_version"] or "v1")
+    declared = pipeline_parameters(compiled)
+    missing = sorted(set(parameters.BY_NAME) - set(declared))
+    if missing:
+        raise InputError(f"`{compiled}` lacks the parameter(s) {', '.join(missing)}: it was compiled from another "
+                         "kftune version. Run `make compile` (or `kftune compile`) again.")
+    settings = parameters.validate(arguments)
+    for name, uri in (("source", settings.ingest.source), ("weights", settings.finetune.weights)):
+        if storage.is_gcs(uri) or "://" in uri or uri in ("imagenet", "none", "") or uri.startswith("bundled:"):
+            continue
+        if name == "weights" and not settings.finetune.backbone:
+            continue
+        if not Path(uri).exists():
+            raise InputError(f"`{name}` `{uri}` does not exist: check the path.")
 
 
 # ---------------------------------------------------------------- local run
@@ -167,13 +142,14 @@ class _TaskTimer(logging.Filter):
 
 
 STAGES = [
+    ("validate", ("validate",), None),
     ("ingest", ("ingest",), None),
     ("augment", ("augment",), None),
     ("search", ("search-",), "baseline"),
     ("fine-tune", ("finetune",), "finetuned"),
     ("prune", ("prune",), "pruned"),
     ("  + int8 TFLite", None, "quantized"),
-    ("evaluate + compare", ("evaluate", "compare"), None),
+    ("evaluate + gate", ("evaluate", "gate-failed"), None),
     ("export", ("export",), None),
 ]
 
@@ -183,15 +159,11 @@ def summary(run_dir: Path, timer: _TaskTimer) -> str:
     from kftune import report
 
     evaluations = {}
-    for path in run_dir.glob("evaluate*/evaluation"):
-        text = path.read_text()
-        if text.strip():  # empty: a candidate that was not made
-            values = json.loads(text)
-            evaluations[values["name"]] = values
+    for path in run_dir.glob("evaluate*/evaluations"):
+        evaluations.update({values["name"]: values for values in json.loads(path.read_text())})
     chosen = None
-    compare_out = run_dir / "compare" / "executor_output.json"
-    if compare_out.exists():
-        chosen = json.loads(compare_out.read_text()).get("artifacts", {}).get("chosen", {}).get("artifacts", [{}])[0].get("metadata", {})
+    for out in run_dir.glob("evaluate*/executor_output.json"):
+        chosen = json.loads(out.read_text()).get("artifacts", {}).get("chosen", {}).get("artifacts", [{}])[0].get("metadata", {})
     rows = []
     for stage, prefixes, candidate in STAGES:
         ev = evaluations.get(candidate) if candidate else None
@@ -251,7 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                              help="cluster profile: gke-gpu (default), cpu, or a profile YAML file (pipelines/profiles/)")
     compile_cmd.add_argument("--output", help=f"default: {COMPILED.relative_to(PACKAGE_DIR.parent)} for gke-gpu, "
                                               "build/tuning_pipeline-<profile>.yaml for the others")
-    run_cmd = commands.add_parser("run-local", help="run the compiled pipeline on this machine with kfp.local")
+    from kftune import parameters
+
+    run_cmd = commands.add_parser(
+        "run-local", help="run the compiled pipeline on this machine with kfp.local",
+        description="Runs the compiled pipeline with KFP's local runner (kfp.local.SubprocessRunner) on this machine, "
+                    "after checking every parameter, and prints accuracy, size and time per step.",
+        epilog="pipeline parameters (name=value):\n" + parameters.help_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     run_cmd.add_argument("parameters", nargs="*", metavar="name=value", help="pipeline parameters, e.g. max_trials=4")
     run_cmd.add_argument("--pipeline-root", default="runs", help="where run folders and artifacts go (default: runs)")
     run_cmd.add_argument("--compiled", default=str(COMPILED), help="the compiled pipeline to run")

@@ -25,8 +25,12 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "gke-gpu"
 
 _TOP_KEYS = {"extends", "pipeline_root", "credentials", "image_pull_secrets", "defaults", "steps"}
-_STEP_KEYS = {"resources", "accelerator", "node_selector", "tolerations", "retry", "caching", "env", "volumes",
+_STEP_KEYS = {"image", "resources", "accelerator", "node_selector", "tolerations", "retry", "caching", "env", "volumes",
               "security_context"}
+# The pipeline's steps, named after their components.
+STEPS = ("validate", "ingest", "augment", "search_worker", "search_result", "finetune", "prune", "evaluate",
+         "export", "gate_failed")
+IMAGES = ("gpu", "cpu")
 _CREDENTIAL_KEYS = {"secret", "key_file", "mount_path"}
 _RETRY_KEYS = {"max_retries", "backoff", "backoff_factor", "max_duration"}
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "toleration_seconds"}
@@ -116,6 +120,9 @@ class Profile:
         defaults = _check_keys(f"{where}: `defaults`", data.get("defaults"), _STEP_KEYS)
         steps = {}
         for step, settings in _mapping(f"{where}: `steps`", data.get("steps")).items():
+            if step not in STEPS:
+                raise InputError(f"{where} sets step `{step}`, which the pipeline does not have; its steps are: "
+                                 f"{', '.join(STEPS)}.")
             steps[step] = _merge(defaults, _check_keys(f"{where}: step `{step}`", settings, _STEP_KEYS))
         for step, settings in {"defaults": defaults, **steps}.items():
             _check_step(f"{where}: {step}", settings)
@@ -135,6 +142,9 @@ class Profile:
 
 
 def _check_step(where: str, settings: dict) -> None:
+    if settings.get("image", "gpu") not in IMAGES:
+        raise InputError(f"{where}: `image` must be gpu (kftune's TensorFlow GPU image) or cpu (the slim CPU "
+                         f"image). Received: {settings.get('image')!r}")
     _check_keys(f"{where}: `resources`", settings.get("resources"), {"requests", "limits"})
     for kind in ("requests", "limits"):
         _check_keys(f"{where}: `resources.{kind}`", (settings.get("resources") or {}).get(kind), {"cpu", "memory"})
@@ -174,13 +184,8 @@ def _step_name(task: dsl.PipelineTask) -> str:
 
 
 def apply(*tasks: dsl.PipelineTask) -> None:
-    """Sets the active profile's settings on each task; call it once with every task of the pipeline."""
+    """Sets the active profile's settings on each task; each pipeline function calls it with its tasks."""
     profile = active()
-    names = {_step_name(t) for t in tasks}
-    unknown = set(profile.steps) - names
-    if unknown:
-        raise InputError(f"cluster profile `{profile.name}` sets step(s) {', '.join(sorted(unknown))}, which the "
-                         f"pipeline does not have; its steps are: {', '.join(sorted(names))}.")
     for task in tasks:
         step = _step_name(task)
         try:
@@ -192,6 +197,11 @@ def apply(*tasks: dsl.PipelineTask) -> None:
 
 
 def _apply(task: dsl.PipelineTask, s: dict, profile: Profile) -> None:
+    if "image" in s:
+        from components import KFTUNE_CPU_IMAGE, KFTUNE_IMAGE
+
+        # Per task: the compiler writes each task's container from task.container_spec.
+        task.container_spec.image = KFTUNE_CPU_IMAGE if s["image"] == "cpu" else KFTUNE_IMAGE
     resources = s.get("resources") or {}
     requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
     if "cpu" in requests:
@@ -230,22 +240,19 @@ def _apply(task: dsl.PipelineTask, s: dict, profile: Profile) -> None:
         kubernetes.set_image_pull_secrets(task, list(profile.image_pull_secrets))
 
 
-def build(pipeline, profile: Profile):
-    """The pipeline built again with ``profile`` applied.
+def build(make_pipeline, profile: Profile):
+    """The pipeline built by ``make_pipeline`` with ``profile`` applied.
 
     ``@dsl.pipeline`` runs the pipeline function as it decorates it, so the
     imported pipeline carries the default profile; another profile needs the
-    task graph built once more from the same function.
+    task graph built once more.
     """
     global _active
     previous, _active = _active, profile
     try:
-        built = dsl.pipeline(pipeline.pipeline_func, name=pipeline.component_spec.name,
-                             description=pipeline.component_spec.description)
+        built = make_pipeline()
     finally:
         _active = previous
     if profile.pipeline_root:
-        # Set on the spec, not through dsl.pipeline(pipeline_root=...), which
-        # stores it on the shared pipeline function for every later build.
         built.component_spec.implementation.graph.default_pipeline_root = profile.pipeline_root
     return built

@@ -1,139 +1,114 @@
-"""The kftune pipeline: ingest -> augment -> search -> fine-tune -> prune -> evaluate -> export.
+"""The kftune pipeline: validate -> ingest -> augment -> search -> fine-tune -> prune -> evaluate -> export.
 
-Wiring only: every default comes from the core's config dataclasses.
+Wiring only. The parameters, their defaults and their descriptions come from
+``kftune.parameters`` (the steps' config dataclasses); the validation step
+checks them all and hands each step its settings.
+
+Only control-flow shapes the Kubeflow Pipelines backend's own end-to-end suite
+runs are used (tests/test_backend_shapes.py holds the compiled YAML to them):
+one unnamed ParallelFor over a task's list output whose results a sibling task
+outside the loop reads with ``dsl.Collected`` (critical/collected_parameters);
+an If/Else on a string task output inside a nested pipeline that returns its
+branches' outputs through ``dsl.OneOf`` (critical/parameter_oneof); the root
+returning a nested pipeline's outputs (critical/pipeline_with_importer_workspace).
 """
 
+import inspect
+from typing import NamedTuple
+
 from kfp import dsl
+from kfp.dsl import Dataset, Input, Model
 
 from components.augment import augment
-from components.evaluate import compare, evaluate
+from components.evaluate import evaluate, gate_failed
 from components.export import export
 from components.finetune import finetune
 from components.ingest import ingest
 from components.prune import prune
-from kftune.augment import MILD_YAML
-from kftune.dataset import IngestConfig
-from kftune.evaluate import GateConfig
-from kftune.finetune import FinetuneConfig
-from kftune.prune import PruneConfig
-from kftune.search import CLASSIC_SPACE_YAML, SearchConfig
+from components.search import search_result, search_worker
+from components.validate import validate
+from kftune import parameters
 from pipelines import cluster
-from pipelines.search_steps import search_steps
-
-_INGEST, _SEARCH, _FT, _PRUNE, _GATE = IngestConfig(), SearchConfig(), FinetuneConfig(), PruneConfig(), GateConfig()
 
 
-@dsl.pipeline(
-    name="kftune-tuning",
-    description="Search, fine-tune, prune, evaluate and export a Keras image classifier.",
+class Outputs(NamedTuple):
+    exported_uri: str
+    chosen_candidate: str
+
+
+# The pipeline's signature and docstring (the run form's fields and descriptions), derived from the schema.
+_SIGNATURE = inspect.Signature(
+    [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.type)
+     for p in parameters.PARAMETERS],
+    return_annotation=Outputs,
 )
-def tuning_pipeline(
-    source: str = _INGEST.source,
-    image_size: int = _INGEST.image_size,
-    channels: int = _INGEST.channels,
-    validation_fraction: float = _INGEST.validation_fraction,
-    test_fraction: float = _INGEST.test_fraction,
-    seed: int = _INGEST.seed,
-    max_corrupt_fraction: float = _INGEST.max_corrupt_fraction,
-    augment_spec: str = MILD_YAML,
-    augment_copies: int = 0,
-    search_space: str = CLASSIC_SPACE_YAML,
-    search_algorithm: str = _SEARCH.algorithm,
-    max_trials: int = _SEARCH.max_trials,
-    trial_epochs: int = _SEARCH.epochs,
-    folds: int = _SEARCH.folds,
-    model: str = _SEARCH.model,
-    search_rounds: int = 3,
-    trials_per_round: int = 2,
-    search_state_uri: str = "",
-    backbone: str = _FT.backbone,
-    weights: str = _FT.weights,
-    finetune_epochs: int = _FT.epochs,
-    unfreeze_epochs: int = _FT.finetune_epochs,
-    unfreeze_layers: int = _FT.unfreeze_layers,
-    unfreeze_steps: int = _FT.unfreeze_steps,
-    finetune_learning_rate: float = _FT.learning_rate,
-    finetune_lr_factor: float = _FT.finetune_lr_factor,
-    backbone_input_size: int = _FT.input_size,
-    patience: int = _FT.patience,
-    checkpoint_uri: str = "",
-    target_sparsity: float = _PRUNE.target_sparsity,
-    prune_schedule: str = _PRUNE.schedule,
-    prune_initial_sparsity: float = _PRUNE.initial_sparsity,
-    prune_epochs: int = _PRUNE.epochs,
-    prune_begin_step: int = _PRUNE.begin_step,
-    prune_end_step: int = _PRUNE.end_step,
-    prune_frequency: int = _PRUNE.frequency,
-    prune_layer_types: str = _PRUNE.layer_types,
-    prune_m_by_n: str = _PRUNE.m_by_n,
-    prune_learning_rate: float = _PRUNE.learning_rate,
-    prune_quantize: str = _PRUNE.quantize,
-    prune_max_accuracy_drop: float = _PRUNE.max_accuracy_drop,
-    prune_sparsity_levels: str = _PRUNE.sparsity_levels,
-    min_accuracy: float = _GATE.min_accuracy,
-    max_accuracy_drop: float = _GATE.max_accuracy_drop,
-    max_size_bytes: int = _GATE.max_size_bytes,
-    export_destination: str = "",
-    export_version: str = "",
-):
-    data = ingest(
-        source=source, image_size=image_size, channels=channels, validation_fraction=validation_fraction,
-        test_fraction=test_fraction, seed=seed, max_corrupt_fraction=max_corrupt_fraction,
-    ).set_display_name("ingest")
-    augmented = augment(
-        dataset=data.outputs["dataset"], spec=augment_spec, copies=augment_copies, seed=seed
-    ).set_display_name("augment")
+_DOC = "Search, fine-tune, prune, evaluate and export a Keras image classifier.\n\nArgs:\n" + "".join(
+    f"    {p.name}: {p.description}\n" for p in parameters.PARAMETERS) + (
+    "\nReturns:\n    exported_uri: The exported version's URI; empty when no candidate passed the gate.\n"
+    "    chosen_candidate: The candidate the gate chose (baseline, finetuned, pruned or quantized).\n")
+
+
+def _tuning_pipeline(publish, *args, **kwargs) -> Outputs:
+    p = _SIGNATURE.bind(*args, **kwargs).arguments
+    checked = validate(**p, pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    checked.set_display_name("validate settings")
+    data = ingest(config=checked.outputs["ingest"]).set_display_name("ingest")
+    augmented = augment(dataset=data.outputs["dataset"], config=checked.outputs["augment"]).set_display_name("augment")
     train_data = augmented.outputs["augmented"]
 
-    searching = search_steps(
-        train_data, space=search_space, algorithm=search_algorithm, max_trials=max_trials, epochs=trial_epochs,
-        folds=folds, seed=seed, model=model, rounds=search_rounds, trials_per_round=trials_per_round,
-        state_uri=search_state_uri,
-    )
-    searched = searching.result
+    # One worker per parallel trial; each trains trials until max_trials are done.
+    with dsl.ParallelFor(checked.outputs["Output"]) as worker:
+        workers = search_worker(dataset=train_data, search_config=checked.outputs["search_config"], worker=worker)
+        workers.set_display_name("search worker")
+    searched = search_result(dataset=train_data, search_config=checked.outputs["search_config"],
+                             workers_done=dsl.Collected(workers.output)).set_display_name("search result")
 
-    tuned = finetune(
-        dataset=train_data, baseline=searched.outputs["model"], backbone=backbone, weights=weights,
-        epochs=finetune_epochs, finetune_epochs=unfreeze_epochs, unfreeze_layers=unfreeze_layers,
-        unfreeze_steps=unfreeze_steps, learning_rate=finetune_learning_rate, finetune_lr_factor=finetune_lr_factor,
-        input_size=backbone_input_size, patience=patience, seed=seed, checkpoint_uri=checkpoint_uri,
-        pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    ).set_display_name("fine-tune")
-    pruned = prune(
-        dataset=train_data, model=tuned.outputs["model"], target_sparsity=target_sparsity, schedule=prune_schedule,
-        initial_sparsity=prune_initial_sparsity, epochs=prune_epochs, begin_step=prune_begin_step,
-        end_step=prune_end_step, frequency=prune_frequency, layer_types=prune_layer_types, m_by_n=prune_m_by_n,
-        learning_rate=prune_learning_rate, seed=seed, quantize=prune_quantize,
-        max_accuracy_drop=prune_max_accuracy_drop, sparsity_levels=prune_sparsity_levels,
-    ).set_display_name("prune")
+    tuned = finetune(dataset=train_data, baseline=searched.outputs["model"], config=checked.outputs["finetune"])
+    tuned.set_display_name("fine-tune")
+    pruned = prune(dataset=train_data, model=tuned.outputs["model"], config=checked.outputs["prune"])
+    pruned.set_display_name("prune")
+    published = publish(dataset=data.outputs["dataset"], baseline=searched.outputs["model"],
+                        finetuned=tuned.outputs["model"], pruned=pruned.outputs["pruned"],
+                        gate_config=checked.outputs["gate"], export_config=checked.outputs["export"])
+    # No display name on a DAG task (nested pipeline, loop, condition): older backends record those
+    # under their display name while consumers look them up by key (kubeflow/pipelines#13239).
 
-    candidates = {
-        "baseline": searched.outputs["model"],
-        "finetuned": tuned.outputs["model"],
-        "pruned": pruned.outputs["pruned"],
-    }
-    evaluations = {
-        name: evaluate(dataset=data.outputs["dataset"], model=candidate, name=name, tflite_file="")
-        .set_display_name(f"evaluate: {name}")
-        for name, candidate in candidates.items()
-    }
-    # The int8 TFLite file the prune step writes beside the pruned model (absent unless prune_quantize asks for it).
-    evaluations["quantized"] = evaluate(
-        dataset=data.outputs["dataset"], model=pruned.outputs["pruned"], name="quantized", tflite_file="model_int8.tflite"
-    ).set_display_name("evaluate: quantized")
-    gate = compare(
-        baseline_eval=evaluations["baseline"].outputs["evaluation"],
-        finetuned_eval=evaluations["finetuned"].outputs["evaluation"],
-        pruned_eval=evaluations["pruned"].outputs["evaluation"],
-        quantized_eval=evaluations["quantized"].outputs["evaluation"],
-        baseline=candidates["baseline"], finetuned=candidates["finetuned"], pruned=candidates["pruned"],
-        min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop, max_size_bytes=max_size_bytes,
-    ).set_display_name("compare and gate")
-    with dsl.If(gate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 - a KFP condition, not Python
-        exported = export(
-            model=gate.outputs["chosen"], dataset=data.outputs["dataset"], pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
-            run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, destination=export_destination, version=export_version,
-        ).set_display_name("export")
+    cluster.apply(checked, data, augmented, workers, searched, tuned, pruned)
+    return Outputs(published.outputs["exported_uri"], published.outputs["chosen_candidate"])
 
-    # Resources, GPUs, retries, caching and credentials per step, from the cluster profile (pipelines/cluster.py).
-    cluster.apply(data, augmented, *searching.all, tuned, pruned, *evaluations.values(), gate, exported)
+
+def _publish(dataset: Input[Dataset], baseline: Input[Model], finetuned: Input[Model], pruned: Input[Model],
+            gate_config: str, export_config: str) -> Outputs:
+    """Evaluates, gates and exports: the If/Else and OneOf shape of the backend suite's parameter_oneof."""
+    evaluated = evaluate(dataset=dataset, baseline=baseline, finetuned=finetuned, pruned=pruned,
+                         gate_config=gate_config).set_display_name("evaluate and gate")
+    with dsl.If(evaluated.outputs["Output"] == "pass"):
+        exported = export(model=evaluated.outputs["chosen"], dataset=dataset, config=export_config,
+                          run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name("export")
+    with dsl.Else():
+        failed = gate_failed(evaluations=evaluated.outputs["evaluations"], gate_config=gate_config)
+        failed.set_display_name("not exported: gate failed")
+    cluster.apply(evaluated, exported, failed)
+    return Outputs(dsl.OneOf(exported.outputs["exported_uri"], failed.outputs["exported_uri"]),
+                   dsl.OneOf(exported.outputs["chosen_candidate"], failed.outputs["chosen_candidate"]))
+
+
+def make_pipeline():
+    """Builds the pipeline (and its nested ``publish`` pipeline) with the active cluster profile.
+
+    ``@dsl.pipeline`` runs a pipeline function as it builds it, so the settings
+    pipelines/cluster.py applies are fixed then: another profile needs both
+    built again (``cluster.build``).
+    """
+    publish = dsl.pipeline(name="publish", description=_publish.__doc__)(_publish)
+
+    def root(*args, **kwargs) -> Outputs:
+        return _tuning_pipeline(publish, *args, **kwargs)
+
+    root.__signature__ = _SIGNATURE
+    root.__doc__ = _DOC
+    root.__annotations__ = {**{p.name: p.type for p in parameters.PARAMETERS}, "return": Outputs}
+    return dsl.pipeline(name="kftune-tuning", description=_DOC.split("\n")[0])(root)
+
+
+tuning_pipeline = make_pipeline()

@@ -31,14 +31,21 @@ def test_every_step_is_a_kftune_component_with_no_install_at_start_up():
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["source=/no/such/folder"], "dataset source `/no/such/folder` does not exist"),
+    (["source=/no/such/folder"], "`source` `/no/such/folder` does not exist"),
+    (["source=s3://bucket/flowers"], "`source` uses s3://"),
+    (["export_destination=s3://bucket/models"], "`export_destination` uses s3://"),
+    (["max_trials=8", "parallel_trials=9"], "`parallel_trials`=9 is more than `max_trials`=8"),
+    (["search_algorithm=grid", "max_trials=12"], "more than the 9 points of the grid"),
+    (["finetune_learning_rate=nan"], "`finetune_learning_rate` must be a finite number"),
+    (["seed=-1"], "`seed` must be a whole number >= 0"),
+    (["augment_copies=100000"], "`augment_copies` must be at most"),
     (["validation_fraction=0.7", "test_fraction=0.3"], "at least 10% for training"),
     (["max_trails=3"], "unknown pipeline parameter `max_trails`"),
     (["max_trials=three"], "`max_trials` must be integer"),
     (["target_sparsity=1.0"], "target_sparsity"),
     (["search_space={lr: {type: float, min: 1, max: 0}}"], "search space `lr`"),
     (["augment_spec={rotation: 40}"], "unknown augment key"),
-    (["search_rounds=0"], "search_rounds"),
+    (["parallel_trials=0"], "`parallel_trials` must be a whole number >= 1"),
 ])
 def test_bad_arguments_stop_before_any_work_with_one_line(arguments, message, tmp_path):
     process = subprocess.run(
@@ -52,7 +59,7 @@ def test_bad_arguments_stop_before_any_work_with_one_line(arguments, message, tm
 
 
 SMALL = {
-    "image_size": 16, "max_trials": 3, "search_rounds": 2, "trials_per_round": 2, "trial_epochs": 2,
+    "image_size": 16, "max_trials": 3, "parallel_trials": 2, "trial_epochs": 2,
     "finetune_epochs": 2, "prune_epochs": 1, "target_sparsity": 0.5, "max_accuracy_drop": 0.2,
 }
 
@@ -68,16 +75,19 @@ def test_the_whole_pipeline_runs_locally_and_exports(tmp_path):
         assert "skipped" not in row, table
     assert "(exported)" in table
     assert "+ int8 TFLite" in table, table  # the quantized candidate was made and measured
-    # Search ran in rounds of parallel trials and told the oracle everything.
-    plan = json.loads(next(run_dir.glob("search-setup/plan")).read_text())
-    results = sorted(Path(plan["state_uri"]).glob("kftune_search/trial_*/result.json"))
+    # Two search workers shared the oracle and ran exactly max_trials trials between them.
+    search_config = json.loads(next(run_dir.glob("validate/search_config")).read_text())
+    results = sorted(Path(search_config["search_state_uri"]).glob("oracle/kftune_search/trial_*/result.json"))
     assert len(results) == 3
+    worker_counts = [int(json.loads(p.read_text())["parameterValues"]["Output"])
+                     for p in run_dir.glob("search-worker*/executor_output.json")]
+    assert len(worker_counts) == 2 and sum(worker_counts) == 3, worker_counts
     # The Kubeflow UI's artifacts are there: confusion matrices labelled with class names, HTML reports.
     executor_output = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
     confusion = executor_output["artifacts"]["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert [c["displayName"] for c in confusion["annotationSpecs"]] == [str(i) for i in range(10)]
     for report in ("augment/preview", "search-result/trials_plot", "finetune/curves", "prune/report_html",
-                   "compare/report_html"):
+                   "evaluate/report_html"):
         assert (run_dir / report).read_text().startswith("<!doctype html>"), report
     # The export is complete and loadable by serving.
     version = destination / "v1"
@@ -89,7 +99,10 @@ def test_the_whole_pipeline_runs_locally_and_exports(tmp_path):
 @pytest.mark.e2e
 def test_a_failed_gate_exports_nothing_and_says_why(tmp_path):
     destination = tmp_path / "exports"
-    _, table = cli.run_local({**SMALL, "min_accuracy": 1.0, "export_destination": str(destination)},
+    run_dir, table = cli.run_local({**SMALL, "min_accuracy": 1.0, "export_destination": str(destination)},
                              tmp_path / "runs")
     assert "NOT exported" in table and "min_accuracy" in table
     assert not destination.exists()
+    # The else branch recorded, per candidate, the thresholds it missed.
+    report = next(run_dir.glob("gate-failed/report")).read_text()
+    assert "Not exported" in report and "min_accuracy" in report and "baseline" in report

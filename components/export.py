@@ -39,8 +39,8 @@ def export(
         "model_file": model.metadata.get("model_file", ""),
         "metrics": model.metadata.get("metrics", {}),
     }
-    settings = parameters.load(ex.ExportConfig, config)
     with user_errors():
+        settings = parameters.load(ex.ExportConfig, config)
         uri, checksums = ex.export(model.path, settings.export_destination, metadata,
                                    version=settings.export_version, dataset_dir=dataset.path)
     print(f"export: wrote {len(checksums)} files to {uri}, checksums read back and verified")

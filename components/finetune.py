@@ -34,7 +34,8 @@ def finetune(
     from kftune import parameters, report, storage
     from kftune.errors import user_errors
 
-    settings = parameters.load(ft.FinetuneConfig, config)
+    with user_errors():
+        settings = parameters.load(ft.FinetuneConfig, config)
     checkpoints = storage.mirror(settings.checkpoint_uri)
     with user_errors(), checkpoints as checkpoint_dir:
         result = ft.finetune(dataset.path, baseline.path, settings, model.path, checkpoint_dir=checkpoint_dir,

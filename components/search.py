@@ -30,7 +30,7 @@ def search_worker(dataset: Input[Dataset], search_config: Input[Artifact], worke
     from kftune import parameters, search
     from kftune.errors import user_errors
 
-    with open(search_config.path) as f:
+    with user_errors(), open(search_config.path) as f:
         config = parameters.load(search.SearchConfig, f.read())
     with user_errors():
         ran = search.work(dataset.path, config, int(worker))

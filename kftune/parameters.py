@@ -54,6 +54,7 @@ STAGES: dict[str, tuple[type, tuple[str, ...]]] = {
 SHARED = ("seed",)
 
 _TYPES = {int: "int", float: "float", str: "str", bool: "bool"}
+_KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _coerce(param: Parameter, value):
     if param.type is float and isinstance(value, float) and not math.isfinite(value):
         raise InputError(f"`{param.name}` must be a finite number. Received: {param.name}={value!r}")
     if not isinstance(value, param.type) or (param.type is not bool and isinstance(value, bool)):
-        raise InputError(f"`{param.name}` must be {param.type_name}. Received: {param.name}={value!r}")
+        raise InputError(f"`{param.name}` must be {_KINDS[param.type]}. Received: {param.name}={value!r}")
     return value
 
 

@@ -37,7 +37,7 @@ def file_name(mode: str) -> str:
 def check_modes(modes: list[str]) -> None:
     for mode in modes:
         if mode not in MODES:
-            raise InputError(f"`quantize` takes a comma-separated subset of {MODES}, or nothing. Received: {mode!r}")
+            raise InputError(f"`prune_quantize` takes a comma-separated subset of {MODES}, or nothing. Received: {mode!r}")
 
 
 def convert(model, mode: str, representative_images: np.ndarray | None = None) -> bytes:

@@ -251,7 +251,7 @@ class SearchConfig:
         check_whole_numbers(self, {"max_trials": 1, "parallel_trials": 1, "trial_epochs": 1, "folds": 1,
                                    "batch_size": 1, "hyperband_factor": 2, "seed": 0})
         for name, most in (("max_trials", MAX_TRIALS), ("parallel_trials", MAX_PARALLEL), ("trial_epochs", 10_000),
-                           ("folds", 20)):
+                           ("folds", 1000)):
             if getattr(self, name) > most:
                 raise InputError(f"`{name}` must be at most {most}. Received: {name}={getattr(self, name)}")
         if not self.learning_rate > 0:

@@ -145,7 +145,8 @@ def test_if_else_and_one_of_only_inside_a_nested_pipeline(compiled):
     root_tasks = spec["root"]["dag"]["tasks"].values()
     assert not any("triggerPolicy" in t for t in root_tasks)
     publish = spec["components"]["comp-publish"]["dag"]
-    assert {v["valueFromOneof"]["parameterSelectors"][0]["producerSubtask"]
+    # A OneOf compiles to an output of the condition-branches DAG, which the nested pipeline returns.
+    assert {v["valueFromParameter"]["producerSubtask"]
             for v in publish["outputs"]["parameters"].values()} == {"condition-branches-1"}
     for value in spec["root"]["dag"]["outputs"]["parameters"].values():
         assert value["valueFromParameter"]["producerSubtask"] == "publish"

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +32,14 @@ from components import finetune as c_finetune
 from components import ingest as c_ingest
 from components import prune as c_prune
 from components import search as c_search
-from kftune import dataset, models, storage
+from components import validate as c_validate
+from kftune import augment as augment_core
+from kftune import dataset, models, parameters, storage
 from kftune import evaluate as ev
+from kftune import export as export_core
+from kftune import finetune as finetune_core
+from kftune import prune as prune_core
+from kftune import search as search_core
 
 # ---------------------------------------------------------------- real bad data, built in code
 
@@ -126,93 +132,87 @@ class Ctx:
 # ---------------------------------------------------------------- component calls
 
 
+def _config(cls, **fields) -> str:
+    """A step's config JSON as the validation step writes it, with ``fields`` put in unchecked,
+    so that the step itself meets them (a config written by hand or by another kftune version)."""
+    return json.dumps({**dataclasses.asdict(cls()), **fields})
+
+
+def validate(ctx: Ctx, **over):
+    """The validation step with the pipeline's defaults and ``over``: what the run form sends."""
+    return c_validate.validate.python_func, dict(
+        **{**parameters.defaults(), "image_size": 8, **over}, pipeline_root=str(ctx.tmp / "root"), run_id="run",
+        search_config=Artifact(uri=str(ctx.out / "search_config")), settings=Markdown(uri=str(ctx.out / "settings.md")))
+
+
 def ingest(ctx: Ctx, **over):
-    args = dict(source="bundled:digits", image_size=8, channels=3, validation_fraction=0.15, test_fraction=0.15,
-                seed=0, max_corrupt_fraction=0.05)
     return c_ingest.ingest.python_func, dict(dataset=Dataset(uri=str(ctx.out / "dataset")),
-                                             summary=Markdown(uri=str(ctx.out / "summary.md")), **{**args, **over})
+                                             summary=Markdown(uri=str(ctx.out / "summary.md")),
+                                             config=_config(dataset.IngestConfig, **{"image_size": 8, **over}))
 
 
-def augment(ctx: Ctx, **over):
-    args = dict(dataset=Dataset(uri=str(ctx.fixture("digits_dir"))), spec="{rotation_range: 10}", copies=0, seed=0)
-    return c_augment.augment.python_func, dict(augmented=Dataset(uri=str(ctx.out / "augmented")),
-                                               preview=HTML(uri=str(ctx.out / "preview.html")), **{**args, **over})
+def augment(ctx: Ctx, data: Dataset | None = None, **over):
+    return c_augment.augment.python_func, dict(
+        dataset=data or Dataset(uri=str(ctx.fixture("digits_dir"))), augmented=Dataset(uri=str(ctx.out / "augmented")),
+        preview=HTML(uri=str(ctx.out / "preview.html")),
+        config=_config(augment_core.AugmentConfig, **{"augment_spec": "{rotation_range: 10}", **over}))
 
 
 SPACE = "{learning_rate: {type: choice, values: [0.001, 0.003]}}"
 
 
-def search_setup(ctx: Ctx, **over):
-    args = dict(space=SPACE, pipeline_root=str(ctx.tmp / "root"), run_id="run", algorithm="random", max_trials=2,
-                epochs=1, folds=1, seed=0, model="small_cnn", state_uri="")
-    return c_search.search_setup.python_func, dict(plan=Artifact(uri=str(ctx.out / "plan")), **{**args, **over})
-
-
-def search_trial(ctx: Ctx, data: str | None = None, **setup_over):
-    """A trial of a plan made by a real search_setup call with ``setup_over``."""
-    func, kwargs = search_setup(ctx, state_uri=str(ctx.tmp / "state"), **setup_over)
-    func(**kwargs)
-    trial = {"trial_id": "0", "values": {"learning_rate": 0.001}}
-    return c_search.search_trial.python_func, dict(dataset=Dataset(uri=data or str(ctx.fixture("digits_dir"))),
-                                                   plan=kwargs["plan"], trial=trial)
+def search_worker(ctx: Ctx, data: str | None = None, **over):
+    """A search worker whose settings carry ``over``."""
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    settings = ctx.out / "search_config"
+    settings.write_text(_config(search_core.SearchConfig, search_space=SPACE, max_trials=1, parallel_trials=1,
+                                trial_epochs=1, search_state_uri=str(ctx.tmp / "state"), **over))
+    return c_search.search_worker.python_func, dict(dataset=Dataset(uri=data or str(ctx.fixture("digits_dir"))),
+                                                    search_config=Artifact(uri=str(settings)), worker="0")
 
 
 def finetune(ctx: Ctx, data: str | None = None, baseline: str | None = None, **over):
-    args = dict(backbone="", weights="imagenet", epochs=1, finetune_epochs=1, unfreeze_layers=2, unfreeze_steps=1,
-                learning_rate=0.0, finetune_lr_factor=0.1, input_size=0, patience=2, seed=0,
-                checkpoint_uri=str(ctx.out / "checkpoints"))
-    if "pipeline_root" in inspect.signature(c_finetune.finetune.python_func).parameters:
-        args.update(pipeline_root=str(ctx.tmp / "root"), run_id="run")
+    fields = dict(finetune_epochs=1, unfreeze_epochs=1, unfreeze_layers=2, unfreeze_steps=1, patience=2,
+                  checkpoint_uri=str(ctx.out / "checkpoints"))
     return c_finetune.finetune.python_func, dict(
         dataset=Dataset(uri=data or str(ctx.fixture("digits_dir"))),
         baseline=Model(uri=baseline or str(ctx.fixture("trained_model_dir"))),
         model=Model(uri=str(ctx.out / "model")), metrics=Metrics(uri=str(ctx.out / "metrics")),
         curves=HTML(uri=str(ctx.out / "curves.html")), tensorboard=Artifact(uri=str(ctx.out / "tensorboard")),
-        **{**args, **over})
+        config=_config(finetune_core.FinetuneConfig, **{**fields, **over}))
 
 
 def prune(ctx: Ctx, data: str | None = None, model: str | None = None, **over):
-    args = dict(target_sparsity=0.5, schedule="constant", initial_sparsity=0.0, epochs=1, begin_step=0, end_step=0,
-                frequency=10, layer_types="", m_by_n="", learning_rate=1e-3, seed=0, quantize="",
-                max_accuracy_drop=0.0, sparsity_levels="0.5,0.8")
+    fields = dict(prune_epochs=1, prune_learning_rate=1e-3, prune_quantize="", prune_sparsity_levels="0.5,0.8")
     return c_prune.prune.python_func, dict(
         dataset=Dataset(uri=data or str(ctx.fixture("digits_dir"))),
         model=Model(uri=model or str(ctx.fixture("trained_model_dir"))), pruned=Model(uri=str(ctx.out / "pruned")),
         metrics=Metrics(uri=str(ctx.out / "metrics")), report_html=HTML(uri=str(ctx.out / "report.html")),
-        report_md=Markdown(uri=str(ctx.out / "report.md")), **{**args, **over})
+        report_md=Markdown(uri=str(ctx.out / "report.md")), config=_config(prune_core.PruneConfig, **{**fields, **over}))
 
 
-def evaluate(ctx: Ctx, data: str | None = None, model: str | None = None, tflite_file: str = ""):
+def evaluate(ctx: Ctx, data: str | None = None, model: str | None = None, tflite_file: str = "", **gate):
+    """The evaluate step with ``model`` as every candidate (its ``tflite_file`` copied in as the int8 one)."""
+    folder = str(ctx.fixture("trained_model_dir")) if tflite_file or not model else model
+    pruned = folder
+    if tflite_file:
+        copy = ctx.tmp / "pruned-with-tflite"
+        shutil.copytree(folder, copy)
+        shutil.copy(Path(model, tflite_file), copy / ev.QUANTIZED_FILE)
+        pruned = str(copy)
     return c_evaluate.evaluate.python_func, dict(
-        dataset=Dataset(uri=data or str(ctx.fixture("digits_dir"))),
-        model=Model(uri=model or str(ctx.fixture("trained_model_dir"))), name="pruned",
-        evaluation=Artifact(uri=str(ctx.out / "evaluation")), metrics=Metrics(uri=str(ctx.out / "metrics")),
-        confusion=ClassificationMetrics(uri=str(ctx.out / "confusion")), tflite_file=tflite_file)
-
-
-def compare(ctx: Ctx, **gate):
-    """The compare step over three measured candidates, with the gate's thresholds ``gate``."""
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    inputs = {}
-    for name, accuracy in (("baseline", 0.9), ("finetuned", 0.92), ("pruned", 0.91)):
-        evaluation = ev.Evaluation(name=name, accuracy=accuracy, loss=0.3, top_k=1, top_k_accuracy=accuracy,
-                                   class_names=["a", "b"], precision=[0.9, 0.9], recall=[0.9, 0.9], f1=[0.9, 0.9],
-                                   confusion_matrix=[[9, 1], [1, 9]], size_bytes=1000, gzip_bytes=900, parameters=10,
-                                   latency_ms_batch1=1.0, latency_ms_batch32=5.0, examples=20)
-        (ctx.out / f"{name}.json").write_text(evaluation.to_json())
-        inputs[f"{name}_eval"] = Artifact(uri=str(ctx.out / f"{name}.json"))
-        inputs[name] = Model(uri=str(ctx.fixture("trained_model_dir")))
-    thresholds = {"min_accuracy": 0.0, "max_accuracy_drop": 0.01, "max_size_bytes": 0, **gate}
-    return c_evaluate.compare.python_func, dict(
+        dataset=Dataset(uri=data or str(ctx.fixture("digits_dir"))), baseline=Model(uri=folder),
+        finetuned=Model(uri=folder), pruned=Model(uri=pruned), gate_config=_config(ev.GateConfig, **gate),
         chosen=Model(uri=str(ctx.out / "chosen")), report_html=HTML(uri=str(ctx.out / "report.html")),
-        metrics=Metrics(uri=str(ctx.out / "metrics")), **inputs, **thresholds)
+        metrics=Metrics(uri=str(ctx.out / "metrics")), confusion=ClassificationMetrics(uri=str(ctx.out / "confusion")),
+        evaluations=Artifact(uri=str(ctx.out / "evaluations")))
 
 
 def export(ctx: Ctx, model: str | None = None, **over):
-    args = dict(pipeline_root=str(ctx.tmp / "root"), run_name="run", destination=str(ctx.tmp / "exports"),
-                version="v1")
+    fields = {"export_destination": str(ctx.tmp / "exports"), "export_version": "v1", **over}
     return c_export.export.python_func, dict(model=Model(uri=model or str(ctx.fixture("trained_model_dir"))),
-                                             dataset=Dataset(uri=str(ctx.fixture("digits_dir"))), **{**args, **over})
+                                             dataset=Dataset(uri=str(ctx.fixture("digits_dir"))), run_name="run",
+                                             config=_config(export_core.ExportConfig, **fields))
 
 
 def run_local(ctx: Ctx, *parameters: str):
@@ -374,39 +374,37 @@ CASES = [
     Case("ingest/gs-access-denied", lambda c: (c.deny_all(), ingest(c, source=f"gs://{c.bucket}/data"))[1],
          r"access to `gs://kftune-test-\w+` was denied: give the pipeline's service account", code=3),
     # augment
-    Case("augment/malformed-yaml", lambda c: augment(c, spec="{rotation_range: [40"), r"augment spec is not valid YAML"),
-    Case("augment/value-of-wrong-type", lambda c: augment(c, spec="{rotation_range: forty}"),
+    Case("augment/malformed-yaml", lambda c: augment(c, augment_spec="{rotation_range: [40"), r"augment spec is not valid YAML"),
+    Case("augment/value-of-wrong-type", lambda c: augment(c, augment_spec="{rotation_range: forty}"),
          r"augment `rotation_range` must be a number"),
-    Case("augment/negative-copies", lambda c: augment(c, copies=-1), r"`copies` must be 0"),
-    Case("augment/dataset-not-ingested", lambda c: augment(c, dataset=Dataset(uri=str(c.tmp))),
+    Case("augment/negative-copies", lambda c: augment(c, augment_copies=-1), r"`augment_copies` must be a whole number >= 0"),
+    Case("augment/dataset-not-ingested", lambda c: augment(c, data=Dataset(uri=str(c.tmp))),
          r"`.*` is not a kftune dataset \(no info\.json\): run the ingest step first"),
     # search
-    Case("search/malformed-yaml", lambda c: search_setup(c, space="{lr: {type: float, min: 0.1"),
+    Case("search/malformed-yaml", lambda c: validate(c, search_space="{lr: {type: float, min: 0.1"),
          r"search space is not valid YAML \(line 1, column \d+: .*\): write a mapping such as"),
-    Case("search/value-of-wrong-type", lambda c: search_setup(c, space="{lr: {type: float, min: low, max: 0.1}}"),
+    Case("search/value-of-wrong-type", lambda c: validate(c, search_space="{lr: {type: float, min: low, max: 0.1}}"),
          r"search space `lr`: `min` must be a number"),
-    Case("search/unknown-algorithm", lambda c: search_setup(c, algorithm="genetic"), r"`algorithm` must be one of"),
-    Case("search/max-trials-of-wrong-type", lambda c: search_setup(c, max_trials="3"),
-         r"`max_trials` must be a whole number >= 1. Received: max_trials='3'"),
-    Case("search/negative-epochs", lambda c: search_setup(c, epochs=-1), r"`epochs` must be a whole number >= 1"),
-    Case("search/model-not-importable", lambda c: search_setup(c, model="no_such_module:build"),
+    Case("search/unknown-algorithm", lambda c: validate(c, search_algorithm="genetic"), r"`search_algorithm` must be one of"),
+    Case("search/max-trials-of-wrong-type", lambda c: validate(c, max_trials="3"),
+         r"`max_trials` must be a whole number. Received: max_trials='3'"),
+    Case("search/negative-epochs", lambda c: validate(c, trial_epochs=-1), r"`trial_epochs` must be a whole number >= 1"),
+    Case("search/model-not-importable", lambda c: validate(c, model="no_such_module:build"),
          r"model `no_such_module:build`: module `no_such_module` cannot be imported"),
-    Case("search/grid-float-without-step", lambda c: search_setup(c, algorithm="grid", space="{lr: {type: float, min: 0.001, max: 0.1}}"),
+    Case("search/grid-float-without-step", lambda c: validate(c, search_algorithm="grid", search_space="{lr: {type: float, min: 0.001, max: 0.1}}"),
          r"search space `lr`: grid search needs a `step`"),
-    Case("search/state-bucket-missing", lambda c: search_setup(c, state_uri=f"{_missing_bucket(c)}/state"),
+    Case("search/state-bucket-missing", lambda c: validate(c, search_state_uri=f"{_missing_bucket(c)}/state"),
          rf"GCS bucket `{MISSING}` does not exist", code=3, after=_no_plan_written),
-    Case("search/zero-rounds", lambda c: (c_search.search_round_list.python_func, {"rounds": 0}),
-         r"`search_rounds` must be at least 1. Received: search_rounds=0"),
-    Case("search/trial-on-a-folder-that-is-no-dataset", lambda c: search_trial(c, data=str(c.tmp)),
+    Case("search/trial-on-a-folder-that-is-no-dataset", lambda c: search_worker(c, data=str(c.tmp)),
          r"`.*` is not a kftune dataset \(no info\.json\)"),
-    Case("search/more-folds-than-images-per-class", lambda c: search_trial(c, folds=200),
+    Case("search/more-folds-than-images-per-class", lambda c: search_worker(c, folds=200),
          r"`folds`=200 needs at least 200 training images of every class, but class `\d` has \d+",
          after=_no_fold_trained),
     # fine-tune
-    Case("finetune/negative-epochs", lambda c: finetune(c, epochs=-1), r"`epochs` must be a whole number >= 1"),
+    Case("finetune/negative-epochs", lambda c: finetune(c, finetune_epochs=-1), r"`finetune_epochs` must be a whole number >= 1"),
     Case("finetune/unknown-backbone", lambda c: finetune(c, backbone="inception"), r"`backbone` must be empty .* or one of"),
-    Case("finetune/learning-rate-of-wrong-type", lambda c: finetune(c, learning_rate="fast"),
-         r"`learning_rate` must be a number. Received: learning_rate='fast'"),
+    Case("finetune/learning-rate-of-wrong-type", lambda c: finetune(c, finetune_learning_rate="fast"),
+         r"`finetune_learning_rate` must be a number. Received: finetune_learning_rate='fast'"),
     Case("finetune/weights-file-that-is-no-weights",
          lambda c: finetune(c, backbone="mobilenet_v2_035", weights=_file(c, "w.h5", b"not weights")),
          r"weights file `.*w\.h5` does not fit MobileNetV2\(include_top=False\)", after=_no_model_written),
@@ -423,25 +421,50 @@ CASES = [
     Case("prune/sparsity-1.0", lambda c: prune(c, target_sparsity=1.0), r"`target_sparsity` must be in \[0, 1\)"),
     Case("prune/sparsity-of-wrong-type", lambda c: prune(c, target_sparsity="half"),
          r"`target_sparsity` must be a number. Received: target_sparsity='half'"),
-    Case("prune/negative-epochs", lambda c: prune(c, epochs=-2), r"`epochs` must be a whole number >= 1"),
-    Case("prune/unknown-quantization", lambda c: prune(c, quantize="fp16"), r"`quantize` takes a comma-separated subset"),
+    Case("prune/negative-epochs", lambda c: prune(c, prune_epochs=-2), r"`prune_epochs` must be a whole number >= 1"),
+    Case("prune/unknown-quantization", lambda c: prune(c, prune_quantize="fp16"), r"`prune_quantize` takes a comma-separated subset"),
     Case("prune/labels-other-than-the-model's-classes", lambda c: prune(c, data=str(c.fixture("three_class_dir"))),
          r"model `.*` was trained on classes .* but the dataset has \['x', 'y', 'z'\]", after=_no_model_written),
     Case("prune/model-with-code-in-a-lambda-layer", lambda c: prune(c, model=_lambda_model(c)),
          r"`.*lambda-model/model\.keras` is not a loadable Keras model", after=_no_model_written),
-    # evaluate and compare
+    # the validation step: what the Kubeflow run form sends, checked before any GPU step
+    Case("validate/source-of-another-scheme", lambda c: validate(c, source="s3://bucket/flowers"),
+         r"`source` uses s3://, which kftune cannot read or write"),
+    Case("validate/export-to-another-scheme", lambda c: validate(c, export_destination="s3://bucket/models"),
+         r"`export_destination` uses s3://"),
+    Case("validate/more-workers-than-trials", lambda c: validate(c, max_trials=8, parallel_trials=9),
+         r"`parallel_trials`=9 is more than `max_trials`=8"),
+    Case("validate/grid-larger-than-max-trials", lambda c: validate(c, search_algorithm="grid", max_trials=12),
+         r"more than the 9 points of the grid"),
+    Case("validate/learning-rate-nan", lambda c: validate(c, finetune_learning_rate=float("nan")),
+         r"`finetune_learning_rate` must be a finite number"),
+    Case("validate/negative-seed", lambda c: validate(c, seed=-1), r"`seed` must be a whole number >= 0"),
+    Case("validate/too-many-augmented-copies", lambda c: validate(c, augment_copies=100000),
+         r"`augment_copies` must be at most 50"),
+    Case("validate/export-destination-is-a-file", lambda c: validate(c, export_destination=_file(c, "models", b"x")),
+         r"`export_destination` `.*models` is a file"),
+    Case("validate/export-destination-under-a-file",
+         lambda c: validate(c, export_destination=_file(c, "f", b"x") + "/models"), r"is under `.*f`, which is a file"),
+    Case("validate/checkpoints-under-a-file", lambda c: validate(c, checkpoint_uri=_file(c, "ck", b"x") + "/run"),
+         r"`checkpoint_uri` `.*ck/run` is under"),
+    Case("validate/weights-file-missing", lambda c: validate(c, backbone="mobilenet_v2", weights=str(c.tmp / "w.h5")),
+         r"`weights` `.*w.h5` does not exist"),
+    Case("validate/export-version-taken", lambda c: (_existing_version(c), validate(c, export_destination=str(c.tmp / "exports"), export_version="v1"))[1],
+         r"`export_version` `v1` already exists"),
+    Case("validate/trials-beyond-bound", lambda c: validate(c, max_trials=100000), r"`max_trials` must be at most"),
+    # evaluate
     Case("evaluate/tflite-file-that-is-no-model",
          lambda c: evaluate(c, model=str(Path(_file(c, "m/x.tflite", b"garbage")).parent), tflite_file="x.tflite"),
-         r"`.*x\.tflite` is not a loadable TFLite model"),
+         r"`.*model_int8\.tflite` is not a loadable TFLite model"),
     Case("evaluate/labels-other-than-the-model's-classes", lambda c: evaluate(c, data=str(c.fixture("three_class_dir"))),
          r"model `.*model\.keras` was trained on classes .* but the dataset has \['x', 'y', 'z'\]"),
-    Case("compare/min-accuracy-above-1", lambda c: compare(c, min_accuracy=2.0), r"`min_accuracy` must be in \[0, 1\]"),
+    Case("evaluate/min-accuracy-above-1", lambda c: evaluate(c, min_accuracy=2.0), r"`min_accuracy` must be in \[0, 1\]"),
     # export
-    Case("export/version-escaping-the-destination", lambda c: export(c, version="../v1"),
-         r"`version` must start with a letter or digit .* Received: version='\.\./v1'"),
-    Case("export/destination-without-bucket", lambda c: export(c, destination="gs:///models"),
+    Case("export/version-escaping-the-destination", lambda c: export(c, export_version="../v1"),
+         r"`export_version` must start with a letter or digit .* Received: export_version='\.\./v1'"),
+    Case("export/destination-without-bucket", lambda c: export(c, export_destination="gs:///models"),
          r"`gs:///models` names no bucket: write it as gs://BUCKET/PATH"),
-    Case("export/destination-bucket-missing", lambda c: export(c, destination=f"{_missing_bucket(c)}/models"),
+    Case("export/destination-bucket-missing", lambda c: export(c, export_destination=f"{_missing_bucket(c)}/models"),
          rf"GCS bucket `{MISSING}` does not exist", code=3),
     Case("export/version-already-exists", lambda c: (_existing_version(c), export(c))[1],
          r"`.*exports/v1` already exists and kftune never overwrites an export", after=_existing_version_unchanged),
@@ -452,9 +475,9 @@ CASES = [
          r"pipeline parameter `max_trials` must be integer. Received: 'three'"),
     Case("pipeline/unknown-parameter", lambda c: run_local(c, "target_sparsty=0.5"),
          r"unknown pipeline parameter `target_sparsty`"),
-    Case("pipeline/negative-epochs", lambda c: run_local(c, "trial_epochs=-1"), r"`epochs` must be a whole number >= 1"),
+    Case("pipeline/negative-epochs", lambda c: run_local(c, "trial_epochs=-1"), r"`trial_epochs` must be a whole number >= 1"),
     Case("pipeline/unknown-quantization", lambda c: run_local(c, "prune_quantize=fp16"),
-         r"`quantize` takes a comma-separated subset"),
+         r"`prune_quantize` takes a comma-separated subset"),
 ]
 
 
@@ -479,7 +502,7 @@ def test_the_matrix_covers_every_component_with_at_least_30_inputs():
     assert len(CASES) >= 30
     assert len({case.id for case in CASES}) == len(CASES)
     steps = {case.id.split("/")[0] for case in CASES}
-    assert steps >= {"ingest", "augment", "search", "finetune", "prune", "evaluate", "compare", "export", "pipeline"}
+    assert steps >= {"validate", "ingest", "augment", "search", "finetune", "prune", "evaluate", "export", "pipeline"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

@@ -1,0 +1,223 @@
+"""Search state traffic: the bytes each search step moves through GCS, as the number of trials grows.
+
+Runs ``search.work`` (one worker, trials in this process) against a GCS emulator
+(gcp-storage-emulator on loopback) behind a loopback proxy that counts the HTTP
+bytes of every request (request bodies up, response bodies down). The model is
+a user model (``module:function``) with a ~2 MB Dense layer, so that every trial
+writes a multi-MB checkpoint; each trial trains 1 epoch on the bundled digits at
+16x16. For N = 4, 16, 64 trials it prints the bytes per oracle turn (ask, tell),
+per trial (its own folder's sync and reads) and of the result step
+(``save_best_model``), with ratios against N = 4, and what the old layout, where
+every step downloaded everything under the state URI, would move per step at the end.
+
+    .venv/bin/python bench/bench_search_storage.py [--quick]     # --quick: N = 4 and 16 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import http.server
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
+from kftune import dataset, models, report, search, storage
+
+BUCKET = "bench"
+UNITS = 640  # 768 inputs (16x16x3) x 640 units x 4 bytes: a 2.0 MB Dense kernel
+MODEL_MODULE = f'''
+from kftune import models
+
+def build(input_shape, num_classes, **_):
+    k = models.keras()
+    inputs = k.Input(shape=input_shape)
+    x = k.layers.Rescaling(1.0 / 255.0)(k.layers.Flatten()(inputs))
+    x = k.layers.Dense({UNITS}, activation="relu", name="big")(x)
+    units, activation, _ = models.output_head(num_classes)
+    return k.Model(inputs, k.layers.Dense(units, activation=activation)(x))
+'''
+SPACE = "{learning_rate: {type: float, min: 0.0001, max: 0.003, sampling: log}, batch_size: {type: choice, values: [32, 64]}}"
+
+
+class CountingProxy(http.server.ThreadingHTTPServer):
+    """Forwards every request to ``upstream`` and counts the body bytes each way."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str):
+        self.upstream = urlsplit(upstream)
+        self.lock = threading.Lock()
+        self.up = self.down = self.requests = 0
+        super().__init__(("127.0.0.1", 0), _Forward)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def total(self) -> int:
+        with self.lock:
+            return self.up + self.down
+
+
+class _Forward(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+    def _any(self) -> None:
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            raise RuntimeError("chunked request bodies are not counted by this proxy")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upstream = self.server.upstream
+        connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in self._HOP}
+            connection.request(self.command, self.path, body=body, headers=headers)
+            response = connection.getresponse()
+            status, answer, reply_headers = response.status, response.read(), response.getheaders()
+        finally:
+            connection.close()
+        with self.server.lock:
+            self.server.up += len(body)
+            self.server.down += len(answer)
+            self.server.requests += 1
+        self.send_response(status)
+        for key, value in reply_headers:
+            if key.lower() not in self._HOP:
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def start_gcs() -> CountingProxy:
+    """The emulator on a free loopback port, the counting proxy in front, and the GCS client pointed at the proxy."""
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    create_server("127.0.0.1", port, in_memory=True).start()
+    proxy = CountingProxy(f"http://127.0.0.1:{port}")
+    os.environ["STORAGE_EMULATOR_HOST"] = proxy.url
+    storage._client.cache_clear()
+    storage._client().create_bucket(BUCKET)
+    return proxy
+
+
+class Meter:
+    """Wraps the search's steps so that each records the bytes the proxy counted while it ran."""
+
+    def __init__(self, proxy: CountingProxy):
+        self.proxy = proxy
+        self.turns: list[tuple[str, int]] = []  # ("ask" or "tell", bytes)
+        self.trials: list[int] = []
+        self._verb = ""
+        real_turn, real_trial, real_ask, real_tell = (search.oracle_turn, search.run_stored_trial, search.ask,
+                                                      search.tell)
+
+        @contextlib.contextmanager
+        def turn(state_uri):
+            before = proxy.total()
+            with real_turn(state_uri) as oracle_dir:
+                yield oracle_dir
+            self.turns.append((self._verb, proxy.total() - before))
+
+        def trial(*args, **kwargs):
+            before = proxy.total()
+            result = real_trial(*args, **kwargs)
+            self.trials.append(proxy.total() - before)
+            return result
+
+        def verb(name: str, real):
+            def call(*args, **kwargs):
+                self._verb = name
+                return real(*args, **kwargs)
+            return call
+
+        search.oracle_turn, search.run_stored_trial = turn, trial
+        search.ask, search.tell = verb("ask", real_ask), verb("tell", real_tell)
+
+    def reset(self) -> None:
+        self.turns, self.trials = [], []
+
+
+def state_bytes(prefix: str) -> tuple[int, int]:
+    """(bytes, objects) under ``gs://BUCKET/prefix/``: what the old layout downloaded at every step."""
+    blobs = list(storage._client().bucket(BUCKET).list_blobs(prefix=f"{prefix}/"))
+    return sum(b.size for b in blobs), len(blobs)
+
+
+def measure(data: Path, n: int, meter: Meter, workdir: Path) -> dict:
+    config = search.SearchConfig(search_space=SPACE, search_algorithm="random", max_trials=n, parallel_trials=1,
+                                 trial_epochs=1, seed=0, model="bench_big_dense:build",
+                                 search_state_uri=f"gs://{BUCKET}/state-{n}")
+    meter.reset()
+    started = time.perf_counter()
+    search.work(data, config, fresh_process=False, progress=lambda _: None)
+    before = meter.proxy.total()
+    winner, _ = search.save_best_model(data, config, workdir / f"model-{n}")
+    result = meter.proxy.total() - before
+    seconds = time.perf_counter() - started
+    turns = [b for _, b in meter.turns]
+    asks, tells = [b for v, b in meter.turns if v == "ask"], [b for v, b in meter.turns if v == "tell"]
+    old, objects = state_bytes(f"state-{n}")
+    weights = os.path.getsize(workdir / f"model-{n}" / models.MODEL_FILE)
+    return {"n": n, "turn_mean": sum(turns) / len(turns), "turn_max": max(turns), "ask": sum(asks) / len(asks),
+            "tell": sum(tells) / len(tells), "trial": sum(meter.trials) / len(meter.trials), "result": result,
+            "total": sum(turns) + sum(meter.trials) + result, "old": old, "objects": objects, "seconds": seconds,
+            "best": winner.objective, "model_file": weights}
+
+
+def table(rows: list[dict]) -> str:
+    base = rows[0]
+
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]:,.0f} ({row[key] / base[key]:.2f}x)"
+
+    lines = [[r["n"], cell(r, "turn_mean"), cell(r, "turn_max"), f"{r['ask']:,.0f} / {r['tell']:,.0f}",
+              cell(r, "trial"), cell(r, "result"), f"{r['total']:,}", f"{r['old']:,} ({r['objects']} objects)",
+              f"{r['seconds']:.0f}"] for r in rows]
+    return report.markdown_table(
+        ["N trials", "mean bytes per oracle turn (vs N=4)", "max bytes per oracle turn", "mean ask / tell",
+         "mean bytes per trial", "result step bytes", "total bytes",
+         "old layout: bytes per step at the end (everything under the state URI)", "wall s"], lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 4 and 16 only")
+    sizes = (4, 16) if parser.parse_args().quick else (4, 16, 64)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "bench_big_dense.py").write_text(MODEL_MODULE)
+        sys.path.insert(0, str(work))
+        data = work / "digits"
+        dataset.ingest(dataset.IngestConfig(image_size=16), data, progress=lambda _: None)
+        meter = Meter(start_gcs())
+        rows = []
+        for n in sizes:
+            rows.append(measure(data, n, meter, work))
+            print(f"N={n}: {rows[-1]['seconds']:.0f} s, best val_accuracy {rows[-1]['best']:.4f}, saved model "
+                  f"file {rows[-1]['model_file']:,} bytes, {meter.proxy.requests:,} requests so far", flush=True)
+    print()
+    print(table(rows))
+    print(f"bytes are HTTP bodies (up + down) through the proxy; all sizes in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

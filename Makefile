@@ -10,8 +10,9 @@ TAG ?= 0.1.0
 KFTUNE_IMAGE ?= $(IMAGE_REGISTRY)/kftune:$(TAG)
 KFTUNE_CPU_IMAGE ?= $(IMAGE_REGISTRY)/kftune-cpu:$(TAG)
 export KFTUNE_IMAGE KFTUNE_CPU_IMAGE
-# Kubeflow Pipelines release for `make kind-up`: the backend of the pinned kfp SDK.
-KFP_VERSION ?= 2.17.3
+# Kubeflow Pipelines backend release for `make kind-up`. Backend releases are tagged apart
+# from the SDK's (kfp 2.17.3 is tag sdk-2.17.3); 2.17.0 is the backend of the SDK's 2.17 line.
+KFP_VERSION ?= 2.17.0
 KIND_CLUSTER ?= kftune
 # Extra pipeline parameters for `make run`, e.g. make run ARGS="max_trials=4 target_sparsity=0.8"
 ARGS ?=

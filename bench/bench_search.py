@@ -3,7 +3,7 @@
 Prints, side by side, the best validation accuracy, the training epochs spent
 and the wall time of each algorithm, on the tutorial's 3 x 3 space and on a
 four-hyperparameter space whose grid has 81 points; then the wall time of the
-search steps under KFP's local runner with 1 and with 3 parallel trial tasks.
+search workers with 1 and with 3 running at once (each its own process, as each is its own pod).
 
     .venv/bin/python bench/bench_search.py [--quick]
 """
@@ -26,12 +26,13 @@ dropout: {type: choice, values: [0.0, 0.25, 0.5]}
 
 
 def run(data: Path, space_yaml: str, algorithm: str, max_trials: int, epochs: int, workdir: Path) -> list:
-    config = search.SearchConfig(search_algorithm=algorithm, max_trials=max_trials, trial_epochs=epochs, seed=1)
+    config = search.SearchConfig(search_algorithm=algorithm, max_trials=max_trials, parallel_trials=1,
+                                 trial_epochs=epochs, seed=1, search_space=space_yaml,
+                                 search_state_uri=str(workdir / algorithm))
     started = time.perf_counter()
-    best = search.search(data, search.SearchSpace.from_yaml(space_yaml), config, workdir / algorithm,
-                         progress=lambda _: None)
+    best = search.search(data, config, progress=lambda _: None)
     seconds = time.perf_counter() - started
-    results = search.results(workdir / algorithm)
+    results = search.results(workdir / algorithm / search.ORACLE_DIR)
     return [algorithm, len(results), sum(r.epochs for r in results), best.objective, seconds]
 
 
@@ -49,36 +50,29 @@ def compare(data: Path, title: str, space_yaml: str, budget_trials: int, epochs:
 
 
 def parallel_wall_times(trials: int, epochs: int) -> str:
-    """Runs the pipeline's search steps under kfp.local with 1 and 3 trial tasks per round."""
-    import warnings
-
-    from kfp import dsl, local
-
-    from pipelines.search_steps import search_steps
-
-    warnings.filterwarnings("ignore")
-
-    @dsl.pipeline(name="kftune-search-bench")
-    def search_only(data_dir: str, per_round: int, rounds: int):
-        imported = dsl.importer(artifact_uri=data_dir, artifact_class=dsl.Dataset, reimport=True)
-        search_steps(imported.output, space=search.CLASSIC_SPACE_YAML, algorithm="random", max_trials=trials,
-                     epochs=epochs, folds=1, seed=1, model="small_cnn", rounds=rounds, trials_per_round=per_round,
-                     state_uri="")
+    """Runs the pipeline's search workers (one process each, as pods) with 1 and 3 workers at once."""
+    import json
+    import subprocess
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp, "data")
         dataset.ingest(dataset.IngestConfig(image_size=16), data, progress=lambda _: None)
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(tmp, "root")))
-        for per_round in (1, 3):
+        for workers in (1, 3):
+            config = search.SearchConfig(search_algorithm="random", max_trials=trials, parallel_trials=workers,
+                                         trial_epochs=epochs, seed=1, search_state_uri=str(Path(tmp, f"state{workers}")))
+            code = (f"from kftune import search; import json, sys; search.work({str(data)!r}, "
+                    f"search.SearchConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), progress=lambda _: None)")
             started = time.perf_counter()
-            search_only(data_dir=str(data), per_round=per_round, rounds=-(-trials // per_round))
-            rows.append([per_round, trials, f"{time.perf_counter() - started:.0f}"])
+            procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(config.__dict__), str(i)])
+                     for i in range(workers)]
+            assert all(p.wait() == 0 for p in procs)
+            rows.append([workers, trials, f"{time.perf_counter() - started:.0f}"])
     base = float(rows[0][2])
     for row in rows:
         row.append(f"{base / float(row[2]):.2f}x")
-    return "### Parallel trial tasks under the local runner\n\n" + report.markdown_table(
-        ["trial tasks per round", "trials", "wall s", "speed-up"], rows)
+    return "### Parallel search workers (processes standing for pods)\n\n" + report.markdown_table(
+        ["workers", "trials", "wall s", "speed-up"], rows)
 
 
 def main() -> int:

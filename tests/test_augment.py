@@ -1,6 +1,7 @@
 """kftune.augment against ImageDataGenerator, its two resampling paths against each other, and its data handling."""
 
 import base64
+import json
 import re
 
 import numpy as np
@@ -339,7 +340,7 @@ def test_component_writes_offline_shards_metadata_and_preview(digits_dir, tmp_pa
 
     augmented, preview = Dataset(uri=str(tmp_path / "augmented")), HTML(uri=str(tmp_path / "preview.html"))
     component.python_func(dataset=Dataset(uri=str(digits_dir)), augmented=augmented, preview=preview,
-                          spec=augment.CLASSIC_YAML, copies=1, seed=0)
+                          config=json.dumps({"augment_spec": augment.CLASSIC_YAML, "augment_copies": 1, "seed": 0}))
     train = dataset.DatasetInfo.load(digits_dir).splits["train"]
     assert augmented.metadata["mode"] == "offline" and augmented.metadata["splits"]["train"] == 2 * train
     assert augmented.metadata["spec"] == augment.CLASSIC.to_dict()
@@ -356,7 +357,8 @@ def test_component_exits_with_the_input_error_for_a_bad_spec(digits_dir, tmp_pat
 
     with pytest.raises(SystemExit) as exited:
         component.python_func(dataset=Dataset(uri=str(digits_dir)), augmented=Dataset(uri=str(tmp_path / "a")),
-                              preview=HTML(uri=str(tmp_path / "p.html")), spec="fill_mode: mirror", copies=0, seed=0)
+                              preview=HTML(uri=str(tmp_path / "p.html")),
+                              config=json.dumps({"augment_spec": "fill_mode: mirror", "augment_copies": 0, "seed": 0}))
     assert exited.value.code == EXIT_INPUT
     assert "fill_mode" in capsys.readouterr().err
 

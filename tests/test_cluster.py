@@ -17,9 +17,13 @@ from kftune.errors import InputError
 from pipelines import cli, cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_STEPS = {"search_trial", "search_result", "finetune", "prune", "evaluate"}
-CACHED_STEPS = {"ingest", "augment", "search_round_list", "evaluate", "compare"}
-CPU_IMAGE_STEPS = {"ingest", "augment", "compare", "export"}
+GPU_STEPS = {"search_worker", "search_result", "finetune", "prune"}
+# Retried for preemption; not the search worker, whose retries the backend ignores inside a ParallelFor (#13897).
+RETRIED_STEPS = {"search_result", "finetune", "prune"}
+CACHED_STEPS = {"ingest", "augment", "evaluate"}
+CPU_IMAGE_STEPS = {"validate", "ingest", "augment", "evaluate", "export", "gate_failed"}
+# The newest Kubeflow Pipelines backend release of kfp 2.17's line (kubeflow/pipelines tag 2.17.0).
+KFP_BACKEND_RELEASE = "2.17.0"
 GKE_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 GKE_RETRY = {"maxRetryCount": 3, "backoffDuration": "60s", "backoffFactor": 2.0, "backoffMaxDuration": "3600s"}
 # Planted in the compiling process's environment: none of it may reach a compiled YAML.
@@ -38,12 +42,11 @@ image_pull_secrets: [regcred]
 defaults:
   env: {TF_CPP_MIN_LOG_LEVEL: "1"}
 steps:
-  search_trial: &l4
+  search_worker: &l4
     node_selector: {cloud.google.com/gke-accelerator: nvidia-l4}
   search_result: *l4
   finetune: {<<: *l4, accelerator: {type: nvidia.com/gpu, count: 2}}
   prune: *l4
-  evaluate: *l4
 """
 
 
@@ -86,7 +89,7 @@ def test_the_shipped_profiles_are_gke_gpu_and_cpu():
 def test_gke_gpu_puts_the_training_steps_on_the_gpu_pool_and_the_rest_beside_it(compiled):
     docs, executors, platform, tasks = read(compiled["gke-gpu"])
     assert len(docs) == 2 and set(platform) == set(executors)
-    assert {step_of(e) for e in executors} >= GPU_STEPS | CPU_IMAGE_STEPS | {"search_setup", "search_ask", "search_tell"}
+    assert {step_of(e) for e in executors} == GPU_STEPS | CPU_IMAGE_STEPS == set(cluster.STEPS)
     for name, executor in executors.items():
         step, resources, k8s = step_of(name), executor["container"]["resources"], platform[name]
         assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(resources), name
@@ -101,7 +104,7 @@ def test_gke_gpu_puts_the_training_steps_on_the_gpu_pool_and_the_rest_beside_it(
             assert "accelerator" not in resources and "nodeSelector" not in k8s and "tolerations" not in k8s, name
     for task, executor in tasks:
         step = step_of(executor)
-        assert task.get("retryPolicy") == (GKE_RETRY if step in GPU_STEPS else None), step
+        assert task.get("retryPolicy") == (GKE_RETRY if step in RETRIED_STEPS else None), step
         assert task["cachingOptions"].get("enableCache", False) == (step in CACHED_STEPS), step
 
 
@@ -135,7 +138,7 @@ def test_a_custom_profile_extends_gke_gpu_and_mounts_its_credentials_by_referenc
             assert k8s["tolerations"] == [GKE_TOLERATION], name
     assert executors["exec-finetune"]["container"]["resources"]["accelerator"]["resourceCount"] == "2"
     assert executors["exec-prune"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
-    assert all(task.get("retryPolicy") == GKE_RETRY for task, e in tasks if step_of(e) in GPU_STEPS)
+    assert all(task.get("retryPolicy") == GKE_RETRY for task, e in tasks if step_of(e) in RETRIED_STEPS)
 
 
 def test_no_compiled_yaml_holds_a_secret_value(compiled):
@@ -163,7 +166,8 @@ def test_the_imported_pipeline_carries_the_default_profile(tmp_path):
     ("steps: {finetune: {retry: {backoff: 60s}}}", "`retry` needs `max_retries`"),
     ("defaults: {env: {HF_TOKEN: abc}}", "env `HF_TOKEN` looks like a credential"),
     ("pipeline_root: /tmp/root", "`pipeline_root` must start with gs://"),
-    ("extends: cpu\nsteps: {finetun: {caching: true}}", "sets step(s) finetun, which the pipeline does not have"),
+    ("extends: cpu\nsteps: {finetun: {caching: true}}", "sets step `finetun`, which the pipeline does not have"),
+    ("steps: {finetune: {image: tpu}}", "`image` must be gpu"),
     ("steps: {prune: {resources: {limits: {memory: lots}}}}", "step `prune`: Invalid memory string"),
     ("extends: self.yaml", "extends itself"),
 ])
@@ -188,11 +192,14 @@ def test_compile_writes_other_profiles_beside_the_checked_in_yaml(tmp_path, monk
 # ---------------------------------------------------------------- images
 
 
-def test_training_steps_use_the_gpu_image_and_light_steps_the_cpu_image():
+def test_training_steps_use_the_gpu_image_and_light_steps_the_cpu_image(compiled):
     executors = next(yaml.safe_load_all(cli.COMPILED.read_text()))["deploymentSpec"]["executors"]
     for name, executor in executors.items():
         expected = "/kftune-cpu:0.1.0" if step_of(name) in CPU_IMAGE_STEPS else "/kftune:0.1.0"
         assert executor["container"]["image"].endswith(expected), name
+    # The cpu profile runs every step on the CPU image: no CUDA image pulled on a CPU pool.
+    for name, executor in read(compiled["cpu"])[1].items():
+        assert executor["container"]["image"].endswith("/kftune-cpu:0.1.0"), name
 
 
 def test_one_registry_setting_retargets_both_images_as_make_images_tags_them(tmp_path):
@@ -247,10 +254,14 @@ def test_kind_installs_the_standalone_manifests_of_the_pinned_release():
     script = (ROOT / "deploy" / "kind" / "kind.sh").read_text()
     assert "manifests/kustomize" in script and "cluster-scoped-resources?ref=$KFP_VERSION" in script
     assert "env/platform-agnostic?ref=$KFP_VERSION" in script and not re.search(r"apply -k \S*env/dev", script)
+    # Backend releases are tagged apart from the SDK's (sdk-2.x.y): the kind cluster pins a backend tag that
+    # exists, of the SDK's minor release (the pairs the README states).
     pinned = re.search(r"^KFP_VERSION \?= (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
     from importlib.metadata import version
 
-    assert pinned == version("kfp") == version("kfp-server-api")
+    assert pinned == KFP_BACKEND_RELEASE
+    assert pinned.rsplit(".", 1)[0] == version("kfp").rsplit(".", 1)[0] == version("kfp-server-api").rsplit(".", 1)[0]
+    assert f"| {version('kfp')} | {pinned} |" in (ROOT / "README.md").read_text()
     assert cluster.Profile.load(ROOT / "deploy" / "kind" / "profile.yaml").defaults["volumes"] == [
         {"pvc": "kftune-shared", "mount_path": "/mnt/kftune"}]
     with pytest.raises(InputError):

@@ -1,6 +1,7 @@
 """Evaluation on known predictions, the KFP metrics artifacts, gating and the comparison report."""
 
 import dataclasses
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -208,31 +209,36 @@ def test_evaluate_refuses_a_model_trained_on_other_classes(digits_dir, brightnes
 # ---------------------------------------------------------------- component
 
 
-def test_evaluate_component_writes_kfp_metrics_and_labelled_confusion_matrix(shapes_dir, brightness_model_dir, tmp_path):
-    from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Metrics, Model
+def test_evaluate_component_scores_every_candidate_and_writes_a_labelled_confusion_matrix(
+        shapes_dir, brightness_model_dir, tmp_path, capsys):
+    from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Metrics, Model
 
     from components.evaluate import evaluate
 
     info, labels, predicted, _ = _expected(shapes_dir)
-    evaluation = Artifact(name="evaluation", uri=str(tmp_path / "evaluation"))
-    metrics = Metrics(name="metrics", uri=str(tmp_path / "metrics"))
-    confusion = ClassificationMetrics(name="confusion", uri=str(tmp_path / "confusion"))
-    evaluate.python_func(
-        dataset=Dataset(uri=str(shapes_dir)), model=Model(uri=str(brightness_model_dir)), name="pruned",
-        evaluation=evaluation, metrics=metrics, confusion=confusion,
-    )
+    out = {"chosen": Model(uri=str(tmp_path / "chosen")), "report_html": HTML(uri=str(tmp_path / "report.html")),
+           "metrics": Metrics(uri=str(tmp_path / "metrics")),
+           "confusion": ClassificationMetrics(uri=str(tmp_path / "confusion")),
+           "evaluations": Artifact(uri=str(tmp_path / "evaluations"))}
+    model = Model(uri=str(brightness_model_dir))
+    verdict = evaluate.python_func(dataset=Dataset(uri=str(shapes_dir)), baseline=model, finetuned=model, pruned=model,
+                                   gate_config=json.dumps({"min_accuracy": 0.0, "max_accuracy_drop": 0.01,
+                                                           "max_size_bytes": 0}), **out)
 
+    assert verdict == "pass"
     expected_matrix = np.zeros((3, 3), int)
     np.add.at(expected_matrix, (labels, predicted), 1)
-    assert confusion.metadata["confusionMatrix"] == {
+    assert out["confusion"].metadata["confusionMatrix"] == {
         "annotationSpecs": [{"displayName": name} for name in ["bright", "dark", "mid"]],
         "rows": [{"row": row} for row in expected_matrix.tolist()],
     }
-    saved = ev.Evaluation.from_json(Path(evaluation.path).read_text())
-    assert saved.name == "pruned" and saved.confusion_matrix == expected_matrix.tolist()
-    assert metrics.metadata["accuracy"] == pytest.approx(np.mean(predicted == labels))
-    assert metrics.metadata["parameters"] == 6
-    assert {f"{kind}_{name}" for kind in ("precision", "recall", "f1") for name in info.class_names} <= set(metrics.metadata)
+    saved = json.loads(Path(out["evaluations"].path).read_text())
+    assert [e["name"] for e in saved] == ["baseline", "finetuned", "pruned"]  # no int8 file: no quantized candidate
+    assert saved[0]["confusion_matrix"] == expected_matrix.tolist()
+    assert out["metrics"].metadata["baseline_accuracy"] == pytest.approx(np.mean(predicted == labels))
+    assert out["metrics"].metadata["gate_passed"] == 1
+    assert out["chosen"].metadata["passed"] is True and (tmp_path / "chosen" / "model.keras").exists()
+    assert "no quantized candidate" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- gate
@@ -291,71 +297,50 @@ def test_choose_refuses_duplicate_names():
 # ---------------------------------------------------------------- compare
 
 
-def _compare(tmp_path, candidates, **thresholds):
-    from kfp.dsl import HTML, Artifact, Metrics, Model
-
-    from components.evaluate import compare
-
-    inputs = {}
-    for c in candidates:
-        folder = tmp_path / "models" / c.name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "which.txt").write_text(c.name)
-        path = tmp_path / f"{c.name}.json"
-        path.write_text(c.to_json())
-        inputs[f"{c.name}_eval"] = Artifact(uri=str(path))
-        inputs[c.name] = Model(uri=str(folder))
-    inputs.pop("quantized", None)  # the quantized candidate lives in the pruned model's folder
-    outputs = {"chosen": Model(uri=str(tmp_path / "chosen")), "report_html": HTML(uri=str(tmp_path / "report.html")),
-               "metrics": Metrics(uri=str(tmp_path / "metrics"))}
-    passed = compare.python_func(**inputs, **outputs, **thresholds)
-    return passed, outputs
+GATE = dict(min_accuracy=0.9, max_accuracy_drop=0.01, max_size_bytes=0)
 
 
-def test_compare_passes_copies_the_chosen_model_and_reports_every_candidate(tmp_path, capsys):
-    passed, out = _compare(tmp_path, CANDIDATES, min_accuracy=0.9, max_accuracy_drop=0.01, max_size_bytes=0)
-
-    assert passed is True
-    assert (tmp_path / "chosen" / "which.txt").read_text() == "pruned"
-    assert out["chosen"].metadata["candidate"] == "pruned" and out["chosen"].metadata["passed"] is True
-    assert out["chosen"].metadata["metrics"]["gzip_bytes"] == 30_000
-    assert "chosen: pruned" in capsys.readouterr().out
-    page = Path(out["report_html"].path).read_text()
+def test_the_smallest_passing_candidate_is_chosen_and_the_report_shows_every_one():
+    gate = ev.GateConfig(**GATE)
+    decision = ev.choose(CANDIDATES, gate)
+    assert decision.passed and decision.chosen == "pruned"
+    page = ev.comparison_html(CANDIDATES, gate, decision)
     for c in CANDIDATES:
         assert f"<td>{c.name}</td>" in page and f"<td>{c.gzip_bytes}</td>" in page
     assert "<h3>F1 per class</h3>" in page and "<td>bright</td>" in page
     assert 'src="data:image/png;base64,' in page
 
 
-def test_compare_fails_and_the_run_names_the_failed_threshold(tmp_path, capsys):
-    passed, out = _compare(tmp_path, CANDIDATES, min_accuracy=0.0, max_accuracy_drop=0.01, max_size_bytes=20_000)
-
-    assert passed is False
-    failed = out["chosen"].metadata["failed_thresholds"]
-    assert "pruned: gzip size 30000 B > max_size_bytes 20000" in failed
-    assert "baseline: gzip size 40000 B > max_size_bytes 20000" in failed
-    assert "NOT EXPORTED" in capsys.readouterr().out
-    assert "max_size_bytes 20000" in Path(out["report_html"].path).read_text()
-
-
-def test_compare_can_choose_the_quantized_candidate_from_the_pruned_folder(tmp_path):
+def test_the_quantized_candidate_can_be_chosen():
     quantized = _candidate("quantized", 0.94, 10_000, model_file="model_int8.tflite")
-    passed, out = _compare(tmp_path, [*CANDIDATES, quantized], min_accuracy=0.9, max_accuracy_drop=0.01,
-                           max_size_bytes=0)
-
-    assert passed is True
-    assert out["chosen"].metadata["candidate"] == "quantized"
-    assert out["chosen"].metadata["model_file"] == "model_int8.tflite"
-    assert (tmp_path / "chosen" / "which.txt").read_text() == "pruned"
+    assert ev.choose([*CANDIDATES, quantized], ev.GateConfig(**GATE)).chosen == "quantized"
 
 
-def test_compare_with_real_evaluations(shapes_dir, brightness_model_dir, tmp_path):
+def test_a_failed_gate_runs_the_else_branch_which_names_each_missed_threshold(tmp_path, capsys):
+    from kfp.dsl import Artifact, Markdown
+
+    from components.evaluate import gate_failed
+
+    evaluations = tmp_path / "evaluations"
+    evaluations.write_text(json.dumps([json.loads(c.to_json()) for c in CANDIDATES]))
+    report = Markdown(uri=str(tmp_path / "report.md"))
+    uri, chosen = gate_failed.python_func(
+        evaluations=Artifact(uri=str(evaluations)), report=report,
+        gate_config=json.dumps({"min_accuracy": 0.0, "max_accuracy_drop": 0.01, "max_size_bytes": 20_000}))
+    assert uri == "" and chosen in {c.name for c in CANDIDATES}
+    text = Path(report.path).read_text()
+    assert "Not exported" in text
+    assert "pruned: gzip size 30000 B > max_size_bytes 20000" in text
+    assert "baseline: gzip size 40000 B > max_size_bytes 20000" in text
+    assert "NOT EXPORTED" in capsys.readouterr().out
+
+
+def test_real_evaluations_name_an_accuracy_drop(shapes_dir, brightness_model_dir):
     measured = ev.evaluate("baseline", brightness_model_dir, shapes_dir)
     worse = dataclasses.replace(measured, name="finetuned", accuracy=measured.accuracy - 0.2)
     pruned = dataclasses.replace(measured, name="pruned", gzip_bytes=measured.gzip_bytes // 2)
-    passed, out = _compare(tmp_path, [measured, worse, pruned], min_accuracy=0.0, max_accuracy_drop=0.05,
-                           max_size_bytes=0)
-    assert passed is True and out["chosen"].metadata["candidate"] == "pruned"
-    assert out["chosen"].metadata["accuracy"] == pytest.approx(measured.accuracy)
-    assert "finetuned: accuracy drop 0.2000 against baseline &gt; max_accuracy_drop 0.05" in Path(
-        out["report_html"].path).read_text()
+    gate = ev.GateConfig(min_accuracy=0.0, max_accuracy_drop=0.05)
+    decision = ev.choose([measured, worse, pruned], gate)
+    assert decision.passed and decision.chosen == "pruned"
+    assert "finetuned: accuracy drop 0.2000 against baseline &gt; max_accuracy_drop 0.05" in ev.comparison_html(
+        [measured, worse, pruned], gate, decision)

@@ -110,10 +110,11 @@ def test_export_component_records_the_run_and_maps_a_taken_version_to_a_user_err
     chosen = Model(uri=str(model_dir), metadata={"candidate": "quantized", "model_file": "model_dynamic.tflite",
                                                  "metrics": {"accuracy": 0.9, "gzip_bytes": 1234}})
     data = Dataset(uri=str(digits_dir))
-    arguments = dict(model=chosen, dataset=data, pipeline_root=str(tmp_path), run_name="run-7", destination="",
-                     version="v3")
+    arguments = dict(model=chosen, dataset=data, run_name="run-7",
+                     config=json.dumps({"export_destination": f"{tmp_path}/exports", "export_version": "v3"}))
 
-    uri = export.python_func(**arguments)
+    uri, candidate = export.python_func(**arguments)
+    assert candidate == "quantized"
 
     assert uri == f"{tmp_path}/exports/v3"
     metadata = json.loads(Path(uri, "metadata.json").read_text())

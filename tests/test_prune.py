@@ -237,18 +237,18 @@ def _component_artifacts(tmp_path, digits_dir, trained_model_dir):
 
 
 def _component_parameters(**overrides):
-    defaults = pr.PruneConfig()
-    values = {name: getattr(defaults, name) for name in (
-        "target_sparsity", "schedule", "initial_sparsity", "epochs", "begin_step", "end_step", "frequency",
-        "layer_types", "m_by_n", "learning_rate", "seed", "quantize", "max_accuracy_drop", "sparsity_levels")}
-    return {**values, **overrides}
+    import dataclasses
+    import json
+
+    # The step's settings as the validation step hands them over: the config's fields as JSON.
+    return {"config": json.dumps({**dataclasses.asdict(pr.PruneConfig()), **overrides})}
 
 
 def test_component_writes_metrics_and_reports(tmp_path, digits_dir, trained_model_dir):
     from components.prune import prune
 
     artifacts = _component_artifacts(tmp_path, digits_dir, trained_model_dir)
-    prune.python_func(**artifacts, **_component_parameters(target_sparsity=0.75, epochs=1, quantize="int8"))
+    prune.python_func(**artifacts, **_component_parameters(target_sparsity=0.75, prune_epochs=1, prune_quantize="int8"))
     metrics = artifacts["metrics"].metadata
     assert abs(metrics["sparsity"] - 0.75) <= 0.01
     assert metrics["after_size_bytes"] == metrics["before_size_bytes"]

@@ -9,6 +9,7 @@ processes. The source scans read kftune's own code.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from faultproxy import FAULTS, FaultProxy
-from kfp.dsl import Artifact, Dataset, Model
+from kfp.dsl import Dataset, Model
 
 from kftune import search, storage
 from kftune.errors import StorageError
@@ -140,8 +141,8 @@ def test_an_outage_longer_than_the_retry_deadline_is_one_clear_storage_error(buc
     with pytest.raises(SystemExit) as stopped:
         # Export looks at the destination before it reads the model: neither folder is needed.
         c_export.export.python_func(model=Model(uri=str(tmp_path / "model")), dataset=Dataset(uri=str(tmp_path / "data")),
-                                    pipeline_root=str(tmp_path), run_name="run",
-                                    destination=f"gs://{bucket}/models", version="v1")
+                                    run_name="run", config=json.dumps({"export_destination": f"gs://{bucket}/models",
+                                                                       "export_version": "v1"}))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kftune:")]
     assert stopped.value.code == 3
     assert len(lines) == 1 and lines[0].startswith("kftune: storage error: GCS kept failing"), lines
@@ -151,39 +152,39 @@ def test_an_outage_longer_than_the_retry_deadline_is_one_clear_storage_error(buc
 
 
 def test_a_trial_killed_part_way_resumes_from_object_storage(bucket, digits_dir, tmp_path):
-    """The search_trial step as a pod runs it, its state in GCS: SIGKILL after two epochs, run it again."""
-    from components import search as c_search
-
-    plan = Artifact(uri=str(tmp_path / "plan"))
-    c_search.search_setup.python_func(
-        space="{learning_rate: {type: choice, values: [0.003]}}", pipeline_root=str(tmp_path), run_id="run",
-        algorithm="random", max_trials=1, epochs=6, folds=1, seed=0, model="small_cnn",
-        state_uri=f"gs://{bucket}/state", plan=plan)
+    """A search worker as a pod runs it, its state in GCS: SIGKILL to the whole pod after two epochs, run it again."""
+    settings = tmp_path / "search_config"
+    settings.write_text(json.dumps(dataclasses.asdict(search.SearchConfig(
+        search_space="{learning_rate: {type: choice, values: [0.003]}}", max_trials=1, parallel_trials=1,
+        trial_epochs=6, search_state_uri=f"gs://{bucket}/state"))))
     script = textwrap.dedent(f"""
         from kfp.dsl import Artifact, Dataset
         from components import search
-        print(search.search_trial.python_func(dataset=Dataset(uri={str(digits_dir)!r}),
-              plan=Artifact(uri={plan.path!r}), trial={{"trial_id": "0", "values": {{"learning_rate": 0.003}}}}))
+        print(search.search_worker.python_func(dataset=Dataset(uri={str(digits_dir)!r}),
+              search_config=Artifact(uri={str(settings)!r}), worker="0"))
     """)
-    log = f"state/{search.PROJECT}/trial_0/fold0.epochs.json"
+    log = f"state/{search.TRIALS_DIR}/trial_0/fold0.epochs.json"
 
     def stored_epochs() -> list[int]:
         blob = storage._client().bucket(bucket).get_blob(log)
         return [e["epoch"] for e in json.loads(blob.download_as_bytes())] if blob else []
 
+    # Its own process group, as a pod: the kill takes the worker and the trial's child process together.
     first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while first.poll() is None and time.time() < deadline and len(stored_epochs()) < 2:
         time.sleep(0.1)
-    first.send_signal(signal.SIGKILL)
+    os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     before = stored_epochs()
     assert 2 <= len(before) < 6, f"not killed part-way: {before}"
 
     second = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    result = search.TrialResult.from_json(second.stdout.strip().splitlines()[-1])
+    assert second.stdout.strip().splitlines()[-1] == "1"  # the restarted worker finished its own trial
+    with storage.mirror(f"gs://{bucket}/state/{search.ORACLE_DIR}", write_back=None) as oracle:
+        (result,) = search.results(oracle)
     assert result.status == "COMPLETED" and result.epochs == 6
     assert stored_epochs() == list(range(6))
     trained = [int(line.split()[1].split("/")[0]) for line in second.stdout.splitlines() if line.startswith("Epoch ")]

@@ -2,19 +2,19 @@
 
 The algorithms are keras-tuner's oracles (grid, random, Bayesian optimization,
 Hyperband); kftune never reimplements them. keras-tuner's Tuner classes only
-accept Keras 3 models, so kftune drives the oracle itself in three verbs that
-map onto pipeline steps:
+accept Keras 3 models, so kftune drives the oracle itself:
 
-* :func:`ask` asks the oracle for the next trials and records them in the
-  oracle's state folder;
-* :func:`run_trial` trains one trial (in its own process or pod) and returns a
-  :class:`TrialResult`;
-* :func:`tell` reports results back, so the next :func:`ask` sees them.
+* :func:`work` is one search worker: it asks the oracle for a trial, trains it
+  (in a fresh process), tells the result, and goes on until the search is done.
+  Any number of workers, each its own pod, share one oracle at
+  ``search_state_uri``, taking turns through a lock (:func:`oracle_turn`);
+* :func:`ask`, :func:`run_trial` and :func:`tell` are the three verbs a worker uses;
+* :func:`search` runs a whole search in one process; :func:`save_best_model`
+  writes the winner.
 
-The state folder holds keras-tuner's own files (``oracle.json``,
-``trial_*/trial.json``), so a search stopped at any point resumes from it:
-keras-tuner sends trials that were running when it stopped back for a retry.
-:func:`search` runs the three in a loop in one process.
+The oracle's state is keras-tuner's own files, so a search stopped at any point
+resumes from it; a worker started again gets its own unfinished trial back and
+resumes it from its last epoch.
 """
 
 from __future__ import annotations
@@ -767,11 +767,6 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(_main(sys.argv[1:]))
-
 
 def trials_markdown(config: SearchConfig, winner: TrialResult, trials: list[TrialResult]) -> str:
     """The trials table of the search result's Markdown artifact."""
@@ -800,3 +795,9 @@ def trials_figure(trials: list[TrialResult]) -> str:
     ax.set_ylabel("val_accuracy")
     ax.legend()
     return report.figure(fig)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

@@ -128,57 +128,38 @@ def test_export_component_records_the_run_and_maps_a_taken_version_to_a_user_err
     assert "kftune: error: " in capsys.readouterr().err
 
 
-def _evaluation_file(folder: Path, name: str, accuracy: float, gzip_bytes: int) -> str:
-    from kftune import evaluate as ev
-
-    evaluation = ev.Evaluation(
-        name=name, accuracy=accuracy, loss=0.3, top_k=3, top_k_accuracy=0.99, class_names=[str(i) for i in range(10)],
-        precision=[accuracy] * 10, recall=[accuracy] * 10, f1=[accuracy] * 10,
-        confusion_matrix=[[0] * 10 for _ in range(10)], size_bytes=2 * gzip_bytes, gzip_bytes=gzip_bytes,
-        parameters=1000, latency_ms_batch1=1.0, latency_ms_batch32=4.0, examples=270,
-    )
-    path = folder / f"{name}.json"
-    path.write_text(evaluation.to_json())
-    return str(path)
-
-
 @pytest.mark.filterwarnings("ignore:.*non-Python base image")  # the image's packages are this venv's
-@pytest.mark.parametrize("min_accuracy,exported", [(0.9, True), (0.99, False)], ids=["passes", "fails"])
+@pytest.mark.parametrize("min_accuracy,exported", [(0.0, True), (0.999, False)], ids=["passes", "fails"])
 def test_the_gate_decides_whether_kfp_runs_the_export(model_dir, digits_dir, tmp_path, min_accuracy, exported):
-    """compare -> dsl.If -> export, run by KFP's local runner as the pipeline wires them."""
+    """The pipeline's nested `publish` pipeline (evaluate -> If/Else -> export or gate_failed, OneOf outputs),
+    run by KFP's local runner as the pipeline wires it."""
     from kfp import dsl, local
-    from kfp.dsl import Artifact, Dataset, Model
+    from kfp.dsl import Dataset, Model
 
-    from components.evaluate import compare
-    from components.export import export
+    from pipelines.tuning_pipeline import _publish
 
-    evaluations = {name: _evaluation_file(tmp_path, name, accuracy, size)
-                   for name, accuracy, size in (("baseline", 0.95, 9000), ("finetuned", 0.97, 8000),
-                                                ("pruned", 0.965, 3000))}
+    publish = dsl.pipeline(name="publish", description=_publish.__doc__)(_publish)
     destination = tmp_path / "exports"
 
     @dsl.pipeline
-    def gate_then_export(min_accuracy: float):
+    def gate_then_export(gate: str, target: str) -> str:
         model = dsl.importer(artifact_uri=str(model_dir), artifact_class=Model).output
         data = dsl.importer(artifact_uri=str(digits_dir), artifact_class=Dataset).output
-        evals = {name: dsl.importer(artifact_uri=path, artifact_class=Artifact).output
-                 for name, path in evaluations.items()}
-        gate = compare(baseline_eval=evals["baseline"], finetuned_eval=evals["finetuned"], pruned_eval=evals["pruned"],
-                       baseline=model, finetuned=model, pruned=model, min_accuracy=min_accuracy,
-                       max_accuracy_drop=0.01, max_size_bytes=0)
-        with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 - a KFP condition, not Python
-            export(model=gate.outputs["chosen"], dataset=data, pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
-                   run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, destination=str(destination), version="v1")
+        published = publish(dataset=data, baseline=model, finetuned=model, pruned=model, gate_config=gate,
+                            export_config=target)
+        return published.outputs["exported_uri"]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "runs"), raise_on_error=True)
-    gate_then_export(min_accuracy=min_accuracy)
+    run = gate_then_export(
+        gate=json.dumps({"min_accuracy": min_accuracy, "max_accuracy_drop": 0.01, "max_size_bytes": 0}),
+        target=json.dumps({"export_destination": str(destination), "export_version": "v1"}))
 
     assert (destination / "v1" / "saved_model" / "saved_model.pb").exists() is exported
+    assert run.output == (str(destination / "v1") if exported else "")
     if exported:
         metadata = json.loads((destination / "v1" / "metadata.json").read_text())
-        assert metadata["candidate"] == "pruned" and metadata["metrics"]["gzip_bytes"] == 3000
+        assert metadata["candidate"] == "baseline"
         assert metadata["source_run"].startswith("gate-then-export")
     else:
-        chosen = json.loads(next((tmp_path / "runs").glob("*/compare/executor_output.json")).read_text())
-        failed = chosen["artifacts"]["chosen"]["artifacts"][0]["metadata"]["failed_thresholds"]
-        assert "baseline: accuracy 0.9500 < min_accuracy 0.99" in failed
+        report = next((tmp_path / "runs").glob("*/gate-failed/report")).read_text()
+        assert "baseline: accuracy" in report and "< min_accuracy 0.999" in report

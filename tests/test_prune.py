@@ -135,14 +135,14 @@ def test_tflite_dynamic_and_int8_are_exported_and_measured(prune_once, digits_di
 
 
 def test_only_the_chosen_layer_types_are_pruned(prune_once):
-    report, out = prune_once(target_sparsity=0.7, layer_types="Dense")
+    report, out = prune_once(target_sparsity=0.7, prune_layer_types="Dense")
     measured = kernel_sparsity(models.load(out)[0])
     assert measured["conv0"] < 0.01 and measured["conv1"] < 0.01
     assert abs(measured["dense"] - 0.7) <= 0.01 and abs(measured["predictions"] - 0.7) <= 0.01
 
 
 def test_structured_2_by_4_leaves_two_zeros_in_every_four_weights(prune_once):
-    _, out = prune_once(target_sparsity=0.5, m_by_n="2:4", layer_types="Dense")
+    _, out = prune_once(target_sparsity=0.5, prune_m_by_n="2:4", prune_layer_types="Dense")
     kernel = models.load(out)[0].get_layer("dense").kernel.numpy()
     # tfmot groups 4 consecutive weights along the input axis of a Dense kernel.
     groups = kernel.reshape(-1, 4, kernel.shape[1])
@@ -150,7 +150,7 @@ def test_structured_2_by_4_leaves_two_zeros_in_every_four_weights(prune_once):
 
 
 def test_budget_search_keeps_the_highest_sparsity_within_the_budget(prune_once):
-    report, out = prune_once(max_accuracy_drop=0.03, sparsity_levels="0.99,0.5,0.8")
+    report, out = prune_once(prune_max_accuracy_drop=0.03, prune_sparsity_levels="0.99,0.5,0.8")
     tried = [a["sparsity"] for a in report.attempts]
     assert tried == [0.5, 0.8, 0.99][: len(tried)], "levels are tried in increasing order"
     within = [a["sparsity"] for a in report.attempts if a["within_budget"]]
@@ -170,7 +170,7 @@ def test_budget_search_keeps_the_highest_sparsity_within_the_budget(prune_once):
 
 
 def test_budget_search_says_so_when_no_level_fits(prune_once):
-    report, out = prune_once(max_accuracy_drop=0.001, sparsity_levels="0.99")
+    report, out = prune_once(prune_max_accuracy_drop=0.001, prune_sparsity_levels="0.99")
     assert report.within_budget is False and report.target_sparsity == 0.99
     assert report.metrics()["within_budget"] == 0.0
     assert "No level tried stayed within the budget" in report.markdown()

@@ -9,6 +9,9 @@ writes a multi-MB checkpoint; each trial trains 1 epoch on the bundled digits at
 per trial (its own folder's sync and reads) and of the result step
 (``save_best_model``), with ratios against N = 4, and what the old layout, where
 every step downloaded everything under the state URI, would move per step at the end.
+The proxy cuts listings to their ``maxResults``, which GCS honours and the
+emulator ignores (without that, every one-object bucket check would fetch the
+metadata of every object in the bucket, checkpoints included).
 
     .venv/bin/python bench/bench_search_storage.py [--quick]     # --quick: N = 4 and 16 only
 """
@@ -19,17 +22,20 @@ import argparse
 import contextlib
 import http.client
 import http.server
+import json
 import os
+import re
 import socket
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import dataset, models, report, search, storage
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import kftune  # noqa: E402, F401 - selects tf-keras before TensorFlow is imported
+from kftune import dataset, models, report, search, storage  # noqa: E402
 
 BUCKET = "bench"
 UNITS = 640  # 768 inputs (16x16x3) x 640 units x 4 bytes: a 2.0 MB Dense kernel
@@ -55,7 +61,7 @@ class CountingProxy(http.server.ThreadingHTTPServer):
     def __init__(self, upstream: str):
         self.upstream = urlsplit(upstream)
         self.lock = threading.Lock()
-        self.up = self.down = self.requests = 0
+        self.up = self.down = self.requests = self.trimmed = 0
         super().__init__(("127.0.0.1", 0), _Forward)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -70,7 +76,7 @@ class CountingProxy(http.server.ThreadingHTTPServer):
 
 class _Forward(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+    _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
     def _any(self) -> None:
         if "chunked" in self.headers.get("Transfer-Encoding", ""):
@@ -79,23 +85,40 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         upstream = self.server.upstream
         connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
         try:
+            # The Host header goes on as it came: the emulator builds mediaLink URLs from it, and
+            # downloads through those must come back through this proxy too.
             headers = {k: v for k, v in self.headers.items() if k.lower() not in self._HOP}
             connection.request(self.command, self.path, body=body, headers=headers)
             response = connection.getresponse()
             status, answer, reply_headers = response.status, response.read(), response.getheaders()
         finally:
             connection.close()
+        answer = self._as_gcs_lists(answer) if status == 200 and self.command == "GET" else answer
         with self.server.lock:
             self.server.up += len(body)
             self.server.down += len(answer)
             self.server.requests += 1
         self.send_response(status)
         for key, value in reply_headers:
-            if key.lower() not in self._HOP:
+            if key.lower() not in self._HOP | {"host"}:
                 self.send_header(key, value)
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
         self.wfile.write(answer)
+
+    def _as_gcs_lists(self, answer: bytes) -> bytes:
+        """A listing cut to ``maxResults`` items, as GCS sends it: the emulator ignores maxResults and answers
+        kftune's one-object bucket check (``storage._bucket``) with the metadata of every object in the bucket."""
+        parts = urlsplit(self.path)
+        most = parse_qs(parts.query).get("maxResults")
+        if not most or not re.fullmatch(r"/storage/v1/b/[^/]+/o", parts.path):
+            return answer
+        listing = json.loads(answer)
+        if len(listing.get("items", [])) > int(most[0]):
+            listing["items"] = listing["items"][: int(most[0])]
+            with self.server.lock:
+                self.server.trimmed += 1
+        return json.dumps(listing).encode()
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 
@@ -103,19 +126,23 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def start_gcs() -> CountingProxy:
-    """The emulator on a free loopback port, the counting proxy in front, and the GCS client pointed at the proxy."""
+def start_gcs():
+    """The emulator on a free loopback port, the counting proxy in front, and the GCS client pointed at the proxy.
+
+    Returns (emulator, proxy); stop both when done, or the emulator's thread keeps the process alive.
+    """
     from gcp_storage_emulator.server import create_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    create_server("127.0.0.1", port, in_memory=True).start()
+    emulator = create_server("127.0.0.1", port, in_memory=True)
+    emulator.start()
     proxy = CountingProxy(f"http://127.0.0.1:{port}")
     os.environ["STORAGE_EMULATOR_HOST"] = proxy.url
     storage._client.cache_clear()
     storage._client().create_bucket(BUCKET)
-    return proxy
+    return emulator, proxy
 
 
 class Meter:
@@ -208,15 +235,20 @@ def main() -> None:
         sys.path.insert(0, str(work))
         data = work / "digits"
         dataset.ingest(dataset.IngestConfig(image_size=16), data, progress=lambda _: None)
-        meter = Meter(start_gcs())
-        rows = []
-        for n in sizes:
-            rows.append(measure(data, n, meter, work))
-            print(f"N={n}: {rows[-1]['seconds']:.0f} s, best val_accuracy {rows[-1]['best']:.4f}, saved model "
-                  f"file {rows[-1]['model_file']:,} bytes, {meter.proxy.requests:,} requests so far", flush=True)
+        emulator, proxy = start_gcs()
+        meter, rows = Meter(proxy), []
+        try:
+            for n in sizes:
+                rows.append(measure(data, n, meter, work))
+                print(f"N={n}: {rows[-1]['seconds']:.0f} s, best val_accuracy {rows[-1]['best']:.4f}, saved model "
+                      f"file {rows[-1]['model_file']:,} bytes, {proxy.requests:,} requests so far", flush=True)
+        finally:
+            proxy.shutdown()
+            emulator.stop()
     print()
     print(table(rows))
-    print(f"bytes are HTTP bodies (up + down) through the proxy; all sizes in {time.perf_counter() - started:.0f} s")
+    print(f"bytes: HTTP bodies (up + down) through the proxy, {proxy.trimmed:,} listings cut to maxResults; "
+          f"all sizes in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

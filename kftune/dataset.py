@@ -282,14 +282,16 @@ def split_indices(labels: list[int], config: IngestConfig, class_names: list[str
     for index, label in enumerate(labels):
         by_class.setdefault(label, []).append(index)
     splits: dict[str, list[int]] = {name: [] for name in SPLITS}
+    # Every class that is too small, in one message: a user fixing one per run would need a run per class.
+    small = [f"`{name}` has {len(by_class.get(label, []))}" for label, name in enumerate(class_names)
+             if len(by_class.get(label, [])) < 3]
+    if small:
+        raise InputError(
+            f"{len(small)} class(es) have too few images: {'; '.join(small)}. Each class needs at least 3 "
+            "(one each for train, validation and test): add images or remove the class."
+        )
     for label in range(len(class_names)):
-        members = by_class.get(label, [])
-        if len(members) < 3:
-            raise InputError(
-                f"class `{class_names[label]}` has {len(members)} image(s): each class needs at least 3 "
-                "(one each for train, validation and test). Add images or remove the class."
-            )
-        members = list(rng.permutation(members))
+        members = list(rng.permutation(by_class[label]))
         n_test = max(1, round(len(members) * config.test_fraction))
         n_val = max(1, round(len(members) * config.validation_fraction))
         splits["test"] += members[:n_test]
@@ -370,6 +372,21 @@ def fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _refuse_emptied_classes(per_class: dict[str, list[int]], class_names: list[str], source: str) -> None:
+    """Refuses a dataset in which skipping undecodable images left a class with no image in some split.
+
+    Under ``max_corrupt_fraction`` overall, a class whose files are all bad would
+    otherwise be published with zero images: a model that can never predict it.
+    """
+    empty = [f"`{name}` (none in {', '.join(s for s in SPLITS if per_class[s][label] == 0)})"
+             for label, name in enumerate(class_names) if any(per_class[s][label] == 0 for s in SPLITS)]
+    if empty:
+        raise InputError(
+            f"after skipping undecodable images, {len(empty)} class(es) of `{source}` have no image left in a "
+            f"split: {'; '.join(empty)}. Fix or replace those files, or remove the class."
+        )
+
+
 def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str], None] = log.info) -> DatasetInfo:
     """Reads ``config.source``, splits it, and writes a kftune dataset to ``output_dir``."""
     output_dir = Path(output_dir)
@@ -392,7 +409,7 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
                 f"checksums fail), more than max_corrupt_fraction={config.max_corrupt_fraction}: copy the shards "
                 "again from their source."
             )
-        counts = {}
+        counts, per_class = {}, {split: [0] * len(class_names) for split in SPLITS}
         for split in SPLITS:
             writer = ShardWriter(output_dir, split, config.shard_size)
             for index in splits[split]:
@@ -415,9 +432,11 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
                         ) from None
                     continue
                 writer.write(image, label)
+                per_class[split][label] += 1
             writer.close()
             counts[split] = writer.count
             progress(f"ingest: wrote {writer.count} {split} images")
+        _refuse_emptied_classes(per_class, class_names, config.source)
     if skipped:
         progress(f"ingest: skipped {skipped} undecodable image(s) of {total}")
     info = DatasetInfo(

@@ -32,10 +32,15 @@ def check_numbers(config, names: tuple[str, ...]) -> None:
     A value typed into a form or a YAML file can arrive as text ("0.5"); this
     says so instead of a TypeError from the first comparison that meets it.
     """
+    import math
+
     for name in names:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InputError(f"`{name}` must be a number. Received: {name}={value!r}")
+        if not math.isfinite(value):
+            # nan passes every comparison-free check and trains a NaN loss to the end.
+            raise InputError(f"`{name}` must be a finite number. Received: {name}={value!r}")
 
 
 def check_whole_numbers(config, minimums: dict[str, int | None]) -> None:

@@ -129,6 +129,43 @@ def _resolve_weights(config: FinetuneConfig, workdir: Path) -> str | None:
     return str(storage.fetch(config.weights, workdir))
 
 
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def _bind_checkpoints(checkpoint_dir: Path, config: FinetuneConfig, info, baseline_dir: Path) -> None:
+    """Ties the checkpoints in ``checkpoint_dir`` to the settings, the data and the baseline that made them.
+
+    A rerun with the same ``checkpoint_uri`` resumes only where all three are the
+    same; anything else would skip training and publish another run's weights.
+    """
+    mine = {
+        "settings": {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_uri"},
+        "data_fingerprint": info.fingerprint,
+        "baseline_md5": storage.md5_base64(Path(baseline_dir, models.MODEL_FILE)),
+    }
+    path = checkpoint_dir / FINGERPRINT_FILE
+    if not path.exists():
+        if any(checkpoint_dir.iterdir()):
+            raise InputError(f"`checkpoint_uri` `{config.checkpoint_uri or checkpoint_dir}` already holds files that no "
+                             "kftune fine-tune bound to its settings: give an empty or new checkpoint_uri.")
+        path.write_text(json.dumps(mine, sort_keys=True))
+        return
+    stored = json.loads(path.read_text())
+    if stored == json.loads(json.dumps(mine)):
+        return
+    changed = [f"{k}: {stored.get('settings', {}).get(k)!r} -> {v!r}" for k, v in mine["settings"].items()
+               if stored.get("settings", {}).get(k) != v]
+    if stored.get("data_fingerprint") != mine["data_fingerprint"]:
+        changed.append("the dataset")
+    if stored.get("baseline_md5") != mine["baseline_md5"]:
+        changed.append("the baseline model")
+    raise InputError(
+        f"`checkpoint_uri` `{config.checkpoint_uri or checkpoint_dir}` holds checkpoints of another fine-tune "
+        f"({'; '.join(changed)}): resuming would publish that run's weights. Give a new checkpoint_uri "
+        "(or leave it empty for one per run), or delete the old checkpoints."
+    )
+
+
 def _fit_phase(model, name: str, train, val, epochs: int, checkpoint_dir: Path, callbacks: list, verbose: int,
                after_epoch: Callable[[], None] | None) -> dict:
     """One fit() that resumes from its last finished epoch, or is skipped if already done."""
@@ -202,6 +239,7 @@ def finetune(
         weights = _resolve_weights(config, Path(workdir))
         checkpoint_dir = Path(checkpoint_dir or os.path.join(workdir, "checkpoints"))
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _bind_checkpoints(checkpoint_dir, config, info, Path(baseline_dir))
         tf.keras.utils.set_random_seed(config.seed)
         strategy, policy = _devices()
         progress(f"fine-tune: {strategy.num_replicas_in_sync} replica(s), {policy} precision")

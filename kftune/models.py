@@ -131,6 +131,36 @@ def resolve_builder(name: str) -> Callable:
     return getattr(module, attr)
 
 
+def build(name: str, input_shape, num_classes: int, **hyperparameters):
+    """Builds a model with the family or the user's ``module:function`` ``name``, and checks what came back.
+
+    A function that raises is a failed trial (it may fail for some
+    hyperparameters only), named in the trial's error. One that returns
+    something other than a tf-keras model whose output fits the classes is a
+    mistake in the function: one line, naming it, before any training.
+    """
+    builder = resolve_builder(name)
+    try:
+        model = builder(tuple(input_shape), num_classes, **hyperparameters)
+    except Exception as e:  # noqa: BLE001 - the user's own code: named, then recorded as the trial's failure
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise RuntimeError(f"model function `{name}` raised {type(e).__name__}: {first}") from e
+    k = keras()
+    if not isinstance(model, k.Model):
+        kind = type(model).__module__.split(".")[0] if model is not None else ""
+        hint = ("it is a Keras 3 model: build it with tf-keras (import tf_keras as keras), which kftune and "
+                "tensorflow-model-optimization use" if kind == "keras" else
+                "it must return an uncompiled tf-keras model (tf_keras.Model)")
+        raise InputError(f"model function `{name}` returned {type(model).__name__} ({type(model).__module__}): {hint}.")
+    units, activation, _ = output_head(num_classes)
+    shape = tuple(model.output_shape) if not isinstance(model.output_shape, list) else None
+    if shape is None or shape[-1] != units:
+        raise InputError(
+            f"model function `{name}` returns outputs of shape {model.output_shape} for {num_classes} classes: "
+            f"its model must end in one output layer of {units} unit(s) ({activation}).")
+    return model
+
+
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
 
 
@@ -178,12 +208,57 @@ def save(model, folder: str | Path, meta: ModelMeta) -> Path:
     return folder
 
 
+# Modules a kftune model's config may name: Keras' own, and kftune's registered layers.
+TRUSTED_MODULES = ("keras", "tf_keras", "kftune.layers")
+TRUSTED_ENV = "KFTUNE_TRUSTED_MODULES"
+
+
+def _trusted(module: str) -> bool:
+    import os
+
+    extra = tuple(m.strip() for m in os.environ.get(TRUSTED_ENV, "").split(",") if m.strip())
+    return any(module == m or module.startswith(f"{m}.") for m in (*TRUSTED_MODULES, *extra))
+
+
+def inspect_archive(path: str | Path) -> None:
+    """Refuses a ``.keras`` file whose config names a module outside the trusted ones, before Keras reads it.
+
+    tf-keras' safe mode imports a module named in the config before it refuses
+    the class (the class of CVE-2025-1550), so an artifact could run code on
+    import alone. kftune reads the config itself first and never lets Keras see
+    such a file. Your own layers' package can be trusted with
+    ``KFTUNE_TRUSTED_MODULES=my_package`` in the component's environment.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+        raise InputError(f"`{path}` is not a loadable Keras model ({type(e).__name__}: not a .keras archive): pass "
+                         "the Model folder a kftune step wrote.") from e
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            module = node.get("module")
+            if isinstance(module, str) and module and not _trusted(module):
+                raise InputError(
+                    f"`{path}` names module `{module}` (class `{node.get('class_name')}`), which kftune does not "
+                    f"load: a model file can make Keras import it and run its code. Pass a model a kftune step "
+                    f"wrote, or trust your own layers' package with {TRUSTED_ENV}={module.split('.')[0]}.")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def load(folder: str | Path):
     """Loads a model saved by :func:`save` (uncompiled), in Keras safe mode. Returns (model, meta)."""
     folder = Path(folder)
     path = folder / MODEL_FILE
     if not path.exists():
         raise InputError(f"`{folder}` holds no {MODEL_FILE}: pass a model written by a kftune step.")
+    inspect_archive(path)
     try:
         model = keras().models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001 - a broken file must not surface as a deep traceback

@@ -479,9 +479,11 @@ def _trial_data(dataset_dir, in_validation):
 def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfig):
     """Builds and compiles the model a trial's hyperparameters describe."""
     hyper = {k: v for k, v in values.items() if not k.startswith("tuner/")}
-    builder = models.resolve_builder(config.model)
     model_args = {k: v for k, v in hyper.items() if k not in ("learning_rate", "batch_size", "optimizer", "momentum")}
-    model = builder(info.shape, info.num_classes, **model_args)
+    # An int hyperparameter reaches the user's function as an int, whatever JSON made of it on the way.
+    ints = {p.name for p in config.space.params if p.type == "int"}
+    model_args = {k: int(v) if k in ints else v for k, v in model_args.items()}
+    model = models.build(config.model, info.shape, info.num_classes, **model_args)
     return models.compile_model(
         model,
         info.num_classes,

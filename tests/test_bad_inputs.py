@@ -271,6 +271,15 @@ def _corrupt_images(ctx: Ctx) -> str:
     return str(root)
 
 
+def _undecodable_class(ctx: Ctx) -> str:
+    """A class all of whose files are broken, under max_corrupt_fraction=0.2 overall (3 of 35)."""
+    root = _class_folders(ctx.tmp / "src", {"cat": 16, "dog": 16})
+    (root / "zebra").mkdir()
+    for i in range(3):
+        (root / "zebra" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return str(root)
+
+
 def _truncated_images(ctx: Ctx) -> str:
     root = _class_folders(ctx.tmp / "src", {"cat": 8, "dog": 8})
     for i in range(3):
@@ -341,7 +350,13 @@ CASES = [
     Case("ingest/one-class", lambda c: ingest(c, source=str(_class_folders(c.tmp / "d", {"only": 6}))),
          r"dataset source `.*d` has 1 class: a classifier needs at least 2"),
     Case("ingest/class-with-one-image", lambda c: ingest(c, source=str(_class_folders(c.tmp / "d", {"solo": 1, "b": 6}))),
-         r"class `solo` has 1 image\(s\): each class needs at least 3"),
+         r"1 class\(es\) have too few images: `solo` has 1. Each class needs at least 3"),
+    Case("ingest/two-classes-too-small-named-at-once",
+         lambda c: ingest(c, source=str(_class_folders(c.tmp / "d", {"solo": 1, "pair": 2, "b": 6}))),
+         r"2 class\(es\) have too few images: `pair` has 2; `solo` has 1"),
+    Case("ingest/a-class-whose-images-are-all-undecodable", lambda c: ingest(c, source=_undecodable_class(c),
+                                                                             max_corrupt_fraction=0.2),
+         r"1 class\(es\) of `.*` have no image left in a split: `zebra` \(none in train, validation, test\)"),
     Case("ingest/corrupt-images-over-threshold", lambda c: ingest(c, source=_corrupt_images(c)),
          r"images in `.*src` could not be decoded \(first: .*broken.*\), more than max_corrupt_fraction=0.05",
          after=_no_dataset_written),

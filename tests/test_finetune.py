@@ -132,6 +132,23 @@ def test_a_killed_fine_tune_resumes_from_its_last_finished_epoch(digits_dir, tra
     assert json.loads((checkpoints / "continue.done.json").read_text())["loss"]
 
 
+def test_reused_checkpoints_of_other_settings_are_refused_not_republished(digits_dir, trained_model_dir, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    first = finetune.FinetuneConfig(finetune_epochs=1, finetune_learning_rate=1e-3)
+    finetune.finetune(digits_dir, trained_model_dir, first, tmp_path / "a", checkpoint_dir=checkpoints,
+                      progress=lambda _: None, verbose=0)
+    # Same settings, same data, same baseline: the finished phase is picked up again (a retried pod).
+    again = finetune.finetune(digits_dir, trained_model_dir, first, tmp_path / "b", checkpoint_dir=checkpoints,
+                              progress=lambda _: None, verbose=0)
+    assert again.phases[0]["history"]["loss"]
+    other = finetune.FinetuneConfig(finetune_epochs=3, finetune_learning_rate=3e-3)
+    with pytest.raises(InputError, match=r"holds checkpoints of another fine-tune \(finetune_epochs: 1 -> 3; "
+                                         r"finetune_learning_rate: 0.001 -> 0.003\): resuming would publish"):
+        finetune.finetune(digits_dir, trained_model_dir, other, tmp_path / "c", checkpoint_dir=checkpoints,
+                          progress=lambda _: None, verbose=0)
+    assert not (tmp_path / "c" / "model.keras").exists()
+
+
 def _few_shot_dataset(digits_dir, folder, per_class: int):
     """Classes 5-9 of the digits, with only ``per_class`` training images each."""
     from kftune import dataset

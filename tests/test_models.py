@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import zipfile
 import textwrap
 
 import numpy as np
@@ -77,8 +78,72 @@ def test_lambda_layers_are_refused_in_safe_mode(tmp_path):
     inputs = k.Input((4,))
     model = k.Model(inputs, k.layers.Lambda(lambda t: t * 2)(inputs))
     model.save(tmp_path / models.MODEL_FILE)
-    with pytest.raises(InputError, match="not a loadable Keras model"):
+    with pytest.raises(InputError, match="names module `test_models`"):
         models.load(tmp_path)
+
+
+def test_a_model_file_naming_an_untrusted_module_is_refused_before_keras_imports_it(tmp_path):
+    # tf-keras' safe mode imports a module named in the config before refusing it (CVE-2025-1550's class).
+    (tmp_path / "planted_payload.py").write_text(
+        f"open({str(tmp_path / 'imported')!r}, 'w').write('ran')\nfrom tf_keras.layers import Dense\n")
+    k = models.keras()
+    inputs = k.Input((4,))
+    k.Model(inputs, k.layers.Dense(2)(inputs)).save(tmp_path / "clean.keras")
+    planted = tmp_path / "model" / models.MODEL_FILE
+    planted.parent.mkdir()
+    with zipfile.ZipFile(tmp_path / "clean.keras") as src, zipfile.ZipFile(planted, "w") as dst:
+        for item in src.namelist():
+            data = src.read(item)
+            if item == "config.json":
+                # The model's own entry: tf-keras imports its module to look the class up.
+                data = data.replace(b'"module": "tf_keras.src.engine.functional", "class_name": "Functional"',
+                                    b'"module": "planted_payload", "class_name": "Planted"')
+                assert b"planted_payload" in data
+            dst.writestr(item, data)
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(tmp_path)!r})
+        from kftune import models
+        try:
+            models.load({str(planted.parent)!r})
+        except Exception as e:
+            print(type(e).__name__, e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
+    assert "InputError" in out and "names module `planted_payload`" in out, out
+    assert not (tmp_path / "imported").exists(), "the planted module was imported"
+    # Without kftune's look at the config, Keras' own safe-mode load imports it: the test above can fail.
+    bare = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(tmp_path)!r})
+        import kftune, tf_keras
+        try:
+            tf_keras.models.load_model({str(planted)!r}, safe_mode=True)
+        except Exception:
+            pass
+    """)
+    subprocess.run([sys.executable, "-c", bare], capture_output=True, timeout=120)
+    assert (tmp_path / "imported").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("return None", r"model function `bad_models:build` returned NoneType \(builtins\): it must return an uncompiled tf-keras"),
+    ("import keras\n    i = keras.Input(input_shape)\n    return keras.Model(i, keras.layers.Dense(num_classes)(keras.layers.Flatten()(i)))",
+     r"returned Functional \(keras.*\): it is a Keras 3 model: build it with tf-keras"),
+    ("import tf_keras as k\n    i = k.Input(input_shape)\n    return k.Model(i, k.layers.Dense(5)(k.layers.Flatten()(i)))",
+     r"returns outputs of shape \(None, 5\) for 10 classes: its model must end in one output layer of 10"),
+])
+def test_a_user_model_function_that_returns_no_fitting_model_is_one_line(tmp_path, monkeypatch, body, message):
+    name = f"bad_models_{abs(hash(body))}"  # one module per case: Python caches imported modules
+    (tmp_path / f"{name}.py").write_text(f"def build(input_shape, num_classes, **_):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(InputError, match=message.replace("bad_models", name)):
+        models.build(f"{name}:build", (8, 8, 3), 10)
+
+
+def test_a_user_model_function_that_raises_is_named_in_the_error(tmp_path, monkeypatch):
+    (tmp_path / "raising.py").write_text("def build(input_shape, num_classes, **_):\n    raise ValueError('bad units')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"model function `raising:build` raised ValueError: bad units"):
+        models.build("raising:build", (8, 8, 3), 10)
 
 
 def test_user_model_function_is_resolved(tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ def test_the_whole_pipeline_runs_locally_and_exports(tmp_path):
     results = sorted(Path(search_config["search_state_uri"]).glob("oracle/kftune_search/trial_*/result.json"))
     assert len(results) == 3
     worker_counts = [int(json.loads(p.read_text())["parameterValues"]["Output"])
-                     for p in run_dir.glob("search-worker*/executor_output.json")]
+                     for p in run_dir.glob("for-loop-*/search-worker/executor_output.json")]
     assert len(worker_counts) == 2 and sum(worker_counts) == 3, worker_counts
     # The Kubeflow UI's artifacts are there: confusion matrices labelled with class names, HTML reports.
     executor_output = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())

@@ -89,6 +89,13 @@ class FinetuneConfig:
                 "`finetune_learning_rate` must be >= 0 (0: the search's best) and `finetune_lr_factor` in (0, 1]. "
                 f"Received: finetune_learning_rate={self.finetune_learning_rate}, finetune_lr_factor={self.finetune_lr_factor}"
             )
+        for name, most in (("backbone_input_size", 1024), ("finetune_epochs", 10_000), ("unfreeze_epochs", 10_000),
+                           ("unfreeze_steps", 100), ("patience", 10_000)):
+            if getattr(self, name) > most:
+                raise InputError(f"`{name}` must be at most {most}. Received: {name}={getattr(self, name)}")
+        if 0 < self.backbone_input_size < 32:
+            raise InputError("`backbone_input_size` must be 0 (the dataset's size) or at least 32, the smallest "
+                             f"keras.applications accepts. Received: backbone_input_size={self.backbone_input_size}")
         if self.checkpoint_uri:
             storage.check_location(self.checkpoint_uri, "checkpoint_uri")
         if self.weights not in ("imagenet", "none", ""):

@@ -244,9 +244,10 @@ def inspect_archive(path: str | Path) -> None:
             module = node.get("module")
             if isinstance(module, str) and module and not _trusted(module):
                 raise InputError(
-                    f"`{path}` names module `{module}` (class `{node.get('class_name')}`), which kftune does not "
-                    f"load: a model file can make Keras import it and run its code. Pass a model a kftune step "
-                    f"wrote, or trust your own layers' package with {TRUSTED_ENV}={module.split('.')[0]}.")
+                    f"`{path}` is not a loadable Keras model: its config names module `{module}` (class "
+                    f"`{node.get('class_name')}`), and Keras would import it and run its code. Lambda layers and "
+                    f"custom code are refused: pass a model a kftune step wrote, or trust your own layers' package "
+                    f"with {TRUSTED_ENV}={module.split('.')[0]}.")
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)

@@ -104,6 +104,8 @@ class PruneConfig:
         if self.prune_schedule not in SCHEDULES:
             raise InputError(f"`prune_schedule` must be one of {SCHEDULES}. Received: prune_schedule={self.prune_schedule!r}")
         check_whole_numbers(self, {"prune_epochs": 1, "prune_begin_step": 0, "prune_end_step": 0, "prune_frequency": 1, "batch_size": 0})
+        if self.prune_epochs > 10_000:
+            raise InputError(f"`prune_epochs` must be at most 10000. Received: prune_epochs={self.prune_epochs}")
         if self.prune_end_step and self.prune_end_step <= self.prune_begin_step:
             raise InputError(
                 "`prune_end_step` must be after `prune_begin_step`, or 0 for the end of training. "

@@ -466,6 +466,8 @@ CASES = [
          r"`weights` `.*w.h5` does not exist"),
     Case("validate/export-version-taken", lambda c: (_existing_version(c), validate(c, export_destination=str(c.tmp / "exports"), export_version="v1"))[1],
          r"`export_version` `v1` already exists"),
+    Case("validate/backbone-input-size-beyond-bound", lambda c: validate(c, backbone_input_size=100000),
+         r"`backbone_input_size` must be at most 1024"),
     Case("validate/trials-beyond-bound", lambda c: validate(c, max_trials=100000), r"`max_trials` must be at most"),
     # evaluate
     Case("evaluate/tflite-file-that-is-no-model",

@@ -2,8 +2,8 @@
 
 import subprocess
 import sys
-import zipfile
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest

@@ -233,3 +233,16 @@ def test_a_restarted_worker_resumes_its_own_trial_and_no_other(digits_dir, tmp_p
     ran = search.work(digits_dir, config, 1, fresh_process=False, progress=lambda _: None)
     assert [r.trial_id for r in ran] == ["0"]
     assert [e["epoch"] for e in json.loads(epoch_log.read_text())] == list(range(6))
+
+
+def test_grid_search_with_parallel_workers_runs_every_point_of_the_grid(digits_dir, tmp_path):
+    # keras-tuner's grid oracle answers IDLE while it waits for a finished trial to extend the grid from;
+    # a round-based fan-out took that for "done" and ran 4 of 9 points. Workers wait and ask again.
+    state = tmp_path / "state"
+    config = search.SearchConfig(search_algorithm="grid", max_trials=9, parallel_trials=2, trial_epochs=1,
+                                 search_state_uri=str(state))
+    workers = [subprocess.Popen([sys.executable, "-c", _worker_script(digits_dir, config, i)]) for i in range(2)]
+    assert [w.wait(timeout=900) for w in workers] == [0, 0]
+    told = search.results(state / search.ORACLE_DIR)
+    points = {(r.values["learning_rate"], r.values["batch_size"]) for r in told}
+    assert len(told) == 9 and len(points) == 9

@@ -106,3 +106,16 @@ def test_a_failed_gate_exports_nothing_and_says_why(tmp_path):
     # The else branch recorded, per candidate, the thresholds it missed.
     report = next(run_dir.glob("gate-failed/report")).read_text()
     assert "Not exported" in report and "min_accuracy" in report and "baseline" in report
+
+
+def test_a_bad_setting_from_the_run_form_fails_in_the_validation_step_and_nothing_else_starts(tmp_path, capfd):
+    # The Kubeflow UI's run form skips `kftune run-local`'s check: the compiled pipeline's first step is it.
+    from kfp import components, local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path), raise_on_error=False)
+    pipeline = components.load_component_from_file(str(cli.COMPILED))
+    pipeline(max_trials=8, parallel_trials=9)
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["validate"]
+    lines = [line.strip() for line in capfd.readouterr().out.splitlines() if "kftune: error:" in line]
+    assert len(lines) == 1 and "`parallel_trials`=9 is more than `max_trials`=8" in lines[0], lines

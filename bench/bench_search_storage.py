@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import kftune  # noqa: E402, F401 - selects tf-keras before TensorFlow is imported
-from kftune import dataset, models, report, search, storage  # noqa: E402
+from kftune import dataset, report, search, storage  # noqa: E402
 
 BUCKET = "bench"
 UNITS = 640  # 768 inputs (16x16x3) x 640 units x 4 bytes: a 2.0 MB Dense kernel
@@ -63,11 +63,8 @@ class CountingProxy(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.up = self.down = self.requests = self.trimmed = 0
         super().__init__(("127.0.0.1", 0), _Forward)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
 
     def total(self) -> int:
         with self.lock:
@@ -76,11 +73,11 @@ class CountingProxy(http.server.ThreadingHTTPServer):
 
 class _Forward(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: Nagle would hold the body ~40 ms
     _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
     def _any(self) -> None:
-        if "chunked" in self.headers.get("Transfer-Encoding", ""):
-            raise RuntimeError("chunked request bodies are not counted by this proxy")
+        assert "chunked" not in self.headers.get("Transfer-Encoding", ""), "chunked bodies are not counted"
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         upstream = self.server.upstream
         connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
@@ -114,23 +111,22 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         if not most or not re.fullmatch(r"/storage/v1/b/[^/]+/o", parts.path):
             return answer
         listing = json.loads(answer)
-        if len(listing.get("items", [])) > int(most[0]):
-            listing["items"] = listing["items"][: int(most[0])]
-            with self.server.lock:
-                self.server.trimmed += 1
+        if len(listing.get("items", [])) <= int(most[0]):
+            return answer
+        listing["items"] = listing["items"][: int(most[0])]
+        with self.server.lock:
+            self.server.trimmed += 1
         return json.dumps(listing).encode()
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 
-    def log_message(self, *args) -> None:
+    def log_message(self, *args) -> None:  # quiet
         pass
 
 
 def start_gcs():
-    """The emulator on a free loopback port, the counting proxy in front, and the GCS client pointed at the proxy.
-
-    Returns (emulator, proxy); stop both when done, or the emulator's thread keeps the process alive.
-    """
+    """(emulator, proxy): the emulator on a free loopback port, the counting proxy in front, the client pointed
+    at the proxy. Stop both when done: the emulator's thread would keep the process alive."""
     from gcp_storage_emulator.server import create_server
 
     with socket.socket() as s:
@@ -153,8 +149,7 @@ class Meter:
         self.turns: list[tuple[str, int]] = []  # ("ask" or "tell", bytes)
         self.trials: list[int] = []
         self._verb = ""
-        real_turn, real_trial, real_ask, real_tell = (search.oracle_turn, search.run_stored_trial, search.ask,
-                                                      search.tell)
+        real_turn, real_trial, real_ask, real_tell = search.oracle_turn, search.run_stored_trial, search.ask, search.tell
 
         @contextlib.contextmanager
         def turn(state_uri):
@@ -169,14 +164,15 @@ class Meter:
             self.trials.append(proxy.total() - before)
             return result
 
-        def verb(name: str, real):
-            def call(*args, **kwargs):
-                self._verb = name
-                return real(*args, **kwargs)
-            return call
+        def ask(*args, **kwargs):
+            self._verb = "ask"
+            return real_ask(*args, **kwargs)
 
-        search.oracle_turn, search.run_stored_trial = turn, trial
-        search.ask, search.tell = verb("ask", real_ask), verb("tell", real_tell)
+        def tell(*args, **kwargs):
+            self._verb = "tell"
+            return real_tell(*args, **kwargs)
+
+        search.oracle_turn, search.run_stored_trial, search.ask, search.tell = turn, trial, ask, tell
 
     def reset(self) -> None:
         self.turns, self.trials = [], []
@@ -202,11 +198,10 @@ def measure(data: Path, n: int, meter: Meter, workdir: Path) -> dict:
     turns = [b for _, b in meter.turns]
     asks, tells = [b for v, b in meter.turns if v == "ask"], [b for v, b in meter.turns if v == "tell"]
     old, objects = state_bytes(f"state-{n}")
-    weights = os.path.getsize(workdir / f"model-{n}" / models.MODEL_FILE)
     return {"n": n, "turn_mean": sum(turns) / len(turns), "turn_max": max(turns), "ask": sum(asks) / len(asks),
             "tell": sum(tells) / len(tells), "trial": sum(meter.trials) / len(meter.trials), "result": result,
             "total": sum(turns) + sum(meter.trials) + result, "old": old, "objects": objects, "seconds": seconds,
-            "best": winner.objective, "model_file": weights}
+            "best": winner.objective}
 
 
 def table(rows: list[dict]) -> str:
@@ -214,7 +209,6 @@ def table(rows: list[dict]) -> str:
 
     def cell(row: dict, key: str) -> str:
         return f"{row[key]:,.0f} ({row[key] / base[key]:.2f}x)"
-
     lines = [[r["n"], cell(r, "turn_mean"), cell(r, "turn_max"), f"{r['ask']:,.0f} / {r['tell']:,.0f}",
               cell(r, "trial"), cell(r, "result"), f"{r['total']:,}", f"{r['old']:,} ({r['objects']} objects)",
               f"{r['seconds']:.0f}"] for r in rows]
@@ -240,8 +234,8 @@ def main() -> None:
         try:
             for n in sizes:
                 rows.append(measure(data, n, meter, work))
-                print(f"N={n}: {rows[-1]['seconds']:.0f} s, best val_accuracy {rows[-1]['best']:.4f}, saved model "
-                      f"file {rows[-1]['model_file']:,} bytes, {proxy.requests:,} requests so far", flush=True)
+                print(f"N={n}: {rows[-1]['seconds']:.0f} s, best val_accuracy {rows[-1]['best']:.4f}, "
+                      f"{proxy.requests:,} requests so far", flush=True)
         finally:
             proxy.shutdown()
             emulator.stop()

@@ -266,3 +266,12 @@ def test_kind_installs_the_standalone_manifests_of_the_pinned_release():
         {"pvc": "kftune-shared", "mount_path": "/mnt/kftune"}]
     with pytest.raises(InputError):
         cluster.Profile.load(ROOT / "deploy" / "kind" / "missing.yaml")
+
+
+def test_the_kind_run_passes_only_parameters_the_pipeline_takes():
+    from kftune import parameters
+
+    script = (ROOT / "deploy" / "kind" / "kind.sh").read_text()
+    command = script.split('"$KFTUNE" submit', 1)[1].split("\n}", 1)[0]
+    given = dict(re.findall(r"(?<![-\w])([a-z_]+)=(\S+)", command))
+    assert "max_trials" in given and set(given) <= set(parameters.BY_NAME), sorted(set(given) - set(parameters.BY_NAME))

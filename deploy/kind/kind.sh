@@ -65,7 +65,7 @@ e2e() {
   "$KFTUNE" submit --host "http://localhost:$KFP_PORT" --compiled build/kind/tuning_pipeline.yaml \
     --experiment kftune-kind --run-name "$run" --wait --timeout 3600 \
     search_state_uri="/mnt/kftune/search/$run" export_destination=/mnt/kftune/exports export_version="$run" \
-    image_size=16 max_trials=2 search_rounds=1 trials_per_round=2 trial_epochs=1 \
+    image_size=16 max_trials=2 parallel_trials=2 trial_epochs=1 \
     finetune_epochs=1 prune_epochs=1 max_accuracy_drop=0.5
 }
 

@@ -586,7 +586,7 @@ def run_trial(
                     verbose=verbose,
                 )
                 if config.folds == 1:
-                    model.save_weights(trial_dir / WEIGHTS_FILE)
+                    models.save_weights(model, trial_dir / WEIGHTS_FILE)
                 logged = json.loads(epoch_log.read_text())
                 _write_atomically(done, json.dumps({
                     "score": max(e["val_accuracy"] for e in logged),

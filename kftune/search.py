@@ -673,7 +673,7 @@ def work(
     """
     if not config.search_state_uri:
         raise InputError("`search_state_uri` is empty: give a folder or gs:// prefix that outlives the run.")
-    name, ran, idle_since = f"worker{worker}", [], None
+    name, ran, idle_since, wait = f"worker{worker}", [], None, poll
     while True:
         with oracle_turn(config.search_state_uri) as oracle_dir:
             status, trial = ask(config, oracle_dir, name)
@@ -685,9 +685,12 @@ def work(
                 raise StorageError(f"search worker {worker} waited {IDLE_TIMEOUT_S:.0f} s for other workers' trials "
                                    f"at `{config.search_state_uri}`: a worker stopped without finishing. Rerun the "
                                    "pipeline with the same search_state_uri to resume.")
-            time.sleep(poll)
+            # Each ask is an oracle turn (the lock, a listing, the oracle's files): ask less often the longer
+            # the other workers' trials take.
+            time.sleep(wait)
+            wait = min(wait * 1.5, 30.0)
             continue
-        idle_since = None
+        idle_since, wait = None, poll
         progress(f"search: worker {worker} trains trial {trial['trial_id']} {json.dumps(_shown(trial['values']))}")
         if fresh_process:
             result = _trial_in_child(dataset_dir, trial, config)

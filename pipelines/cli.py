@@ -86,12 +86,12 @@ def parse_arguments(pairs: list[str], compiled: str | Path = COMPILED) -> dict:
     return out
 
 
-def check_arguments(arguments: dict, compiled: str | Path = COMPILED) -> None:
+def check_arguments(arguments: dict, compiled: str | Path = COMPILED, *, local: bool = True) -> None:
     """The validation step's own check (kftune.parameters), so bad input stops here, before any work.
 
-    Locations are checked as far as this machine can: a local ``source`` or
-    weights file must exist; a gs:// URI must name a bucket. The validation step
-    checks the rest on the cluster, where the pods' credentials apply.
+    With ``local`` (run-local), a local ``source`` or weights file must exist
+    here. For ``submit`` a path names a volume the cluster's pods mount, so the
+    validation step checks it there, with the pods' mounts and credentials.
     """
     from kftune import parameters, storage
     from kftune.errors import InputError
@@ -102,6 +102,8 @@ def check_arguments(arguments: dict, compiled: str | Path = COMPILED) -> None:
         raise InputError(f"`{compiled}` lacks the parameter(s) {', '.join(missing)}: it was compiled from another "
                          "kftune version. Run `make compile` (or `kftune compile`) again.")
     settings = parameters.validate(arguments)
+    if not local:
+        return
     for name, uri in (("source", settings.ingest.source), ("weights", settings.finetune.weights)):
         if storage.is_gcs(uri) or "://" in uri or uri in ("imagenet", "none", "") or uri.startswith("bundled:"):
             continue
@@ -300,7 +302,7 @@ def _submit(args) -> int:
         raise InputError(f"--pipeline-root must be a gs://, s3:// or minio:// URI. Received: {args.pipeline_root!r}")
     compiled = Path(args.compiled)
     arguments = parse_arguments(args.parameters, compiled)
-    check_arguments(arguments, compiled)
+    check_arguments(arguments, compiled, local=False)
     name = args.pipeline_name or next(yaml.safe_load_all(compiled.read_text()))["pipelineInfo"]["name"]
     submission = submit.Submission(
         compiled=compiled, arguments=arguments, host=args.host, experiment=args.experiment, pipeline_name=name,

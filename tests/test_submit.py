@@ -113,6 +113,8 @@ def test_an_existing_version_name_is_refused_before_any_run(capsys):
     ([], "give --pipeline-root gs://BUCKET/PREFIX, or search_state_uri= and export_destination="),
     (["--pipeline-root", "/tmp/runs"], "--pipeline-root must be a gs://, s3:// or minio:// URI"),
     (["--compiled", "no/such.yaml", *GS_ROOT], "`no/such.yaml` does not exist"),
+    (["export_destination=s3://bucket/models", *GS_ROOT], "`export_destination` uses s3://"),
+    (["max_trials=8", "parallel_trials=9", *GS_ROOT], "`parallel_trials`=9 is more than `max_trials`=8"),
 ])
 def test_mistakes_stop_before_any_request_with_one_line(args, message, capsys):
     with KfpServer() as server:
@@ -124,7 +126,9 @@ def test_mistakes_stop_before_any_request_with_one_line(args, message, capsys):
 
 def test_storage_on_a_mounted_volume_is_enough_without_a_gs_pipeline_root(capsys):
     with KfpServer() as server:
-        code = kftune("--host", server.url, "search_state_uri=/mnt/kftune/search", "export_destination=/mnt/kftune/out")
+        # A source on the volume the pods mount need not exist here: the validation step checks it there.
+        code = kftune("--host", server.url, "search_state_uri=/mnt/kftune/search", "export_destination=/mnt/kftune/out",
+                      "source=/mnt/kftune/data/flowers")
     assert code == 0, capsys.readouterr().err
     (created,) = server.calls("POST", "/runs")
     assert "pipeline_root" not in created.body["runtime_config"]

@@ -476,14 +476,16 @@ def _trial_data(dataset_dir, in_validation):
     return members(False), members(True)
 
 
-def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfig):
-    """Builds and compiles the model a trial's hyperparameters describe."""
+def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfig, *, compile: bool = True):
+    """Builds (and compiles) the model a trial's hyperparameters describe."""
     hyper = {k: v for k, v in values.items() if not k.startswith("tuner/")}
     model_args = {k: v for k, v in hyper.items() if k not in ("learning_rate", "batch_size", "optimizer", "momentum")}
     # An int hyperparameter reaches the user's function as an int, whatever JSON made of it on the way.
     ints = {p.name for p in config.space.params if p.type == "int"}
     model_args = {k: int(v) if k in ints else v for k, v in model_args.items()}
     model = models.build(config.model, info.shape, info.num_classes, **model_args)
+    if not compile:
+        return model
     return models.compile_model(
         model,
         info.num_classes,
@@ -740,7 +742,8 @@ def save_best_model(dataset_dir: str | Path, config: SearchConfig, output_dir: s
     with tempfile.TemporaryDirectory() as work:
         weights_uri = f"{trial_uri(root, winner.trial_id)}/{WEIGHTS_FILE}"
         if config.folds == 1 and storage.exists(weights_uri):
-            model = build_for_trial(winner.values, info, config)
+            # Uncompiled: the file holds the model's weights only, no optimizer state to restore.
+            model = build_for_trial(winner.values, info, config, compile=False)
             model.load_weights(storage.fetch(weights_uri, work))
         else:
             tf.keras.utils.set_random_seed(config.seed)

@@ -467,7 +467,8 @@ class mirror:  # noqa: N801 - used as a context manager
         did: a checkpoint's data before the pointer naming it. A kill part-way
         through a sync then leaves what a kill part-way through writing would
         have left on disk, which the writer (TensorFlow's CheckpointManager) is
-        built to survive. Files unchanged since the last sync are not sent again.
+        built to survive. Files unchanged since the last sync are not sent again,
+        and files deleted locally since are deleted in storage too.
         """
         if self._tmp is None or self.write_back is None:
             return
@@ -485,6 +486,19 @@ class mirror:  # noqa: N801 - used as a context manager
                 self._bucket.blob(_blob_name(prefix, relative)).upload_from_filename(
                     str(path), retry=_retry(), timeout=_timeout())
                 self._stored[relative] = md5
+            # Then what the step deleted since (TensorFlow's CheckpointManager keeps only the newest
+            # checkpoint; a finished phase drops its backup): storage holds what the folder holds, not every
+            # epoch's checkpoint forever. Last, so the newest checkpoint is stored before an older one goes.
+            base = "" if self.write_back == "" else f"{Path(self.write_back).as_posix().strip('/')}/"
+            present = {p.relative_to(self.local).as_posix() for p in files}
+            for relative in sorted(r for r in self._stored if r.startswith(base) and r not in present):
+                from google.api_core import exceptions
+
+                try:
+                    self._bucket.blob(_blob_name(prefix, relative)).delete(retry=_retry(), timeout=_timeout())
+                except exceptions.NotFound:
+                    pass  # gone already (a retried delete whose answer was lost)
+                del self._stored[relative]
 
     def __exit__(self, kind, error, tb):
         if self._tmp is None:

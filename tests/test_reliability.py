@@ -322,3 +322,21 @@ def test_ingest_memory_does_not_grow_with_the_dataset(tmp_path):
     (small, large), extra = measured["peaks_mb"], measured["extra_data_mb"]
     assert extra > 30
     assert large - small < extra / 3, measured
+
+
+def test_checkpoints_deleted_by_the_step_are_deleted_in_storage_too(bucket):
+    """Retention: storage keeps what the checkpoint folder keeps (TensorFlow keeps the newest), not every epoch."""
+    root = f"gs://{bucket}/state"
+    storage._client().bucket(bucket).blob("state/oracle/oracle.json").upload_from_string("another step's file")
+    step = storage.mirror(root, write_back="trials/trial_0")
+    with step as folder:
+        trial = folder / "trials" / "trial_0"
+        trial.mkdir(parents=True)
+        for epoch in range(3):
+            (trial / f"ckpt-{epoch}.data").write_text(f"weights after epoch {epoch}")
+            (trial / f"ckpt-{epoch - 1}.data").unlink(missing_ok=True)
+            step.sync()
+            names = sorted(b.name for b in storage._client().list_blobs(bucket))
+            assert names == ["state/oracle/oracle.json", f"state/trials/trial_0/ckpt-{epoch}.data"], names
+        (folder / "oracle" / "oracle.json").unlink()  # not this step's to delete
+    assert [b.name for b in storage._client().list_blobs(bucket, prefix="state/oracle")] == ["state/oracle/oracle.json"]

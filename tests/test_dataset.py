@@ -120,7 +120,7 @@ def test_bad_config_is_refused_before_any_work(kwargs, message):
 def test_bad_sources_get_one_clear_line(tmp_path):
     cases = {
         str(tmp_path / "missing"): "does not exist",
-        str(_write_folder(tmp_path / "one", {"solo": 1, "other": 5})): "class `solo` has 1 image",
+        str(_write_folder(tmp_path / "one", {"solo": 1, "other": 5})): "`solo` has 1. Each class needs at least 3",
         str(_write_folder(tmp_path / "single", {"only": 5})): "at least 2",
     }
     (tmp_path / "empty").mkdir()

@@ -205,7 +205,9 @@ def test_a_config_that_cannot_work_on_this_model_stops_before_training(digits_di
     assert not (tmp_path / "out").exists()
 
 
-def test_a_layer_tfmot_cannot_prune_is_named_with_what_to_do(digits_dir, tmp_path):
+def test_a_layer_tfmot_cannot_prune_is_named_with_what_to_do(digits_dir, tmp_path, monkeypatch):
+    # The user's own layer lives in their package (here, this module), which they trust by name.
+    monkeypatch.setenv(models.TRUSTED_ENV, __name__.split(".")[0])
     info = dataset.DatasetInfo.load(digits_dir)
     inputs = tf_keras.Input(shape=info.shape)
     x = Scale(name="my_scale")(tf_keras.layers.Flatten()(inputs))

@@ -12,18 +12,37 @@ to the emulator:
 - ``hang``: no answer until the client's timeout has passed; never forwarded;
 - ``slow``: forwarded after a short delay, well within any timeout;
 - ``ok``: forwarded;
-- ``403``: access denied, as for a service account without a role on the bucket.
+- ``403``: access denied, as for a service account without a role on the bucket;
+- ``401``: the credentials were rejected (expired or revoked token);
+- ``cut``: the request is carried out and the answer's headers sent, announcing
+  the whole body, then the connection is closed after half of it (a download
+  cut off mid-stream);
+- ``short``: the request is carried out and answered with half of its body, as
+  if that were all of it (matching Content-Length, no X-Goog-Hash): a
+  truncation only a checksum can tell.
 
 Which fault meets which request follows a fixed cycle per kind of request
-(``upload``, ``download``, ``api``), so a run is the same every time and each
-fault is certain to occur. The proxy also does what the emulator does not: it
-refuses an upload whose ``ifGenerationMatch=0`` precondition fails (the object
-exists) with 412, as GCS does. That is what a retried upload meets when its
-first attempt's answer was lost.
+(``upload``, ``chunk``, ``download``, ``api``; ``chunk`` is a PUT carrying part
+of a resumable upload session and follows ``upload``'s cycle where the schedule
+has none), so a run is the same every time and each fault is certain to occur.
+Requests that carry the bearer token ``reject_token`` are answered 401 whatever
+the cycle says: an expired token, which the client must refresh.
+
+The proxy also does what the emulator does not:
+
+- it refuses an upload whose ``ifGenerationMatch=0`` precondition fails (the
+  object exists) with 412, as GCS does. That is what a retried upload meets
+  when its first attempt's answer was lost;
+- it pages object listings as GCS does (at most ``page_size``, default 1,000,
+  items a page, and a ``nextPageToken`` for the rest); the emulator returns
+  every object in one page and ignores ``maxResults`` and ``pageToken``;
+- it points the ``Location`` of a resumable upload session at itself (the
+  emulator names its own address), so that it sees every chunk of the session.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import http.client
 import http.server
@@ -32,7 +51,7 @@ import json
 import re
 import threading
 import time
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 FAULTS = ("503", "429", "drop", "lost_reply", "hang")
 
@@ -41,8 +60,10 @@ class FaultProxy(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, upstream: str, schedule: dict[str, list[str]], *, hold_s: float = 3.0):
+    def __init__(self, upstream: str, schedule: dict[str, list[str]], *, hold_s: float = 3.0,
+                 page_size: int = 1000, reject_token: str | None = None):
         self.upstream = urlsplit(upstream)
+        self.page_size, self.reject_token = page_size, reject_token
         self._cycles = {kind: itertools.cycle(plan) for kind, plan in schedule.items()}
         self._lock = threading.Lock()
         self.hold_s = hold_s
@@ -51,6 +72,9 @@ class FaultProxy(http.server.ThreadingHTTPServer):
         self.preconditions_refused = 0
         self.requests = 0
         self.uploaded: list[str] = []  # names of the objects whose upload reached the emulator, in order
+        # (kind, method, path, Content-Range, action) of every request, in order of arrival.
+        self.log: list[tuple[str, str, str, str, str]] = []
+        self.page_tokens: list[str] = []  # the pageToken of every listing that carried one
         super().__init__(("127.0.0.1", 0), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -61,9 +85,15 @@ class FaultProxy(http.server.ThreadingHTTPServer):
     def next_action(self, kind: str) -> str:
         with self._lock:
             self.requests += 1
-            action = next(self._cycles.get(kind) or self._cycles["api"])
+            cycle = self._cycles.get(kind) or (self._cycles.get("upload") if kind == "chunk" else None)
+            action = next(cycle or self._cycles["api"])
             self.injected[action] += 1
             return action
+
+    def seen(self, kind: str) -> list[tuple[str, str, str, str, str]]:
+        """The requests of one kind that reached the proxy, in order."""
+        with self._lock:
+            return [entry for entry in self.log if entry[0] == kind]
 
     def handle_error(self, request, client_address):
         pass  # a client that gave up on a held connection resets it: expected here
@@ -76,7 +106,7 @@ class FaultProxy(http.server.ThreadingHTTPServer):
 
 def _kind(method: str, path: str) -> str:
     if path.startswith("/upload/"):
-        return "upload"
+        return "chunk" if "upload_id" in parse_qs(urlsplit(path).query) else "upload"
     if path.startswith("/download/") or "alt=media" in path:
         return "download"
     return "api"
@@ -112,7 +142,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def _forward_as_is(self, body: bytes):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in self._HOP}
-        return self._upstream(self.command, self.path, body, headers)
+        status, answer_headers, answer = self._upstream(self.command, self.path, body, headers)
+        return status, self._through_here(answer_headers), answer
+
+    def _through_here(self, headers):
+        """The upstream's answer headers, with a ``Location`` on the upstream pointed at this proxy.
+
+        A resumable upload session's URL comes back in ``Location``; left as the
+        emulator wrote it, the session's chunks would bypass the proxy.
+        """
+        upstream = f"{self.server.upstream.scheme}://{self.server.upstream.netloc}"
+        here = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return [(k, v.replace(upstream, here, 1) if k.lower() == "location" else v) for k, v in headers]
 
     def log_message(self, *args):
         pass
@@ -137,7 +178,28 @@ class _Handler(ProxyHandler):
         status, _, _ = self._upstream("GET", f"/storage/v1/b/{target[0]}/o/{quote(target[1], safe='')}")
         return status == 200
 
+    def _page(self, status: int, headers, answer: bytes):
+        """One page of an object listing, as GCS pages them (the emulator sends every object at once)."""
+        if status != 200:
+            return status, headers, answer
+        listing = json.loads(answer)
+        query = parse_qs(urlsplit(self.path).query)
+        after = base64.urlsafe_b64decode(query["pageToken"][0]).decode() if "pageToken" in query else ""
+        size = min(int(query.get("maxResults", [self.server.page_size])[0]), self.server.page_size)
+        items = sorted((i for i in listing.get("items") or [] if i["name"] > after), key=lambda i: i["name"])
+        listing["items"] = items[:size]
+        if len(items) > size:
+            listing["nextPageToken"] = base64.urlsafe_b64encode(items[size - 1]["name"].encode()).decode()
+        return status, headers, json.dumps(listing).encode()
+
     def _forward(self, body: bytes):
+        parts = urlsplit(self.path)
+        if self.command == "GET" and re.fullmatch(r"/storage/v1/b/[^/]+/o", parts.path):
+            query = parse_qs(parts.query)
+            if "pageToken" in query:
+                self.server.page_tokens.append(query["pageToken"][0])
+            rest = [(k, v) for k, values in query.items() for v in values if k not in ("pageToken", "maxResults")]
+            return self._page(*self._upstream("GET", f"{parts.path}?{urlencode(rest)}"))
         target = self._upload_target(body) if self.command == "POST" else None
         if target is not None and self._precondition_fails(body):
             self.server.preconditions_refused += 1
@@ -150,7 +212,16 @@ class _Handler(ProxyHandler):
 
     def _any(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        action = self.server.next_action(_kind(self.command, self.path))
+        kind = _kind(self.command, self.path)
+        action = self.server.next_action(kind)
+        token = self.server.reject_token
+        if token is not None and self.headers.get("Authorization") == f"Bearer {token}":
+            action = "401"
+        with self.server._lock:
+            self.server.log.append((kind, self.command, self.path, self.headers.get("Content-Range", ""), action))
+        if action == "401":
+            self.close_connection = False
+            return self._error(401, "authError", "Invalid Credentials (injected by the test proxy)")
         if action == "503":
             return self._error(503, "backendError", "Backend Error (injected by the test proxy)")
         if action == "429":
@@ -171,6 +242,20 @@ class _Handler(ProxyHandler):
         if action == "lost_reply":
             self.close_connection = True
             return None
+        if action == "cut" and status == 200 and len(answer) > 1:
+            self.send_response(status)
+            for key, value in headers:
+                if key.lower() not in self._HOP:
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer[: len(answer) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return None
+        if action == "short" and status == 200 and len(answer) > 1:
+            headers = [(k, v) for k, v in headers if k.lower() != "x-goog-hash"]
+            answer = answer[: len(answer) // 2]
         return self._reply(status, headers, answer)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any

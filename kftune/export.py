@@ -7,6 +7,13 @@ for serving (``saved_model/``), every TFLite file found beside the model
 ``metadata.json`` (metrics, hyperparameters, source run, data fingerprint).
 An existing version is never overwritten, and every file's checksum is read
 back after the upload.
+
+A version is complete or invisible: ``MANIFEST.json`` (every file's path, size
+and MD5) is written last, in one write, and a version without it does not
+exist for :func:`version_exists`, is refused by :func:`verify` and
+:func:`read_version`, and is finished by exporting the same version again. A
+pod killed mid-upload therefore never leaves something a reader takes for a
+model, nor a version name that cannot be used again.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from kftune.errors import ExistsError, InputError
 
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
+MANIFEST_FILE = storage.MANIFEST_FILE
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -62,8 +70,41 @@ class ExportConfig:
 
 
 def version_exists(uri: str) -> bool:
-    """Whether an export version is already at ``uri``."""
-    return storage.exists(uri)
+    """Whether an export version is already at ``uri``, so that exporting there must be refused.
+
+    On GCS, only a version whose manifest is there: objects without one were
+    left by an export stopped part-way, which exporting the same version again
+    finishes, so they must not make the version name unusable. A local version
+    is published by one rename and is never partial: a folder there counts,
+    with or without a manifest (an export from before manifests, or someone
+    else's files), since replacing it could lose something.
+    """
+    return storage.version_taken(uri)
+
+
+def verify(uri: str) -> dict[str, str]:
+    """Checks the version at ``uri`` against its manifest (every file there, sizes and MD5s, nothing else).
+
+    For readers that must not take a partial or altered version for a model.
+    Returns the MD5 (base64) of every file the manifest lists.
+
+    Raises:
+        InputError: No manifest (an export stopped part-way), or files that differ from it.
+    """
+    return storage.verify_version(uri)
+
+
+def read_version(uri: str, workdir: str | Path) -> Path:
+    """Makes a complete, verified version available on local disk and returns its folder.
+
+    The version is checked against its manifest before anything is downloaded,
+    and the downloaded files against it again.
+
+    Raises:
+        InputError: As :func:`verify`.
+        StorageError: The copy differs from the manifest (it changed while it was read).
+    """
+    return storage.fetch_version(uri, workdir)
 
 
 def check_destination(destination: str, version: str) -> None:
@@ -99,18 +140,23 @@ def export(
             class names are recorded.
 
     Returns:
-        The version's URI and the MD5 (base64) of every file, read back from it.
+        The version's URI and the MD5 (base64) of every file (``MANIFEST.json``
+        included), read back from it.
 
     Raises:
-        ExistsError: The version already exists; nothing is written.
+        ExistsError: The version already exists (on GCS: its manifest is
+            there); nothing is written. Objects a stopped export of the same
+            version left are not a version: they are finished or replaced.
         StorageError: The bucket is missing, access was denied, or a checksum differs.
     """
     version = version or default_version()
     check_destination(destination, version)
     uri = f"{destination.rstrip('/')}/{version}"
     # Checked before the model is even loaded, so a taken version fails in a second.
-    if storage.exists(uri):
-        raise ExistsError(f"`{uri}` already exists and kftune never overwrites an export: choose a new version.")
+    if version_exists(uri):
+        hint = "" if storage.is_gcs(uri) or storage.has_manifest(uri) else (
+            f" It has no {MANIFEST_FILE}, so it is no complete kftune export: remove it yourself if it is a leftover.")
+        raise ExistsError(f"`{uri}` already exists and kftune never overwrites an export: choose a new version.{hint}")
     model_dir = Path(model_dir)
     model, meta = models.load(model_dir)
     tflite_files = sorted(model_dir.glob("*.tflite"))
@@ -133,5 +179,5 @@ def export(
                 shutil.copy2(path, staging / path.name)
         model.export(str(staging / SAVED_MODEL_DIR))
         (staging / METADATA_FILE).write_text(json.dumps({**metadata, **facts}, indent=2, default=str))
-        checksums = storage.publish_dir(staging, uri)
+        checksums = storage.publish_dir(staging, uri, manifest=True)
     return uri, checksums

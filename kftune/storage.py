@@ -14,6 +14,11 @@ flaky networks: ``KFTUNE_GCS_TIMEOUT`` (seconds one request may take, default
 Uploads are retried only when a retry cannot do harm: publishing a version
 writes with ``if_generation_match=0``, so a retry can never overwrite someone
 else's object; ``mirror`` rewrites files only its own step writes.
+
+An export version is made visible by one last write, its manifest
+(``MANIFEST.json``: every file's path, size and MD5). Objects under a version
+prefix without one are what an upload stopped part-way left: readers refuse
+them, and publishing the same version again finishes or replaces them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -33,6 +39,12 @@ from kftune.errors import ExistsError, InputError, StorageError
 GCS_SCHEME = "gs://"
 TIMEOUT_ENV, RETRY_ENV = "KFTUNE_GCS_TIMEOUT", "KFTUNE_GCS_RETRY_SECONDS"
 DEFAULT_TIMEOUT_S, DEFAULT_RETRY_S = 60.0, 300.0
+MANIFEST_FILE = "MANIFEST.json"
+MANIFEST_FORMAT = "kftune-manifest/1"
+# Files over 8 MiB go up in a resumable session, this many bytes a request: what
+# one failed request costs to send again. google-cloud-storage's default, pinned
+# here so that it does not change under kftune unnoticed.
+UPLOAD_CHUNK_BYTES = 100 * 1024 * 1024
 
 
 def is_gcs(uri: str) -> bool:
@@ -138,7 +150,7 @@ def _requests_for(uri: str):
     """Turns the client's refusals into StorageErrors that name ``uri`` and say what to do."""
     import requests
     from google.api_core import exceptions
-    from google.auth.exceptions import TransportError
+    from google.auth.exceptions import GoogleAuthError, TransportError
     from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
     try:
@@ -157,6 +169,12 @@ def _requests_for(uri: str):
             f"GCS kept failing for `{uri}` ({_first_line(e)}) after retrying for up to "
             f"{_seconds(RETRY_ENV, DEFAULT_RETRY_S):g} s: the service or the network is unavailable. Run the step "
             f"again (it resumes from what was stored), or raise {RETRY_ENV} to wait longer."
+        ) from e
+    except GoogleAuthError as e:
+        # An expired token is refreshed by the client on a 401; this is what is left when
+        # the refresh itself failed (a revoked key, credentials that cannot be refreshed).
+        raise StorageError(
+            f"GCS rejected the credentials used for `{uri}` ({_first_line(e)}): refresh or replace them."
         ) from e
 
 
@@ -224,12 +242,25 @@ def _safe_join(root: Path, relative: str) -> Path:
     return target
 
 
-def _list_objects(bucket, uri: str, prefix: str) -> dict[str, str | None]:
-    """The MD5 (base64) of every object under ``prefix`` (as a folder), keyed by name relative to it, sorted."""
+def _blob(bucket, name: str):
+    """The object ``name``, uploaded in chunks of UPLOAD_CHUNK_BYTES where it is large."""
+    return bucket.blob(name, chunk_size=UPLOAD_CHUNK_BYTES)
+
+
+def _list_blobs(bucket, uri: str, prefix: str) -> dict:
+    """Every object under ``prefix`` (as a folder), keyed by name relative to it, sorted.
+
+    The client follows every page of the listing (GCS sends 1,000 objects a page).
+    """
     base = f"{prefix}/" if prefix else ""
     with _requests_for(uri):
-        blobs = sorted((b.name, b.md5_hash) for b in bucket.list_blobs(prefix=base, **_calls()))
-    return {name[len(base) :]: md5 for name, md5 in blobs if not name.endswith("/")}
+        blobs = sorted(bucket.list_blobs(prefix=base, **_calls()), key=lambda b: b.name)
+    return {b.name[len(base) :]: b for b in blobs if not b.name.endswith("/")}
+
+
+def _list_objects(bucket, uri: str, prefix: str) -> dict[str, str | None]:
+    """The MD5 (base64) of every object under ``prefix`` (as a folder), keyed by name relative to it, sorted."""
+    return {relative: blob.md5_hash for relative, blob in _list_blobs(bucket, uri, prefix).items()}
 
 
 def _list_names(bucket, uri: str, prefix: str) -> list[str]:
@@ -265,11 +296,18 @@ def exists(uri: str) -> bool:
 def _download_verified(blob, target: Path, md5: str | None, uri: str) -> None:
     """Downloads ``blob`` to ``target`` and checks it against the MD5 GCS listed for it.
 
-    The client checks downloads itself where GCS sends a hash header; this check
-    also holds where none is sent (composite objects, emulators).
+    The client checks downloads itself where GCS sends a hash header, and resumes
+    one cut off mid-stream; this check also holds where no hash is sent
+    (composite objects, emulators, a proxy that drops the header). A download
+    that fails either way leaves no file behind, so nothing truncated can be
+    taken for the object later.
     """
-    with _requests_for(uri):
-        blob.download_to_filename(str(target), **_calls())
+    try:
+        with _requests_for(uri):
+            blob.download_to_filename(str(target), **_calls())
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
     if md5 and md5_base64(target) != md5:
         target.unlink()
         raise StorageError(
@@ -334,12 +372,48 @@ def _refuse_existing(uri: str) -> None:
         )
 
 
-def _publish_local(local_dir: Path, dest: Path) -> dict[str, str]:
+def has_manifest(uri: str) -> bool:
+    """Whether the version at ``uri`` is complete: its manifest, the last thing written, is there."""
+    if not is_gcs(uri):
+        return (Path(uri) / MANIFEST_FILE).is_file()
+    bucket_name, prefix = parse_gcs(uri)
+    bucket = _bucket(bucket_name)
+    with _requests_for(uri):
+        return bucket.blob(_blob_name(prefix, MANIFEST_FILE)).exists(**_calls())
+
+
+def version_taken(uri: str) -> bool:
+    """Whether publishing a version to ``uri`` must be refused, as it would overwrite something.
+
+    On GCS only a manifest makes a version: objects without one are a partial
+    upload, which publishing the version again finishes. A local version is
+    published by one rename, so kftune never leaves half of one at ``uri``:
+    whatever is there (a complete version, one from before manifests, someone
+    else's files) is not kftune's to replace.
+    """
+    return has_manifest(uri) if is_gcs(uri) else Path(uri).exists()
+
+
+def _manifest(files: list[Path], local_dir: Path) -> bytes:
+    """The manifest of a version: every file's relative path, size and MD5 (base64, as GCS lists it)."""
+    entries = {p.relative_to(local_dir).as_posix(): {"size": p.stat().st_size, "md5": md5_base64(p)} for p in files}
+    return (json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _md5_bytes(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _publish_local(local_dir: Path, dest: Path, manifest: bytes | None = None) -> dict[str, str]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Copy next to the destination, then rename: a reader never sees half a version.
     staging = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(local_dir, staging)
+    if manifest is not None:
+        # Written locally too, although the rename is what makes the version
+        # visible here: readers check both back ends the same way.
+        (staging / MANIFEST_FILE).write_bytes(manifest)
     try:
         staging.rename(dest)
     except OSError as e:
@@ -349,8 +423,8 @@ def _publish_local(local_dir: Path, dest: Path) -> dict[str, str]:
     return {p.relative_to(dest).as_posix(): md5_base64(p) for p in sorted(dest.rglob("*")) if p.is_file()}
 
 
-def _upload_new(blob, path: Path, uri: str) -> None:
-    """Uploads ``path`` to ``blob``, which must not exist yet.
+def _upload_new(blob, source: Path | bytes, uri: str) -> None:
+    """Uploads ``source`` (a file, or the bytes of one) to ``blob``, which must not exist yet.
 
     if_generation_match=0 makes GCS itself refuse an existing object, which closes
     the race between the exists() check in publish_dir and this write, and makes
@@ -360,15 +434,31 @@ def _upload_new(blob, path: Path, uri: str) -> None:
     """
     from google.api_core import exceptions
 
+    calls = {"if_generation_match": 0, "retry": _retry_if_generation_match(), "timeout": _timeout()}
     try:
         with _requests_for(uri):
-            blob.upload_from_filename(str(path), if_generation_match=0, retry=_retry_if_generation_match(),
-                                      timeout=_timeout())
+            if isinstance(source, bytes):
+                blob.upload_from_string(source, content_type="application/json", **calls)
+            else:
+                blob.upload_from_filename(str(source), **calls)
     except exceptions.PreconditionFailed as e:
         with _requests_for(uri):
             blob.reload(**_calls())
-        if blob.md5_hash != md5_base64(path):
+        if blob.md5_hash != (_md5_bytes(source) if isinstance(source, bytes) else md5_base64(source)):
             raise ExistsError(f"`{uri}` was written by someone else meanwhile: choose a new version.") from e
+
+
+def _upload_verified(bucket, prefix: str, relative: str, source: Path | bytes, uri: str) -> str:
+    """Uploads one new object and returns its MD5 as the service reads it back."""
+    blob = _blob(bucket, _blob_name(prefix, relative))
+    # gcp-storage-emulator ignores preconditions and overwrites, so against
+    # it alone the refusal comes from the exists() check: keep both.
+    _upload_new(blob, source, uri)
+    # Read the checksum back from the service rather than trusting the
+    # upload's own response: this is what a reader will get.
+    with _requests_for(uri):
+        blob.reload(**_calls())
+    return blob.md5_hash
 
 
 def _publish_gcs(files: list[Path], local_dir: Path, uri: str) -> dict[str, str]:
@@ -378,15 +468,7 @@ def _publish_gcs(files: list[Path], local_dir: Path, uri: str) -> dict[str, str]
     try:
         for path in files:
             relative = path.relative_to(local_dir).as_posix()
-            blob = bucket.blob(_blob_name(prefix, relative))
-            # gcp-storage-emulator ignores preconditions and overwrites, so against
-            # it alone the refusal comes from the exists() check: keep both.
-            _upload_new(blob, path, uri)
-            # Read the checksum back from the service rather than trusting the
-            # upload's own response: this is what a reader will get.
-            with _requests_for(uri):
-                blob.reload(**_calls())
-            checksums[relative] = blob.md5_hash
+            checksums[relative] = _upload_verified(bucket, prefix, relative, path, uri)
     except StorageError as e:
         if checksums:
             raise StorageError(
@@ -397,14 +479,80 @@ def _publish_gcs(files: list[Path], local_dir: Path, uri: str) -> dict[str, str]
     return checksums
 
 
-def publish_dir(local_dir: str | os.PathLike, uri: str) -> dict[str, str]:
+def _delete_partial(blob, uri: str) -> None:
+    """Deletes an object a stopped upload of this version left, and only the generation that was listed.
+
+    if_generation_match makes GCS refuse the delete where the object changed
+    since it was listed: someone else is writing this version right now.
+    """
+    from google.api_core import exceptions
+
+    try:
+        with _requests_for(uri):
+            blob.delete(if_generation_match=blob.generation, retry=_retry_if_generation_match(), timeout=_timeout())
+    except exceptions.NotFound:
+        pass  # gone already: a retry of a delete whose answer was lost
+    except exceptions.PreconditionFailed as e:
+        raise ExistsError(f"`{uri}` is being written by someone else right now: choose a new version.") from e
+
+
+def _publish_gcs_version(files: list[Path], local_dir: Path, uri: str, manifest: bytes) -> dict[str, str]:
+    """Uploads a version and makes it visible by writing its manifest last.
+
+    What an earlier attempt stopped part-way left under ``uri`` (no manifest
+    covers it) is finished, not refused: an object with the local file's size
+    and MD5 is kept, any other is deleted, the rest is uploaded. Before the
+    manifest goes up, the listing must show exactly the version's files:
+    anything else means a second writer, and no manifest is written over it.
+    """
+    bucket_name, prefix = parse_gcs(uri)
+    bucket = _bucket(bucket_name)
+    wanted = {p.relative_to(local_dir).as_posix(): (p.stat().st_size, md5_base64(p)) for p in files}
+    checksums: dict[str, str] = {}
+    try:
+        leftovers = _list_blobs(bucket, uri, prefix)
+        if MANIFEST_FILE in leftovers:
+            # Completed by someone else since the check: a version with a manifest is never touched.
+            raise ExistsError(f"`{uri}` already exists and kftune never overwrites an export: choose a new version.")
+        for relative, blob in leftovers.items():
+            if wanted.get(relative) == (blob.size, blob.md5_hash):
+                checksums[relative] = blob.md5_hash
+            else:
+                _delete_partial(blob, uri)
+        for path in files:
+            relative = path.relative_to(local_dir).as_posix()
+            if relative not in checksums:
+                checksums[relative] = _upload_verified(bucket, prefix, relative, path, uri)
+        stored = {relative: (blob.size, blob.md5_hash) for relative, blob in _list_blobs(bucket, uri, prefix).items()}
+        if stored != wanted:
+            changed = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+            raise ExistsError(f"`{uri}` was written by someone else meanwhile ({changed} changed): "
+                              "choose a new version.")
+        checksums[MANIFEST_FILE] = _upload_verified(bucket, prefix, MANIFEST_FILE, manifest, uri)
+    except StorageError as e:
+        raise StorageError(
+            f"{e} The upload stopped after {len(checksums)} of {len(files)} files, before its {MANIFEST_FILE} was "
+            f"confirmed: readers see no version at `{uri}` until it is; run the step again with the same version "
+            "to finish it."
+        ) from e
+    return checksums
+
+
+def publish_dir(local_dir: str | os.PathLike, uri: str, *, manifest: bool = False) -> dict[str, str]:
     """Copies a folder to ``uri`` without overwriting anything, and verifies it.
 
-    Returns the MD5 (base64) of every file written, keyed by relative path,
-    read back from the destination.
+    With ``manifest``, the folder is published as a version: a MANIFEST.json
+    (every file's path, size and MD5) is written last, in one write, and the
+    version exists for readers only once it is there. A kill part-way then
+    leaves objects no reader takes for a version; publishing the same version
+    again finishes it. Without ``manifest``, any object under ``uri`` counts.
+
+    Returns the MD5 (base64) of every file written (the manifest included),
+    keyed by relative path, read back from the destination.
 
     Raises:
-        ExistsError: ``uri`` already holds files; nothing is written.
+        ExistsError: ``uri`` already holds a version (with ``manifest`` on GCS:
+            its manifest; otherwise any file); nothing is written.
         StorageError: The bucket is missing, access was denied, or a checksum
             read back differs from the local file's.
     """
@@ -412,16 +560,114 @@ def publish_dir(local_dir: str | os.PathLike, uri: str) -> dict[str, str]:
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
     if not files:
         raise InputError(f"`{local_dir}` holds no files: there is nothing to publish.")
-    _refuse_existing(uri)
+    if manifest and (local_dir / MANIFEST_FILE).exists():
+        raise InputError(f"`{local_dir}` holds a {MANIFEST_FILE} of its own, which the version's manifest would "
+                         "replace: rename that file.")
+    listing = _manifest(files, local_dir) if manifest else None
+    if listing is not None and version_taken(uri):
+        raise ExistsError(f"`{uri}` already exists and kftune never overwrites an export: choose a new version.")
+    if listing is None:
+        _refuse_existing(uri)
     if is_gcs(uri):
-        checksums = _publish_gcs(files, local_dir, uri)
+        checksums = (_publish_gcs_version(files, local_dir, uri, listing) if listing is not None
+                     else _publish_gcs(files, local_dir, uri))
     else:
-        checksums = _publish_local(local_dir, Path(uri))
+        checksums = _publish_local(local_dir, Path(uri), listing)
     expected = {p.relative_to(local_dir).as_posix(): md5_base64(p) for p in files}
+    if listing is not None:
+        expected[MANIFEST_FILE] = _md5_bytes(listing)
     if checksums != expected:
         bad = sorted(k for k in expected.keys() | checksums.keys() if checksums.get(k) != expected.get(k))
         raise StorageError(f"checksums of {bad} at `{uri}` differ from the local files: remove `{uri}` and upload again.")
     return checksums
+
+
+def _not_a_version(uri: str) -> InputError:
+    if not exists(uri):
+        return InputError(f"`{uri}` holds no export: check the destination and the version.")
+    return InputError(
+        f"`{uri}` is not a complete export: it has no {MANIFEST_FILE} (an export stopped part-way, or the folder "
+        "was not written by kftune): export it again with the same version to finish it, or give a complete version."
+    )
+
+
+def _parse_manifest(data: bytes, uri: str) -> dict[str, tuple[int, str]]:
+    """(size, MD5) of every file a manifest lists, keyed by relative path."""
+    try:
+        document = json.loads(data)
+        if document.get("format") != MANIFEST_FORMAT:
+            raise ValueError(document.get("format"))
+        return {str(relative): (int(entry["size"]), str(entry["md5"])) for relative, entry in document["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"`{uri}/{MANIFEST_FILE}` is not a kftune manifest ({_first_line(e)}): the version was "
+                         "changed after it was exported; export the model again under a new version.") from e
+
+
+def _stored_version(uri: str) -> tuple[dict[str, tuple[int, str]], dict[str, tuple[int, str | None]]]:
+    """(what the manifest at ``uri`` lists, what is stored beside it), both as (size, MD5) by relative path."""
+    from google.api_core import exceptions
+
+    if not is_gcs(uri):
+        root = Path(uri)
+        if not (root / MANIFEST_FILE).is_file():
+            raise _not_a_version(uri)
+        listed = _parse_manifest((root / MANIFEST_FILE).read_bytes(), uri)
+        stored = {p.relative_to(root).as_posix(): (p.stat().st_size, md5_base64(p))
+                  for p in sorted(root.rglob("*")) if p.is_file()}
+    else:
+        bucket_name, prefix = parse_gcs(uri)
+        bucket = _bucket(bucket_name)
+        try:
+            with _requests_for(uri):
+                data = bucket.blob(_blob_name(prefix, MANIFEST_FILE)).download_as_bytes(**_calls())
+        except exceptions.NotFound:
+            raise _not_a_version(uri) from None
+        listed = _parse_manifest(data, uri)
+        stored = {relative: (blob.size, blob.md5_hash) for relative, blob in _list_blobs(bucket, uri, prefix).items()}
+    stored.pop(MANIFEST_FILE, None)
+    return listed, stored
+
+
+def _differences(listed: dict, found: dict) -> str:
+    missing = sorted(listed.keys() - found.keys())
+    changed = sorted(k for k in listed.keys() & found.keys() if listed[k] != found[k])
+    extra = sorted(found.keys() - listed.keys())
+    parts = [f"{label} {names}" for label, names in (("missing", missing), ("size or MD5 differs", changed),
+                                                      ("not in the manifest", extra)) if names]
+    return "; ".join(parts)
+
+
+def verify_version(uri: str) -> dict[str, str]:
+    """Checks a version against its manifest and returns the MD5 of every file it lists.
+
+    Nothing is downloaded: on GCS the sizes and MD5s come from the listing,
+    locally from the files. A version is exactly its manifest's files.
+
+    Raises:
+        InputError: ``uri`` has no manifest (an export stopped part-way, or not
+            kftune's), or its files differ from it (missing, changed, added).
+    """
+    return {relative: md5 for relative, (_, md5) in _verified(uri).items()}
+
+
+def _verified(uri: str) -> dict[str, tuple[int, str]]:
+    listed, stored = _stored_version(uri)
+    if stored != listed:
+        raise InputError(f"`{uri}` does not match its {MANIFEST_FILE} ({_differences(listed, stored)}): the version "
+                         "was changed after it was exported; export the model again under a new version.")
+    return listed
+
+
+def fetch_version(uri: str, workdir: str | os.PathLike) -> Path:
+    """Like :func:`fetch`, for a version: verified against its manifest before and after the download."""
+    listed = _verified(uri)
+    path = fetch(uri, workdir)
+    got = {relative: ((path / relative).stat().st_size, md5_base64(path / relative))
+           for relative in listed if _safe_join(path, relative).is_file()}
+    if got != listed:
+        raise StorageError(f"the copy of `{uri}` read to {path} differs from its {MANIFEST_FILE} "
+                           f"({_differences(listed, got)}): it changed while it was read; run the step again.")
+    return path
 
 
 class mirror:  # noqa: N801 - used as a context manager
@@ -483,7 +729,7 @@ class mirror:  # noqa: N801 - used as a context manager
                     continue
                 # Retried without a precondition on purpose: only this step writes
                 # these files, so writing one twice leaves what writing it once does.
-                self._bucket.blob(_blob_name(prefix, relative)).upload_from_filename(
+                _blob(self._bucket, _blob_name(prefix, relative)).upload_from_filename(
                     str(path), retry=_retry(), timeout=_timeout())
                 self._stored[relative] = md5
             # Then what the step deleted since (TensorFlow's CheckpointManager keeps only the newest

@@ -86,3 +86,38 @@ def bucket(gcs_emulator):
     name = f"kftune-test-{uuid.uuid4().hex[:12]}"
     storage._client().create_bucket(name)
     return name
+
+
+@pytest.fixture
+def fault_proxy(gcs_emulator, monkeypatch):
+    """Starts a tests/faultproxy.py FaultProxy in front of the emulator and points kftune's client at it.
+
+    ``start(schedule, **options)`` returns the proxy; each call starts another
+    and points the client at the newest.
+    """
+    from faultproxy import FaultProxy
+
+    from kftune import storage
+
+    started = []
+
+    def start(schedule: dict[str, list[str]], **options) -> FaultProxy:
+        server = FaultProxy(gcs_emulator, schedule, **options)
+        started.append(server)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+        storage._client.cache_clear()
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+    storage._client.cache_clear()
+
+
+@pytest.fixture
+def stored_gcs(gcs_emulator):
+    """A client that talks to the emulator itself, past any proxy: what is really stored."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
+
+    return gcs.Client(project="direct", credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs_emulator})

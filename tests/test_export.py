@@ -1,6 +1,11 @@
 """Export: an immutable, verified version, locally and on a real GCS emulator."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +168,104 @@ def test_the_gate_decides_whether_kfp_runs_the_export(model_dir, digits_dir, tmp
     else:
         report = next((tmp_path / "runs").glob("*/gate-failed/report")).read_text()
         assert "baseline: accuracy" in report and "< min_accuracy 0.999" in report
+
+
+# ---------------------------------------------------------------- complete or invisible
+
+ROOT = Path(__file__).resolve().parents[1]
+_EXPORT_ONCE = """
+import sys
+from kftune import export
+export.export(sys.argv[1], sys.argv[2], {"source_run": "run-1"}, version="v1")
+"""
+
+
+def _objects(client, bucket: str, prefix: str) -> dict[str, int]:
+    """Generation of every object under ``prefix``, read past the proxy."""
+    return {b.name[len(prefix) + 1:]: b.generation for b in client.list_blobs(bucket, prefix=f"{prefix}/")}
+
+
+def test_an_export_killed_part_way_is_invisible_and_a_rerun_finishes_it(
+    model_dir, bucket, fault_proxy, stored_gcs, tmp_path
+):
+    """A real export process, SIGKILLed after its first files are up, then the same version exported again."""
+    destination = f"gs://{bucket}/models/digits"
+    uri = f"{destination}/v1"
+    # The proxy passes the first two uploads and holds the third until the process is gone:
+    # the kill lands part-way through the upload every time.
+    held = fault_proxy({"api": ["ok"], "download": ["ok"], "upload": ["ok", "ok"] + ["hang"] * 100}, hold_s=300)
+    child = subprocess.Popen([sys.executable, "-c", _EXPORT_ONCE, str(model_dir), destination], cwd=ROOT,
+                             env={**os.environ, "STORAGE_EMULATOR_HOST": held.url, "KFTUNE_GCS_TIMEOUT": "300"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while len(held.seen("upload")) < 3 or len(_objects(stored_gcs, bucket, "models/digits/v1")) < 2:
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the export never got to its third file"
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    left = _objects(stored_gcs, bucket, "models/digits/v1")
+    assert sorted(left) == ["metadata.json", "model.json"]  # no model.keras, no saved_model/, no manifest
+
+    fault_proxy({"api": ["ok"], "download": ["ok"], "upload": ["ok"]})
+    # What was left is no version: nothing says it exists, readers refuse it in one line.
+    assert not ex.version_exists(uri)
+    assert storage.exists(uri)  # the objects are there; only the manifest makes them a version
+    for read in (lambda: ex.verify(uri), lambda: ex.read_version(uri, tmp_path / "read")):
+        with pytest.raises(InputError) as refused:
+            read()
+        assert str(refused.value).startswith(f"`{uri}` is not a complete export: it has no MANIFEST.json")
+        assert "\n" not in str(refused.value)
+
+    rerun = fault_proxy({"api": ["ok"], "download": ["ok"], "upload": ["ok"]})
+    uri_again, checksums = ex.export(model_dir, destination, {"source_run": "run-2"}, version="v1")
+
+    assert uri_again == uri and ex.version_exists(uri)
+    assert ex.verify(uri) == {k: v for k, v in checksums.items() if k != ex.MANIFEST_FILE}
+    assert SHIPPED | {ex.MANIFEST_FILE} <= set(checksums) == set(_objects(stored_gcs, bucket, "models/digits/v1"))
+    # The killed run's model.json was the same file and was kept; its metadata.json was replaced.
+    assert "models/digits/v1/model.json" not in rerun.uploaded
+    assert "models/digits/v1/metadata.json" in rerun.uploaded
+    assert rerun.uploaded[-1] == "models/digits/v1/MANIFEST.json"  # the one last write
+    folder = ex.read_version(uri, tmp_path / "read")
+    assert json.loads((folder / "metadata.json").read_text())["source_run"] == "run-2"
+    keras_model, meta = models.load(folder)
+    assert meta.stage == "pruned" and keras_model.output_shape[-1] == 10
+
+
+def test_a_complete_version_is_never_overwritten_on_either_back_end(model_dir, bucket, stored_gcs, tmp_path):
+    for destination in (f"gs://{bucket}/models", str(tmp_path / "exports")):
+        uri, checksums = ex.export(model_dir, destination, {"source_run": "run-1"}, version="v1")
+        assert ex.version_exists(uri) and ex.verify(uri)
+        before = (_objects(stored_gcs, bucket, "models/v1") if storage.is_gcs(uri)
+                  else {p: p.stat().st_mtime_ns for p in Path(uri).rglob("*")})
+
+        with pytest.raises(ExistsError, match=f"`{uri}` already exists and kftune never overwrites an export"):
+            ex.export(model_dir, destination, {"source_run": "run-2"}, version="v1")
+
+        after = (_objects(stored_gcs, bucket, "models/v1") if storage.is_gcs(uri)
+                 else {p: p.stat().st_mtime_ns for p in Path(uri).rglob("*")})
+        assert after == before
+        assert json.loads((ex.read_version(uri, tmp_path / "read") / "metadata.json").read_text())["source_run"] == "run-1"
+
+
+def test_a_local_folder_without_a_manifest_is_refused_not_replaced(model_dir, tmp_path):
+    """Locally a version appears by one rename, so a folder there is never kftune's partial: never replaced."""
+    version = tmp_path / "exports" / "v1"
+    version.mkdir(parents=True)
+    (version / "model.keras").write_text("someone's earlier export")
+
+    assert ex.version_exists(str(version))
+    with pytest.raises(ExistsError, match=r"already exists and kftune never overwrites an export: choose a new "
+                                          r"version\. It has no MANIFEST\.json, so it is no complete kftune export"):
+        ex.export(model_dir, str(tmp_path / "exports"), {}, version="v1")
+    with pytest.raises(InputError, match="is not a complete export: it has no MANIFEST.json"):
+        ex.verify(str(version))
+    assert (version / "model.keras").read_text() == "someone's earlier export"

@@ -46,34 +46,26 @@ def test_a_lock_held_too_long_is_one_clear_error(tmp_path):
                 pass
 
 
-def test_on_gcs_a_held_lock_blocks_the_next_holder_until_released(bucket, gcs_emulator, monkeypatch):
+def test_on_gcs_a_held_lock_blocks_the_next_holder_until_released(bucket, fault_proxy):
     # Through the fault proxy with no faults: it refuses a create whose ifGenerationMatch=0 fails, as GCS
     # does (the emulator alone would overwrite), so this is the request GCS itself arbitrates.
-    from faultproxy import FaultProxy
+    proxy = fault_proxy({"api": ["ok"], "upload": ["ok"], "download": ["ok"]})
+    uri = f"gs://{bucket}/state/oracle.lock"
+    second_in = threading.Event()
 
-    proxy = FaultProxy(gcs_emulator, {"api": ["ok"], "upload": ["ok"], "download": ["ok"]})
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
-    storage._client.cache_clear()
-    try:
-        uri = f"gs://{bucket}/state/oracle.lock"
-        second_in = threading.Event()
+    def second():
+        with locking.lock(uri, poll=0.02, stale_after=60):
+            second_in.set()
 
-        def second():
-            with locking.lock(uri, poll=0.02, stale_after=60):
-                second_in.set()
-
-        with locking.lock(uri, poll=0.02):
-            thread = threading.Thread(target=second)
-            thread.start()
-            time.sleep(1.0)
-            assert not second_in.is_set(), "two holders of one lock"
-            assert proxy.preconditions_refused >= 1
-        thread.join(timeout=30)
-        assert second_in.is_set()
-        assert storage._client().bucket(bucket).get_blob("state/oracle.lock") is None
-    finally:
-        proxy.shutdown()
-        storage._client.cache_clear()
+    with locking.lock(uri, poll=0.02):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(1.0)
+        assert not second_in.is_set(), "two holders of one lock"
+        assert proxy.preconditions_refused >= 1
+    thread.join(timeout=30)
+    assert second_in.is_set()
+    assert storage._client().bucket(bucket).get_blob("state/oracle.lock") is None
 
 
 def test_on_gcs_a_dead_holders_lock_is_taken_over_once_stale(bucket):

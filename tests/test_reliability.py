@@ -37,23 +37,15 @@ FLAKY = {
 
 
 @pytest.fixture
-def proxy(gcs_emulator, monkeypatch):
-    """Starts a FaultProxy with the given schedule and points the storage client at it."""
-    started = []
+def proxy(fault_proxy, monkeypatch):
+    """Starts a FaultProxy (conftest's fault_proxy) with the given schedule, requests timing out after a second."""
 
     def start(schedule: dict[str, list[str]]) -> FaultProxy:
-        server = FaultProxy(gcs_emulator, schedule, hold_s=3.0)
-        started.append(server)
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
         # A request that hangs is given up on after a second, then retried.
         monkeypatch.setenv(storage.TIMEOUT_ENV, "1")
-        storage._client.cache_clear()
-        return server
+        return fault_proxy(schedule, hold_s=3.0)
 
-    yield start
-    for server in started:
-        server.close()
-    storage._client.cache_clear()
+    return start
 
 
 def _folder(path: Path) -> Path:

@@ -8,9 +8,13 @@ runs in the local environment where kftune is installed.
 The images (both built from images/ by ``make images``):
 
 - ``KFTUNE_IMAGE``: TensorFlow's GPU image with kftune, for the steps that
-  train or run models (search, fine-tune, prune, evaluate).
+  train or run models (search workers and result, fine-tune, prune, evaluate).
 - ``KFTUNE_CPU_IMAGE``: a slim CPU image with kftune, for the light steps
-  (ingest, augment, compare, export).
+  (validate, ingest, augment, export, the gate's report).
+
+Each component names its usual image; a cluster profile's ``image: cpu|gpu``
+per step overrides it (pipelines/cluster.py), so the ``cpu`` profile runs
+every step on the CPU image.
 
 Both are named ``<registry>/kftune[-cpu]:<tag>``; set ``KFTUNE_REGISTRY`` (and
 ``KFTUNE_TAG``) before compiling to take both from your registry (the

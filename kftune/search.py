@@ -287,6 +287,11 @@ class SearchConfig:
                     )
 
 
+def own_values(values: dict) -> dict:
+    """A trial's hyperparameters, without keras-tuner's ``tuner/*`` bookkeeping (Hyperband's epochs, parent)."""
+    return {k: v for k, v in values.items() if not k.startswith("tuner/")}
+
+
 @dataclasses.dataclass
 class TrialResult:
     """The outcome of one trial, as the trials table shows it."""
@@ -478,7 +483,7 @@ def _trial_data(dataset_dir, in_validation):
 
 def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfig, *, compile: bool = True):
     """Builds (and compiles) the model a trial's hyperparameters describe."""
-    hyper = {k: v for k, v in values.items() if not k.startswith("tuner/")}
+    hyper = own_values(values)
     model_args = {k: v for k, v in hyper.items() if k not in ("learning_rate", "batch_size", "optimizer", "momentum")}
     # An int hyperparameter reaches the user's function as an int, whatever JSON made of it on the way.
     ints = {p.name for p in config.space.params if p.type == "int"}
@@ -555,7 +560,7 @@ def run_trial(
     trial_dir = Path(trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    result = TrialResult(trial_id=trial["trial_id"], values={k_: v for k_, v in values.items() if not k_.startswith("tuner/")})
+    result = TrialResult(trial_id=trial["trial_id"], values=own_values(values))
     try:
         info = dataset.DatasetInfo.load(dataset_dir)
         spec = AugmentSpec.from_dict(info.augment) if info.augment else None
@@ -651,8 +656,7 @@ def _trial_in_child(dataset_dir: str | Path, trial: dict, config: SearchConfig) 
             raise InputError(err.read_text())
         if out.exists():
             return TrialResult.from_json(out.read_text())
-        values = {k: v for k, v in trial["values"].items() if not k.startswith("tuner/")}
-        return TrialResult(trial["trial_id"], values, status="FAILED",
+        return TrialResult(trial["trial_id"], own_values(trial["values"]), status="FAILED",
                            error=f"the trial's process ended with exit code {code} (killed, or out of memory?)")
 
 
@@ -693,7 +697,7 @@ def work(
             wait = min(wait * 1.5, 30.0)
             continue
         idle_since, wait = None, poll
-        progress(f"search: worker {worker} trains trial {trial['trial_id']} {json.dumps(_shown(trial['values']))}")
+        progress(f"search: worker {worker} trains trial {trial['trial_id']} {json.dumps(own_values(trial['values']))}")
         if fresh_process:
             result = _trial_in_child(dataset_dir, trial, config)
         else:
@@ -702,12 +706,10 @@ def work(
             tell(config, oracle_dir, [result])
             told = len(results(oracle_dir))
         ran.append(result)
-        progress(f"search: trial {result.trial_id} {result.describe()} ({told} of {config.max_trials} told)")
+        # Hyperband's brackets, not max_trials, set how many trials it runs.
+        budget = "" if config.search_algorithm == "hyperband" else f" of {config.max_trials}"
+        progress(f"search: trial {result.trial_id} {result.describe()} ({told}{budget} told)")
     return ran
-
-
-def _shown(values: dict) -> dict:
-    return {k: v for k, v in values.items() if not k.startswith("tuner/")}
 
 
 def search(

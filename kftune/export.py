@@ -177,7 +177,7 @@ def export(
         for path in [model_dir / models.MODEL_FILE, model_dir / models.META_FILE, *tflite_files]:
             if path.exists():
                 shutil.copy2(path, staging / path.name)
-        model.export(str(staging / SAVED_MODEL_DIR))
+        models.export_saved_model(model, staging / SAVED_MODEL_DIR)
         (staging / METADATA_FILE).write_text(json.dumps({**metadata, **facts}, indent=2, default=str))
         checksums = storage.publish_dir(staging, uri, manifest=True)
     return uri, checksums

@@ -309,5 +309,5 @@ def finetune(
             models.ModelMeta(family=family, class_names=info.class_names, input_shape=list(info.shape),
                              hyperparameters=hyper, stage="finetuned"),
         )
-        model.export(str(Path(output_dir, "saved_model")))
+        models.export_saved_model(model, Path(output_dir, "saved_model"))
     return FinetuneResult(phases=phases, hyperparameters=hyper)

@@ -223,6 +223,20 @@ TRUSTED_MODULES = ("keras", "tf_keras", "kftune.layers")
 TRUSTED_ENV = "KFTUNE_TRUSTED_MODULES"
 
 
+def export_saved_model(model, path: str | Path) -> None:
+    """Writes ``model`` as a SavedModel with a ``serve`` endpoint (``model.export``), printing nothing.
+
+    tf-keras prints every endpoint's signature, with one line per captured
+    variable, on stdout after writing; in a step's log that is dozens of lines
+    nobody reads (``saved_model_cli show --dir PATH --all`` shows the same).
+    """
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model.export(str(path))
+
+
 def _trusted(module: str) -> bool:
     import os
 

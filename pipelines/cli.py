@@ -1,19 +1,24 @@
-"""The ``kftune`` command: compile the pipeline, run it on this machine, or submit it to a cluster.
+"""The kftune command: compile the pipeline, run it on this machine, or submit it to a cluster.
 
-    kftune compile [--profile gke-gpu|cpu|FILE]  # writes the KFP IR YAML with a cluster profile's settings
-    kftune run-local [name=value ...]            # runs the compiled pipeline with KFP's local runner
-    kftune submit --host URL [name=value ...]    # uploads it to Kubeflow Pipelines and starts a run
+    kftune compile [--profile gke-gpu|cpu|FILE]  writes the KFP IR YAML with a cluster profile's settings
+    kftune run-local [name=value ...]            runs the compiled pipeline with KFP's local runner
+    kftune submit --host URL [name=value ...]    uploads it to Kubeflow Pipelines and starts a run
+    kftune params                                lists every pipeline parameter: type, default, description
 
-``run-local`` checks every parameter before anything runs, runs the very
-pipeline a cluster runs (the compiled YAML) with ``kfp.local``'s
-SubprocessRunner, and ends with a table: accuracy, size and time per stage.
+run-local checks every parameter before anything runs, runs the very pipeline
+a cluster runs (the compiled YAML) with kfp.local's SubprocessRunner, prints
+one line as each task starts and ends (each task's full log goes to the run
+folder's logs/; --verbose streams them), and ends with a table: accuracy, size
+and time per stage.
+
+Exit codes: 0 success; 1 the run failed, or the Kubeflow Pipelines API could
+not be reached; 2 a mistake in the command or its parameters.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
@@ -116,33 +121,6 @@ def check_arguments(arguments: dict, compiled: str | Path = COMPILED, *, local: 
 # ---------------------------------------------------------------- local run
 
 
-class _TaskTimer(logging.Filter):
-    """Times each task from kfp.local's own log lines ("Executing task", "finished with status").
-
-    A filter on the root logger rather than a handler: kfp.local replaces the
-    root logger's handlers while it runs, but leaves its filters.
-    """
-
-    _START = re.compile(r"Executing task \W*'?([\w-]+)")
-    _END = re.compile(r"Task \W*'?([\w-]+)\W* finished with status \W*(\w+)")
-
-    def __init__(self):
-        super().__init__()
-        self.started: dict[str, float] = {}
-        self.seconds: dict[str, float] = {}
-        self.status: dict[str, str] = {}
-
-    def filter(self, record):
-        message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())
-        if m := self._START.search(message):
-            self.started[m.group(1)] = record.created
-        elif (m := self._END.search(message)) and m.group(1) in self.started:
-            name = m.group(1)
-            self.seconds[name] = self.seconds.get(name, 0.0) + record.created - self.started.pop(name)
-            self.status[name] = m.group(2)
-        return True
-
-
 STAGES = [
     ("validate", ("validate",), None),
     ("ingest", ("ingest",), None),
@@ -156,8 +134,11 @@ STAGES = [
 ]
 
 
-def summary(run_dir: Path, timer: _TaskTimer) -> str:
-    """The table printed at the end of a local run: accuracy, size and time per stage."""
+def summary(run_dir: Path, timer) -> str:
+    """The table printed at the end of a local run: accuracy, size and time per stage.
+
+    ``timer`` has ``seconds``: each task name's total seconds (pipelines/local_runner.py's Console).
+    """
     from kftune import report
 
     evaluations = {}
@@ -192,9 +173,17 @@ def summary(run_dir: Path, timer: _TaskTimer) -> str:
     return table + f"\nartifacts: {run_dir}"
 
 
-def run_local(arguments: dict, pipeline_root: str | Path = "runs", compiled: str | Path = COMPILED) -> tuple[Path, str]:
-    """Runs the compiled pipeline with kfp.local's SubprocessRunner; returns the run folder and the summary."""
+def run_local(arguments: dict, pipeline_root: str | Path = "runs", compiled: str | Path = COMPILED, *,
+              verbose: bool = False, out=None) -> tuple[Path, str]:
+    """Runs the compiled pipeline with kfp.local's SubprocessRunner; returns the run folder and the summary.
+
+    While it runs, one line per task as it starts and ends goes to ``out``
+    (stdout), and each task's whole output to the run folder's ``logs/``;
+    ``verbose`` streams the tasks' output as kfp.local does.
+    """
     from kfp import components, local
+
+    from pipelines import local_runner
 
     check_arguments(arguments, compiled)
     pipeline_root = Path(pipeline_root).resolve()
@@ -203,45 +192,54 @@ def run_local(arguments: dict, pipeline_root: str | Path = "runs", compiled: str
     # which holds the same packages, so the runner's warning about it is noise.
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-    timer = _TaskTimer()
-    logging.getLogger().addFilter(timer)
     before = set(pipeline_root.iterdir())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     pipeline = components.load_component_from_file(str(compiled))
-    try:
+    with local_runner.console(verbose, out) as console:
         pipeline(**arguments)
-    finally:
-        logging.getLogger().removeFilter(timer)
     new = sorted((p for p in pipeline_root.iterdir() if p not in before and p.is_dir()), key=lambda p: p.stat().st_mtime)
-    run_dir = new[-1] if new else pipeline_root
-    return run_dir, summary(run_dir, timer)
+    run_dir = console.run_dir or (new[-1] if new else pipeline_root)
+    return run_dir, summary(run_dir, console)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import kftune
+    from kftune import parameters
+
     parser = argparse.ArgumentParser(prog="kftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    compile_cmd = commands.add_parser("compile", help="compile the pipeline to KFP IR YAML")
+    parser.add_argument("--version", action="version", version=f"kftune {kftune.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{compile,run-local,submit,params}")
+    compile_cmd = commands.add_parser("compile", help="compile the pipeline to KFP IR YAML",
+                                      description="Compiles the pipeline to KFP IR YAML with a cluster profile's settings.")
     compile_cmd.add_argument("--profile", default="gke-gpu",
                              help="cluster profile: gke-gpu (default), cpu, or a profile YAML file (pipelines/profiles/)")
     compile_cmd.add_argument("--output", help=f"default: {COMPILED.relative_to(PACKAGE_DIR.parent)} for gke-gpu, "
                                               "build/tuning_pipeline-<profile>.yaml for the others")
-    from kftune import parameters
-
     run_cmd = commands.add_parser(
         "run-local", help="run the compiled pipeline on this machine with kfp.local",
         description="Runs the compiled pipeline with KFP's local runner (kfp.local.SubprocessRunner) on this machine, "
-                    "after checking every parameter, and prints accuracy, size and time per step.",
+                    "after checking every parameter. Prints one line as each task starts and ends, each task's full "
+                    "log goes to <run folder>/logs/, and a table of accuracy, size and time per step ends the run. "
+                    "Exit code 0 when it succeeded, 1 when a task failed, 2 for a mistake in the command.",
         epilog="pipeline parameters (name=value):\n" + parameters.help_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run_cmd.add_argument("parameters", nargs="*", metavar="name=value", help="pipeline parameters, e.g. max_trials=4")
     run_cmd.add_argument("--pipeline-root", default="runs", help="where run folders and artifacts go (default: runs)")
     run_cmd.add_argument("--compiled", default=str(COMPILED), help="the compiled pipeline to run")
+    run_cmd.add_argument("--verbose", action="store_true",
+                         help="stream every task's output (kfp.local's own console) instead of one line per task")
     _add_submit_parser(commands)
+    commands.add_parser("params", help="list every pipeline parameter with its type, default and description",
+                        description="Lists every pipeline parameter with its type, default and description.")
     args = parser.parse_args(argv)
 
     from kftune.errors import KftuneError
+    from pipelines import local_runner, submit
 
     try:
+        if args.command == "params":
+            print(parameters.help_table())
+            return 0
         if args.command == "compile":
             output = compile_pipeline(args.output or default_output(args.profile), args.profile)
             print(f"kftune: compiled {output} (cluster profile {args.profile})")
@@ -255,15 +253,18 @@ def main(argv: list[str] | None = None) -> int:
         arguments = parse_arguments(args.parameters, args.compiled)
         check_arguments(arguments, args.compiled)
         print(f"kftune: running the pipeline locally, artifacts under {args.pipeline_root}/", flush=True)
-        _, table = run_local(arguments, args.pipeline_root, args.compiled)
+        _, table = run_local(arguments, args.pipeline_root, args.compiled, verbose=args.verbose)
         print(f"\n{table}\nwall time: {time.time() - started:.0f} s")
         return 0
+    except submit.Unreachable as e:
+        print(f"kftune: error: {e}", file=sys.stderr)
+        return 1
     except KftuneError as e:
         print(f"kftune: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        # kfp.local's own failure line names the task; its log is above.
-        print(f"kftune: the pipeline failed: {str(e).splitlines()[0]}", file=sys.stderr)
+        # kfp.local's failure line names the task; the console showed its log's last lines and where it is.
+        print(f"kftune: the pipeline failed: {local_runner.plain(str(e)).splitlines()[0]}", file=sys.stderr)
         return 1
 
 
@@ -272,7 +273,7 @@ def _add_submit_parser(commands) -> None:
         "submit", help="upload the compiled pipeline to Kubeflow Pipelines and start a run",
         description="Uploads the compiled pipeline (a new pipeline, or a new version of it), starts a run in an "
                     "experiment and, with --wait, follows it to the end: exit 0 when it SUCCEEDED, 1 when it FAILED, "
-                    "was CANCELED or ran past --timeout, 2 for a mistake in the command. A bearer token for the API, "
+                    "was CANCELED or ran past --timeout, or when no API answered at --host, 2 for a mistake in the command. A bearer token for the API, "
                     "if yours needs one, goes in the KFTUNE_KFP_TOKEN environment variable.")
     cmd.add_argument("parameters", nargs="*", metavar="name=value", help="pipeline parameters, e.g. source=gs://b/data")
     cmd.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"),

@@ -10,7 +10,9 @@ treats CANCELED as the end it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import sys
@@ -21,11 +23,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kftune.errors import InputError
+from kftune.errors import InputError, KftuneError
 
 FINISHED = ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED")
 TOKEN_ENV = "KFTUNE_KFP_TOKEN"
 HEARTBEAT_SECONDS = 60
+
+
+class Unreachable(KftuneError, ConnectionError):
+    """No Kubeflow Pipelines API answers where kftune was told to look: exit code 1, not a mistake in the command."""
 
 
 class RunFailed(RuntimeError):
@@ -74,12 +80,16 @@ def connect(host: str | None, namespace: str = ""):
     import urllib3
 
     warnings.filterwarnings("ignore", message="This client only works with Kubeflow Pipeline", category=FutureWarning)
+    printed = io.StringIO()
     try:
-        return kfp.Client(host=host or None, namespace=namespace or "kubeflow",
-                          existing_token=os.environ.get(TOKEN_ENV) or None)
+        # kfp.Client prints "Failed to load kube config." whenever no kubectl context is set, even with
+        # --host given; without a host the error below says where it looked.
+        with contextlib.redirect_stdout(printed):
+            return kfp.Client(host=host or None, namespace=namespace or "kubeflow",
+                              existing_token=os.environ.get(TOKEN_ENV) or None)
     except (urllib3.exceptions.HTTPError, TimeoutError) as e:
         where = f"`{host}`" if host else "the cluster of the current kubectl context"
-        raise InputError(f"no Kubeflow Pipelines API answers at {where} ({type(e).__name__}): check --host, e.g. "
+        raise Unreachable(f"no Kubeflow Pipelines API answers at {where} ({type(e).__name__}): check --host, e.g. "
                          "http://localhost:8080 after `kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`.") from None
 
 

@@ -19,6 +19,7 @@ def evaluate(
     report_html: Output[HTML],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
+    per_class: Output[Markdown],
     evaluations: Output[dsl.Artifact],
 ) -> str:
     """Measures every candidate on the held-out test split and picks the one to export.
@@ -36,9 +37,10 @@ def evaluate(
         gate_config: The gate's thresholds (from the validation step).
         chosen: Output: the chosen candidate's Model folder; its metadata names the
             candidate, the file measured, whether it passed and every failed threshold.
-        report_html: Output: every candidate side by side, F1 per class, accuracy against size.
+        report_html: Output: every candidate side by side, and accuracy against size.
         metrics: Output: each candidate's test accuracy and gzip size, and the gate's verdict.
         confusion: Output: the chosen candidate's confusion matrix, labelled with the class names.
+        per_class: Output: the chosen candidate's precision, recall and F1 per class, and every candidate's F1.
         evaluations: Output: every measurement as JSON.
 
     Returns:
@@ -65,6 +67,8 @@ def evaluate(
         metrics.log_metric(f"{c.name}_gzip_bytes", c.gzip_bytes)
     metrics.log_metric("gate_passed", int(decision.passed))
     confusion.log_confusion_matrix(winner.class_names, winner.confusion_matrix)
+    with open(per_class.path, "w") as f:
+        f.write(ev.per_class_markdown(winner, candidates))
     with open(evaluations.path, "w") as f:
         json.dump([json.loads(c.to_json()) for c in candidates], f, indent=1)
     with open(report_html.path, "w") as f:

@@ -1,7 +1,7 @@
 """Prune component: tfmot magnitude pruning, with what it gained and lost."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from components import KFTUNE_IMAGE
 
@@ -13,7 +13,6 @@ def prune(
     pruned: Output[Model],
     metrics: Output[Metrics],
     report_html: Output[HTML],
-    report_md: Output[Markdown],
     config: str,
 ):
     """Prunes low-magnitude weights while training on, then strips the wrappers.
@@ -24,8 +23,7 @@ def prune(
         pruned: Output: the pruned, stripped model, with model_<mode>.tflite beside it per quantize mode.
         metrics: Output: accuracy, loss, sizes (raw and gzip) and latency before and after, sparsity,
             and the same for each TFLite file.
-        report_html: Output: the same, per layer, for the Kubeflow UI.
-        report_md: Output: the same as Markdown.
+        report_html: Output: the same, per layer, for the Kubeflow UI (the step's one report).
         config: The prune settings (from the validation step): target_sparsity and the
             prune_* parameters (schedule, epochs, steps, layer types, 2:4, learning
             rate, quantization, accuracy budget), seed.
@@ -45,5 +43,3 @@ def prune(
     })
     with open(report_html.path, "w") as f:
         f.write(result.html())
-    with open(report_md.path, "w") as f:
-        f.write(result.markdown())

@@ -452,7 +452,8 @@ def preview_grid(dataset_dir: str | Path, spec: AugmentSpec, *, images: int = 6,
 
 
 def preview_html(dataset_dir: str | Path, spec: AugmentSpec, *, mode: str, spec_text: str, seed: int = 0) -> str:
-    """An HTML page for the Kubeflow UI: each row an original, then its augmented variants."""
+    """An HTML page for the Kubeflow UI: a labelled grid, one row per sample image: the original
+    (framed), then each augmented variant; the spec above it, wrapped to the page."""
     import html
 
     from kftune import report
@@ -460,14 +461,25 @@ def preview_html(dataset_dir: str | Path, spec: AugmentSpec, *, mode: str, spec_
     originals, variants = preview_grid(dataset_dir, spec, seed=seed)
     plt = report.pyplot()
     rows, cols = variants.shape[0], variants.shape[1] + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.15 * cols + 0.9, 1.15 * rows + 0.3), squeeze=False)
     for r in range(rows):
         for c in range(cols):
+            ax = axes[r][c]
             image = originals[r] if c == 0 else variants[r, c - 1]
-            axes[r][c].imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=255)
-            axes[r][c].axis("off")
-    axes[0][0].set_title("original", fontsize=8)
-    body = f"<p>Mode: <b>{mode}</b>. Spec:</p><pre>{html.escape(spec_text or '(none)')}</pre>" + report.figure(fig)
+            ax.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                # The originals framed, the variants not: the eye finds the reference column.
+                spine.set_visible(c == 0)
+                spine.set_color("#1a73e8")
+                spine.set_linewidth(2)
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"variant {c}", fontsize=10)
+        axes[r][0].set_ylabel(f"sample {r + 1}", fontsize=10, rotation=0, ha="right", va="center")
+    fig.subplots_adjust(wspace=0.08, hspace=0.08)
+    body = (f"<p>Mode: <b>{html.escape(mode)}</b>. Each row: a training image, then {cols - 1} draws of the "
+            f"augmentation. Spec:</p><pre>{html.escape(spec_text or '(none)')}</pre>" + report.figure(fig))
     return report.page("Augmentation preview", body)
 
 

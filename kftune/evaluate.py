@@ -55,8 +55,8 @@ class Evaluation:
         return cls(**json.loads(text))
 
     def scalars(self) -> dict[str, float | int]:
-        """The single-number measurements, for metrics and export metadata."""
-        return {"top_k": self.top_k, **{key: getattr(self, key) for key in self.SCALARS}}
+        """The headline measurements, for metrics and export metadata (per-class figures: :func:`per_class_markdown`)."""
+        return {key: getattr(self, key) for key in self.SCALARS}
 
 
 def scores(labels, outputs, class_names: list[str]) -> dict:
@@ -376,31 +376,37 @@ def choose(candidates: list[Evaluation], gate: GateConfig) -> Decision:
     return Decision(max(candidates, key=lambda c: c.accuracy).name, False, reasons)
 
 
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f}"
+
+
 def comparison_html(candidates: list[Evaluation], gate: GateConfig, decision: Decision) -> str:
-    """The comparison report for the Kubeflow UI: the verdict, every candidate side by side,
-    per-class F1, and accuracy against size."""
+    """The comparison report for the Kubeflow UI: the verdict, every candidate side by side, and accuracy
+    against size. Per-class figures are the evaluate step's ``per_class`` table (:func:`per_class_markdown`).
+
+    Laid out for the Run UI's side pane (about 800 px wide): the gate's verdict is the second column and
+    wraps within its cell; two-number cells (raw / gzip size, batch 1 / 32 latency) keep the table narrow.
+    """
     from kftune import report
 
     baseline = candidates[0]
-    headers = ["candidate", "file", "accuracy", f"top-{baseline.top_k}", "loss", "size (B)", "gzip (B)",
-               "parameters", "latency b1 (ms)", "latency b32 (ms)", "gate"]
-    rows = [[c.name, c.model_file, c.accuracy, c.top_k_accuracy, c.loss, c.size_bytes, c.gzip_bytes, c.parameters,
-             c.latency_ms_batch1, c.latency_ms_batch32, "; ".join(gate.failures(c, baseline)) or "pass"]
-            for c in candidates]
-    per_class = [[name, *(c.f1[i] for c in candidates)] for i, name in enumerate(baseline.class_names)]
-    fig, ax = report.pyplot().subplots(figsize=(6, 4))
+    head = ["candidate", "gate", "accuracy", f"top-{baseline.top_k}", "loss", "size KiB<br>raw / gzip",
+            "parameters", "latency ms<br>batch 1 / 32"]
+    cells = []
     for c in candidates:
-        ax.scatter(c.gzip_bytes / 1024, c.accuracy, s=60)
-        ax.annotate(c.name, (c.gzip_bytes / 1024, c.accuracy), textcoords="offset points", xytext=(5, 5))
-    if gate.max_size_bytes:
-        ax.axvline(gate.max_size_bytes / 1024, color="#b00020", linestyle="--", label="max_size_bytes")
-    if gate.min_accuracy:
-        ax.axhline(gate.min_accuracy, color="#b00020", linestyle=":", label="min_accuracy")
-    if gate.max_size_bytes or gate.min_accuracy:
-        ax.legend(fontsize=8)
-    ax.set_xlabel("gzip size (KiB)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("accuracy against size")
+        failures = gate.failures(c, baseline)
+        # Each failure starts with the candidate's name, which the row already shows.
+        verdict = ("<span class='fail'>fails</span><br>"
+                   + "<br>".join(html.escape(f.removeprefix(f"{c.name}: ")) for f in failures)
+                   if failures else "<span class='pass'>passes</span>")
+        if c.name == decision.chosen:
+            verdict += "<br><b>chosen</b>"
+        cells.append([
+            f"<b>{html.escape(c.name)}</b><br><small>{html.escape(c.model_file)}</small>", verdict,
+            f"{c.accuracy:.4f}", f"{c.top_k_accuracy:.4f}", f"{c.loss:.4f}",
+            f"{_kib(c.size_bytes)} / {_kib(c.gzip_bytes)}", f"{c.parameters:,}",
+            f"{c.latency_ms_batch1:.3g} / {c.latency_ms_batch32:.3g}",
+        ])
     css = "pass" if decision.passed else "fail"
     thresholds = (f"min_accuracy={gate.min_accuracy}, max_accuracy_drop={gate.max_accuracy_drop} "
                   f"(against {baseline.name}), max_size_bytes={gate.max_size_bytes or 'no limit'}")
@@ -408,10 +414,60 @@ def comparison_html(candidates: list[Evaluation], gate: GateConfig, decision: De
         "Candidates side by side",
         f"<p class='{css}'>{html.escape(decision.message())}</p>",
         f"<p>Thresholds: {html.escape(thresholds)}. Measured on {baseline.examples} test images.</p>",
-        report.html_table(headers, rows),
-        "<h3>F1 per class</h3>",
-        report.html_table(["class", *(c.name for c in candidates)], per_class),
-        report.figure(fig),
+        report.html_table(head, cells, escape=False, css="compare"),
+        report.figure(_size_plot(candidates, gate)),
+    )
+
+
+def _size_plot(candidates: list[Evaluation], gate: GateConfig):
+    """Accuracy against gzip size, each point named inside the axes (labels turn inward near the edges)."""
+    from kftune import report
+
+    xs = [c.gzip_bytes / 1024 for c in candidates]
+    ys = [c.accuracy for c in candidates]
+    fig, ax = report.pyplot().subplots(figsize=(6.4, 4), layout="constrained")
+    ax.scatter(xs, ys, s=60, zorder=3)
+    if gate.max_size_bytes:
+        ax.axvline(gate.max_size_bytes / 1024, color="#b00020", linestyle="--", label="max_size_bytes")
+        xs = [*xs, gate.max_size_bytes / 1024]
+    if gate.min_accuracy:
+        ax.axhline(gate.min_accuracy, color="#b00020", linestyle=":", label="min_accuracy")
+        ys = [*ys, gate.min_accuracy]
+    # Room around the points for their names; the axes start at 0 KiB.
+    x_span = max(xs) or 1.0
+    y_lo, y_hi = min(ys), max(ys)
+    y_pad = max((y_hi - y_lo) * 0.25, 0.01)
+    ax.set_xlim(0, x_span * 1.15)
+    ax.set_ylim(y_lo - y_pad, min(1.0, y_hi + y_pad) if y_hi < 1.0 else y_hi + y_pad)
+    for c in candidates:
+        x, y = c.gzip_bytes / 1024, c.accuracy
+        right = x > x_span * 0.6
+        top = y > y_hi - (y_hi - y_lo) * 0.2 and y_hi > y_lo
+        ax.annotate(c.name, (x, y), textcoords="offset points", xytext=(-7 if right else 7, -12 if top else 7),
+                    ha="right" if right else "left", va="top" if top else "bottom", fontsize=9)
+    if gate.max_size_bytes or gate.min_accuracy:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("gzip size (KiB)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy against size")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def per_class_markdown(chosen: Evaluation, candidates: list[Evaluation]) -> str:
+    """Per-class figures beside the confusion matrix: the chosen candidate's precision, recall and F1
+    with each class's test images, then every candidate's F1."""
+    from kftune import report
+
+    support = [sum(row) for row in chosen.confusion_matrix]
+    rows = [[name, f"{chosen.precision[i]:.3f}", f"{chosen.recall[i]:.3f}", f"{chosen.f1[i]:.3f}", support[i]]
+            for i, name in enumerate(chosen.class_names)]
+    f1_rows = [[name, *(f"{c.f1[i]:.3f}" for c in candidates)] for i, name in enumerate(chosen.class_names)]
+    return (
+        f"## Per class: {chosen.name} (the confusion matrix's candidate)\n\n"
+        + report.markdown_table(["class", "precision", "recall", "F1", "test images"], rows)
+        + "\n## F1 per class, every candidate\n\n"
+        + report.markdown_table(["class", *(c.name for c in candidates)], f1_rows)
     )
 
 

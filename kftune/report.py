@@ -33,12 +33,18 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(out)
 
 
-def html_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+def html_table(headers: Sequence[str], rows: Sequence[Sequence], *, escape: bool = True, css: str = "") -> str:
+    """A table that scrolls inside its own box when wider than the page, so the page itself never does.
+
+    ``escape=False`` takes headers and cells as HTML the caller has escaped.
+    """
+    quote = html.escape if escape else str
+    head = "".join(f"<th>{quote(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{quote(_cell(v))}</td>" for v in row) + "</tr>" for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    table_class = f" class='{css}'" if css else ""
+    return f"<div class='scroll'><table{table_class}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def figure(fig) -> str:
@@ -61,9 +67,18 @@ def pyplot():
 
 
 def page(title: str, *parts: str) -> str:
+    # Readable from the Kubeflow Run UI's side pane (about 800 px) up: pictures and long text shrink or
+    # wrap to the page's width, and a table wider than the page scrolls inside its own box.
     style = (
-        "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;margin:1em 0}"
-        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
+        "body{font-family:sans-serif;margin:1em;max-width:100%}table{border-collapse:collapse}"
+        ".scroll{overflow-x:auto;margin:1em 0;max-width:100%}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top}th{background:#f3f3f3}"
+        "td:first-child,th:first-child{text-align:left}"
+        "table.compare td{white-space:nowrap}"
+        "table.compare td:nth-child(2),table.compare th:nth-child(2)"
+        "{text-align:left;white-space:normal;min-width:7em;max-width:20em;overflow-wrap:anywhere}"
+        "img{max-width:100%;height:auto}pre{white-space:pre-wrap;overflow-wrap:anywhere}"
+        "p{overflow-wrap:anywhere}"
         ".fail{color:#b00020;font-weight:bold}.pass{color:#137333;font-weight:bold}"
     )
     body = "\n".join(parts)
@@ -73,23 +88,51 @@ def page(title: str, *parts: str) -> str:
     )
 
 
+_PHASE_NAMES = {"continue": "training on", "head": "new head"}
+
+
+def phase_name(phase: str) -> str:
+    """A fine-tuning phase as a legend says it: continue -> training on, unfreeze2 -> unfreeze step 2."""
+    if phase.startswith("unfreeze") and phase[len("unfreeze"):].isdigit():
+        return f"unfreeze step {phase[len('unfreeze'):]}"
+    return _PHASE_NAMES.get(phase, phase)
+
+
 def history_plot(phases: list[dict], metrics: Sequence[str] = ("accuracy", "val_accuracy", "loss", "val_loss")) -> str:
-    """Training curves across phases (one figure: accuracy and loss side by side)."""
-    fig, (acc_ax, loss_ax) = pyplot().subplots(1, 2, figsize=(10, 4))
+    """Training curves across phases (one figure: accuracy and loss side by side).
+
+    Training and validation curves are one colour each; with several phases each phase is a line
+    style, named in the legend, and a grey line marks where the next phase starts.
+    """
+    fig, (acc_ax, loss_ax) = pyplot().subplots(1, 2, figsize=(9, 3.8), layout="constrained")
+    styles = ["-", "--", "-.", ":"]
+    colours = {"accuracy": "#1a73e8", "val_accuracy": "#e8710a", "loss": "#1a73e8", "val_loss": "#e8710a"}
+    several = len(phases) > 1
     offset = 0
-    for phase in phases:
+    for i, phase in enumerate(phases):
         history = phase["history"]
         epochs = len(next(iter(history.values()), []))
         xs = list(range(offset + 1, offset + epochs + 1))
         for name in metrics:
             if name in history:
                 ax = acc_ax if "accuracy" in name else loss_ax
-                ax.plot(xs, history[name], marker=".", label=f"{phase['phase']} {name}")
+                split = "validation" if name.startswith("val_") else "training"
+                label = f"{split}, {phase_name(phase['phase'])}" if several else split
+                ax.plot(xs, history[name], marker=".", color=colours.get(name), linestyle=styles[i % len(styles)],
+                        label=label)
         offset += epochs
-        acc_ax.axvline(offset + 0.5, color="#ddd")
-        loss_ax.axvline(offset + 0.5, color="#ddd")
+        if i < len(phases) - 1:
+            for ax in (acc_ax, loss_ax):
+                ax.axvline(offset + 0.5, color="#bbb", linewidth=1)
     for ax, name in ((acc_ax, "accuracy"), (loss_ax, "loss")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
-        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=9, loc="lower right" if name == "accuracy" else "upper right")
+    if offset:
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in (acc_ax, loss_ax):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return figure(fig)

@@ -803,6 +803,9 @@ def trials_figure(trials: list[TrialResult]) -> str:
     ax.step([int(t.trial_id) for t in done], best_so_far, where="post", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel("val_accuracy")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
     ax.legend()
     return report.figure(fig)
 

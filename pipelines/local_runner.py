@@ -34,7 +34,13 @@ import threading
 import time
 from pathlib import Path
 
-from kfp.local import executor_input_utils, logging_utils, status, subprocess_task_handler, task_dispatcher
+from kfp.local import (
+    executor_input_utils,
+    logging_utils,
+    status,
+    subprocess_task_handler,
+    task_dispatcher,
+)
 
 KFP_VERSION = "2.17.3"
 TAIL_LINES = 15
@@ -68,6 +74,12 @@ def _headline(task: Task, outputs: dict) -> str:
         value = outputs.get(key)
         return getattr(value, "metadata", None) or {}
 
+    if task.name == "validate":
+        return "every parameter and location checked"
+    if task.name == "ingest" and (m := meta("dataset")).get("splits"):
+        order = {"train": 0, "validation": 1, "test": 2}
+        splits = ", ".join(f"{int(n)} {split}" for split, n in sorted(m["splits"].items(), key=lambda kv: order.get(kv[0], 3)))
+        return f"{splits} images, {len(m.get('classes', []))} classes"
     if task.name == "search-worker" and "Output" in outputs:
         return f"ran {outputs['Output']} trial(s)"
     if task.name == "search-result" and (m := meta("metrics")):
@@ -96,13 +108,25 @@ class Console:
         self.out = out or sys.stdout
         self.verbose = verbose
         self.lock = threading.Lock()
-        self.seconds: dict[str, float] = {}
+        self.spans: dict[str, list[tuple[float, float]]] = {}
         self.status: dict[str, str] = {}
         self.run_dir: Path | None = None
         self.failed: list[Task] = []
         self.running: dict[str, Task] = {}
         self.tty = hasattr(self.out, "isatty") and self.out.isatty()
         self._status_shown = False
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Each task name's wall time: parallel runs of one task (loop iterations) count once."""
+        out = {}
+        for name, spans in self.spans.items():
+            total, reach = 0.0, float("-inf")
+            for start, end in sorted(spans):
+                total += max(0.0, end - max(start, reach))
+                reach = max(reach, end)
+            out[name] = total
+        return out
 
     # -- printing
     def say(self, text: str) -> None:
@@ -154,19 +178,20 @@ class Console:
         if re.match(r"^[a-z-]+: ", stripped) and not stripped.startswith("kftune:"):
             task.last_progress = stripped
         if not self.verbose and _ECHO.match(stripped):
-            self.say(f"         {task.label}  {stripped.partition(': ')[2]}")
+            self.say(f"         {task.label:<17} {stripped.partition(': ')[2]}")
 
     def finished(self, task: Task, ok: bool, outputs: dict) -> None:
-        seconds = time.time() - task.started
+        ended = time.time()
+        seconds = ended - task.started
         with self.lock:
             self.running.pop(task.label, None)
-            self.seconds[task.name] = self.seconds.get(task.name, 0.0) + seconds
+            self.spans.setdefault(task.name, []).append((task.started, ended))
             self.status[task.name] = "SUCCESS" if ok else "FAILURE"
             if self.verbose:
                 return
             if ok:
                 headline = _headline(task, outputs)
-                self._write(f"  done   {task.label}  {seconds:.1f} s" + (f"  {headline}" if headline else ""))
+                self._write(f"  done   {task.label:<17} {seconds:6.1f} s" + (f"  {headline}" if headline else ""))
                 return
             self.failed.append(task)
             lines = [f"  FAILED {task.label} after {seconds:.1f} s; its log: {task.log}",

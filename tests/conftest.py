@@ -121,3 +121,36 @@ def stored_gcs(gcs_emulator):
     from google.cloud import storage as gcs
 
     return gcs.Client(project="direct", credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs_emulator})
+
+
+# A whole pipeline small enough for the suite: two parallel search workers, every stage.
+SMALL = {
+    "image_size": 16, "max_trials": 3, "parallel_trials": 2, "trial_epochs": 2,
+    "finetune_epochs": 2, "prune_epochs": 1, "target_sparsity": 0.5, "max_accuracy_drop": 0.2,
+}
+
+
+@pytest.fixture(scope="session")
+def _local_run_and_console(tmp_path_factory):
+    import io
+
+    from pipelines import cli
+
+    root = tmp_path_factory.mktemp("local-run")
+    console = io.StringIO()
+    run_dir, table = cli.run_local({**SMALL, "export_destination": str(root / "exports"), "export_version": "v1"},
+                                   root / "runs", out=console)
+    return (run_dir, table, root / "exports"), console.getvalue()
+
+
+@pytest.fixture(scope="session")
+def local_run(_local_run_and_console):
+    """One real ``kftune run-local`` of SMALL, shared by the tests that read its artifacts:
+    (run folder, summary table, export destination)."""
+    return _local_run_and_console[0]
+
+
+@pytest.fixture(scope="session")
+def local_run_console(_local_run_and_console):
+    """What that run printed while it ran (the summary table aside)."""
+    return _local_run_and_console[1]

@@ -188,7 +188,7 @@ def prune(ctx: Ctx, data: str | None = None, model: str | None = None, **over):
         dataset=Dataset(uri=data or str(ctx.fixture("digits_dir"))),
         model=Model(uri=model or str(ctx.fixture("trained_model_dir"))), pruned=Model(uri=str(ctx.out / "pruned")),
         metrics=Metrics(uri=str(ctx.out / "metrics")), report_html=HTML(uri=str(ctx.out / "report.html")),
-        report_md=Markdown(uri=str(ctx.out / "report.md")), config=_config(prune_core.PruneConfig, **{**fields, **over}))
+        config=_config(prune_core.PruneConfig, **{**fields, **over}))
 
 
 def evaluate(ctx: Ctx, data: str | None = None, model: str | None = None, tflite_file: str = "", **gate):

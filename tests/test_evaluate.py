@@ -211,7 +211,7 @@ def test_evaluate_refuses_a_model_trained_on_other_classes(digits_dir, brightnes
 
 def test_evaluate_component_scores_every_candidate_and_writes_a_labelled_confusion_matrix(
         shapes_dir, brightness_model_dir, tmp_path, capsys):
-    from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Metrics, Model
+    from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Markdown, Metrics, Model
 
     from components.evaluate import evaluate
 
@@ -219,6 +219,7 @@ def test_evaluate_component_scores_every_candidate_and_writes_a_labelled_confusi
     out = {"chosen": Model(uri=str(tmp_path / "chosen")), "report_html": HTML(uri=str(tmp_path / "report.html")),
            "metrics": Metrics(uri=str(tmp_path / "metrics")),
            "confusion": ClassificationMetrics(uri=str(tmp_path / "confusion")),
+           "per_class": Markdown(uri=str(tmp_path / "per_class")),
            "evaluations": Artifact(uri=str(tmp_path / "evaluations"))}
     model = Model(uri=str(brightness_model_dir))
     verdict = evaluate.python_func(dataset=Dataset(uri=str(shapes_dir)), baseline=model, finetuned=model, pruned=model,
@@ -239,6 +240,12 @@ def test_evaluate_component_scores_every_candidate_and_writes_a_labelled_confusi
     assert out["metrics"].metadata["gate_passed"] == 1
     assert out["chosen"].metadata["passed"] is True and (tmp_path / "chosen" / "model.keras").exists()
     assert "no quantized candidate" in capsys.readouterr().out
+    # The scalars are the headline figures only; per-class figures are a table beside the confusion matrix.
+    assert set(out["chosen"].metadata["metrics"]) == set(ev.Evaluation.SCALARS)
+    assert all(key.endswith(("_accuracy", "_gzip_bytes")) or key == "gate_passed" for key in out["metrics"].metadata)
+    table = Path(out["per_class"].path).read_text()
+    assert "| class | precision | recall | F1 | test images |" in table
+    assert all(f"| {name} |" in table for name in ["bright", "dark", "mid"])
 
 
 # ---------------------------------------------------------------- gate
@@ -306,9 +313,18 @@ def test_the_smallest_passing_candidate_is_chosen_and_the_report_shows_every_one
     assert decision.passed and decision.chosen == "pruned"
     page = ev.comparison_html(CANDIDATES, gate, decision)
     for c in CANDIDATES:
-        assert f"<td>{c.name}</td>" in page and f"<td>{c.gzip_bytes}</td>" in page
-    assert "<h3>F1 per class</h3>" in page and "<td>bright</td>" in page
+        assert f"<b>{c.name}</b>" in page and f"/ {c.gzip_bytes / 1024:.1f}</td>" in page
+    # The gate's verdict sits beside each candidate's name: visible however narrow the pane.
+    assert page.index("<th>gate</th>") < page.index("<th>accuracy</th>")
+    assert page.count("<span class='pass'>passes</span>") == 3 and "<br><b>chosen</b>" in page
     assert 'src="data:image/png;base64,' in page
+
+
+def test_per_class_figures_are_a_table_of_the_chosen_candidate_and_every_f1():
+    table = ev.per_class_markdown(CANDIDATES[2], CANDIDATES)
+    assert "## Per class: pruned" in table
+    assert "| bright | 0.945 | 0.945 | 0.945 | 1 |" in table
+    assert "| class | baseline | finetuned | pruned |" in table and "| mid | 0.900 | 0.950 | 0.945 |" in table
 
 
 def test_the_quantized_candidate_can_be_chosen():
@@ -342,5 +358,5 @@ def test_real_evaluations_name_an_accuracy_drop(shapes_dir, brightness_model_dir
     gate = ev.GateConfig(min_accuracy=0.0, max_accuracy_drop=0.05)
     decision = ev.choose([measured, worse, pruned], gate)
     assert decision.passed and decision.chosen == "pruned"
-    assert "finetuned: accuracy drop 0.2000 against baseline &gt; max_accuracy_drop 0.05" in ev.comparison_html(
+    assert "<span class='fail'>fails</span><br>accuracy drop 0.2000 against baseline &gt; max_accuracy_drop 0.05" in ev.comparison_html(
         [measured, worse, pruned], gate, decision)

@@ -1,12 +1,14 @@
 """The pipeline: compiled YAML is current, bad arguments stop early, and the whole thing runs locally."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SMALL
 
 from pipelines import cli
 
@@ -58,17 +60,9 @@ def test_bad_arguments_stop_before_any_work_with_one_line(arguments, message, tm
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-SMALL = {
-    "image_size": 16, "max_trials": 3, "parallel_trials": 2, "trial_epochs": 2,
-    "finetune_epochs": 2, "prune_epochs": 1, "target_sparsity": 0.5, "max_accuracy_drop": 0.2,
-}
-
-
 @pytest.mark.e2e
-def test_the_whole_pipeline_runs_locally_and_exports(tmp_path):
-    destination = tmp_path / "exports"
-    run_dir, table = cli.run_local({**SMALL, "export_destination": str(destination), "export_version": "v1"},
-                                   tmp_path / "runs")
+def test_the_whole_pipeline_runs_locally_and_exports(local_run):
+    run_dir, table, destination = local_run
     # Every stage ran, and the table has numbers for each candidate.
     for stage in ("ingest", "augment", "search", "fine-tune", "prune", "export"):
         row = next(line for line in table.splitlines() if line.startswith(stage))
@@ -94,6 +88,21 @@ def test_the_whole_pipeline_runs_locally_and_exports(tmp_path):
     metadata = json.loads((version / "metadata.json").read_text())
     assert metadata["data_fingerprint"] and metadata["candidate"] in ("baseline", "finetuned", "pruned", "quantized")
     assert (version / "saved_model" / "saved_model.pb").exists()
+
+
+@pytest.mark.e2e
+def test_the_console_is_one_line_per_task_and_each_task_log_is_a_file(local_run, local_run_console):
+    run_dir, _, _ = local_run
+    lines = local_run_console.splitlines()
+    assert len(lines) < 60, local_run_console
+    assert not any(noise in local_run_console for noise in ("executor_input", "I0000", "E0000", "cuInit", "TensorSpec"))
+    assert "  start  search-worker[0]" in lines and "  start  search-worker[1]" in lines
+    trials = [line for line in lines if " trial " in line and "val_accuracy" in line]
+    assert len(trials) == 3 and all(re.search(r"val_accuracy \d\.\d{4},", line) for line in trials), trials
+    assert any(line.startswith("  done   evaluate") and "chosen" in line and "KiB" in line for line in lines)
+    logs = {p.name for p in (run_dir / "logs").iterdir()}
+    assert {"validate.log", "search-worker-0.log", "search-worker-1.log", "finetune.log", "export.log"} <= logs
+    assert "Got executor_input" in (run_dir / "logs" / "finetune.log").read_text()
 
 
 @pytest.mark.e2e

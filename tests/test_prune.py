@@ -234,7 +234,6 @@ def _component_artifacts(tmp_path, digits_dir, trained_model_dir):
         "pruned": dsl.Model(uri=str(tmp_path / "pruned")),
         "metrics": dsl.Metrics(uri=str(tmp_path / "metrics")),
         "report_html": dsl.HTML(uri=str(tmp_path / "report.html")),
-        "report_md": dsl.Markdown(uri=str(tmp_path / "report.md")),
     }
 
 
@@ -263,7 +262,6 @@ def test_component_writes_metrics_and_reports(tmp_path, digits_dir, trained_mode
     html = (tmp_path / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "Pruning to 75% sparsity" in html
     assert "as large as the dense one" in html and "<td>conv1</td>" in html and "model_int8.tflite" in html
-    assert "| dense (Keras) |" in (tmp_path / "report.md").read_text()
 
 
 def test_component_exits_with_the_input_error_code_on_bad_input(tmp_path, digits_dir, trained_model_dir, capsys):

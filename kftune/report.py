@@ -76,7 +76,8 @@ def page(title: str, *parts: str) -> str:
         "td:first-child,th:first-child{text-align:left}"
         "table.compare td{white-space:nowrap}"
         "table.compare td:nth-child(2),table.compare th:nth-child(2)"
-        "{text-align:left;white-space:normal;min-width:7em;max-width:20em;overflow-wrap:anywhere}"
+        "{text-align:left;white-space:normal;min-width:4.5em;max-width:18em;overflow-wrap:anywhere}"
+        "table.compare th,table.compare td{padding:4px 6px}"
         "img{max-width:100%;height:auto}pre{white-space:pre-wrap;overflow-wrap:anywhere}"
         "p{overflow-wrap:anywhere}"
         ".fail{color:#b00020;font-weight:bold}.pass{color:#137333;font-weight:bold}"
@@ -92,20 +93,19 @@ _PHASE_NAMES = {"continue": "training on", "head": "new head"}
 
 
 def phase_name(phase: str) -> str:
-    """A fine-tuning phase as a legend says it: continue -> training on, unfreeze2 -> unfreeze step 2."""
+    """A fine-tuning phase as the plot names it: continue -> training on, unfreeze2 -> unfreeze 2."""
     if phase.startswith("unfreeze") and phase[len("unfreeze"):].isdigit():
-        return f"unfreeze step {phase[len('unfreeze'):]}"
+        return f"unfreeze {phase[len('unfreeze'):]}"
     return _PHASE_NAMES.get(phase, phase)
 
 
 def history_plot(phases: list[dict], metrics: Sequence[str] = ("accuracy", "val_accuracy", "loss", "val_loss")) -> str:
     """Training curves across phases (one figure: accuracy and loss side by side).
 
-    Training and validation curves are one colour each; with several phases each phase is a line
-    style, named in the legend, and a grey line marks where the next phase starts.
+    One colour for training, one for validation, named in the legend; with several phases
+    a grey line marks where each next phase starts and the phase's name stands above its epochs.
     """
     fig, (acc_ax, loss_ax) = pyplot().subplots(1, 2, figsize=(9, 3.8), layout="constrained")
-    styles = ["-", "--", "-.", ":"]
     colours = {"accuracy": "#1a73e8", "val_accuracy": "#e8710a", "loss": "#1a73e8", "val_loss": "#e8710a"}
     several = len(phases) > 1
     offset = 0
@@ -116,10 +116,12 @@ def history_plot(phases: list[dict], metrics: Sequence[str] = ("accuracy", "val_
         for name in metrics:
             if name in history:
                 ax = acc_ax if "accuracy" in name else loss_ax
-                split = "validation" if name.startswith("val_") else "training"
-                label = f"{split}, {phase_name(phase['phase'])}" if several else split
-                ax.plot(xs, history[name], marker=".", color=colours.get(name), linestyle=styles[i % len(styles)],
-                        label=label)
+                label = ("validation" if name.startswith("val_") else "training") if i == 0 else None
+                ax.plot(xs, history[name], marker=".", color=colours.get(name), label=label)
+        if several and epochs:
+            for ax in (acc_ax, loss_ax):
+                ax.text((offset + 1 + offset + epochs) / 2, 1.01, phase_name(phase["phase"]), fontsize=9,
+                        ha="center", va="bottom", transform=ax.get_xaxis_transform(), color="#555")
         offset += epochs
         if i < len(phases) - 1:
             for ax in (acc_ax, loss_ax):
@@ -129,7 +131,7 @@ def history_plot(phases: list[dict], metrics: Sequence[str] = ("accuracy", "val_
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=9, loc="lower right" if name == "accuracy" else "upper right")
+            ax.legend(fontsize=10, loc="lower right" if name == "accuracy" else "upper right")
     if offset:
         from matplotlib.ticker import MaxNLocator
 

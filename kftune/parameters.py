@@ -156,7 +156,7 @@ def validate(values: dict[str, Any]) -> Settings:
     unknown = sorted(set(values) - set(BY_NAME))
     if unknown:
         raise InputError(f"unknown pipeline parameter(s) {', '.join(unknown)}; the parameters are: "
-                         f"{', '.join(BY_NAME)}. `kftune run-local --help` lists them with their defaults.")
+                         f"{', '.join(BY_NAME)}. `kftune params` lists them with their types and defaults.")
     typed = {name: _coerce(BY_NAME[name], value) for name, value in {**defaults(), **values}.items()}
     built = {}
     for stage, (cls, _) in STAGES.items():
@@ -168,7 +168,7 @@ def validate(values: dict[str, Any]) -> Settings:
 
 
 def help_table() -> str:
-    """Every parameter with its type, default and description, for ``kftune run-local --help``."""
+    """Every parameter with its type, default and description, for ``kftune params`` and ``kftune run-local --help``."""
     import textwrap
 
     lines = []

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -216,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                                               "build/tuning_pipeline-<profile>.yaml for the others")
     run_cmd = commands.add_parser(
         "run-local", help="run the compiled pipeline on this machine with kfp.local",
-        description="Runs the compiled pipeline with KFP's local runner (kfp.local.SubprocessRunner) on this machine, "
-                    "after checking every parameter. Prints one line as each task starts and ends, each task's full "
-                    "log goes to <run folder>/logs/, and a table of accuracy, size and time per step ends the run. "
-                    "Exit code 0 when it succeeded, 1 when a task failed, 2 for a mistake in the command.",
+        # Raw, for the parameter table below; so the description is wrapped here.
+        description=textwrap.fill(
+            "Runs the compiled pipeline with KFP's local runner (kfp.local.SubprocessRunner) on this machine, "
+            "after checking every parameter. Prints one line as each task starts and ends, each task's full "
+            "log goes to <run folder>/logs/, and a table of accuracy, size and time per step ends the run. "
+            "Exit code 0 when it succeeded, 1 when a task failed, 2 for a mistake in the command.", 88),
         epilog="pipeline parameters (name=value):\n" + parameters.help_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run_cmd.add_argument("parameters", nargs="*", metavar="name=value", help="pipeline parameters, e.g. max_trials=4")

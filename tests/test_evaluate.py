@@ -360,3 +360,17 @@ def test_real_evaluations_name_an_accuracy_drop(shapes_dir, brightness_model_dir
     assert decision.passed and decision.chosen == "pruned"
     assert "<span class='fail'>fails</span><br>accuracy drop 0.2000 against baseline &gt; max_accuracy_drop 0.05" in ev.comparison_html(
         [measured, worse, pruned], gate, decision)
+
+
+@pytest.mark.parametrize("gate", [ev.GateConfig(**GATE), ev.GateConfig(min_accuracy=0.97, max_size_bytes=95_000)])
+def test_the_size_plot_names_every_candidate_inside_its_axes(gate):
+    quantized = _candidate("quantized", 0.94, 10_000, model_file="model_int8.tflite")
+    fig = ev._size_plot([*CANDIDATES, quantized], gate)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    names = {t.get_text(): t.get_window_extent() for t in ax.texts}
+    assert set(names) == {"baseline", "finetuned", "pruned", "quantized"}
+    box = ax.get_window_extent()
+    fig.clf()
+    for name, extent in names.items():
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, name

@@ -364,6 +364,8 @@ def test_real_evaluations_name_an_accuracy_drop(shapes_dir, brightness_model_dir
 
 @pytest.mark.parametrize("gate", [ev.GateConfig(**GATE), ev.GateConfig(min_accuracy=0.97, max_size_bytes=95_000)])
 def test_the_size_plot_names_every_candidate_inside_its_axes(gate):
+    from kftune import report
+
     quantized = _candidate("quantized", 0.94, 10_000, model_file="model_int8.tflite")
     fig = ev._size_plot([*CANDIDATES, quantized], gate)
     fig.canvas.draw()
@@ -371,6 +373,6 @@ def test_the_size_plot_names_every_candidate_inside_its_axes(gate):
     names = {t.get_text(): t.get_window_extent() for t in ax.texts}
     assert set(names) == {"baseline", "finetuned", "pruned", "quantized"}
     box = ax.get_window_extent()
-    fig.clf()
+    report.pyplot().close(fig)
     for name, extent in names.items():
         assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, name

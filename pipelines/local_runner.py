@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import re
@@ -252,8 +253,11 @@ def console(verbose: bool = False, out=None):
         (logging_utils, "print_horizontal_line"): logging_utils.print_horizontal_line,
     }
 
+    signature = inspect.signature(original_run)
+
     def run_task(*args, **kwargs):
-        task = _task_for(shown, kwargs["pipeline_root"], kwargs["pipeline_resource_name"], kwargs["component_name"])
+        given = signature.bind(*args, **kwargs).arguments
+        task = _task_for(shown, given["pipeline_root"], given["pipeline_resource_name"], given["component_name"])
         _local.task, _local.console = task, shown
         shown.started(task)
         outputs, task_status = {}, status.Status.FAILURE

@@ -38,7 +38,8 @@ def evaluate(
         chosen: Output: the chosen candidate's Model folder; its metadata names the
             candidate, the file measured, whether it passed and every failed threshold.
         report_html: Output: every candidate side by side, and accuracy against size.
-        metrics: Output: each candidate's test accuracy and gzip size, and the gate's verdict.
+        metrics: Output: each candidate's test accuracy and gzip size, the chosen one's headline
+            figures (chosen_accuracy, chosen_loss, ..., chosen_latency_ms_batch32), and the gate's verdict.
         confusion: Output: the chosen candidate's confusion matrix, labelled with the class names.
         per_class: Output: the chosen candidate's precision, recall and F1 per class, and every candidate's F1.
         evaluations: Output: every measurement as JSON.
@@ -65,6 +66,9 @@ def evaluate(
     for c in candidates:
         metrics.log_metric(f"{c.name}_accuracy", c.accuracy)
         metrics.log_metric(f"{c.name}_gzip_bytes", c.gzip_bytes)
+    # The chosen candidate's headline figures, under one name across runs, for the UI's run comparison.
+    for key, value in winner.scalars().items():
+        metrics.log_metric(f"chosen_{key}", value)
     metrics.log_metric("gate_passed", int(decision.passed))
     confusion.log_confusion_matrix(winner.class_names, winner.confusion_matrix)
     with open(per_class.path, "w") as f:

@@ -242,7 +242,11 @@ def test_evaluate_component_scores_every_candidate_and_writes_a_labelled_confusi
     assert "no quantized candidate" in capsys.readouterr().out
     # The scalars are the headline figures only; per-class figures are a table beside the confusion matrix.
     assert set(out["chosen"].metadata["metrics"]) == set(ev.Evaluation.SCALARS)
-    assert all(key.endswith(("_accuracy", "_gzip_bytes")) or key == "gate_passed" for key in out["metrics"].metadata)
+    logged = set(out["metrics"].metadata)
+    chosen = {f"chosen_{key}" for key in ev.Evaluation.SCALARS}
+    assert chosen <= logged and all(key.endswith(("_accuracy", "_gzip_bytes")) for key in logged - chosen - {"gate_passed"})
+    assert not any(word in key for key in logged for word in ("precision", "recall", "f1", "top_k_accuracy_")), logged
+    assert "chosen_top_k" not in logged
     table = Path(out["per_class"].path).read_text()
     assert "| class | precision | recall | F1 | test images |" in table
     assert all(f"| {name} |" in table for name in ["bright", "dark", "mid"])

@@ -445,6 +445,44 @@ def _wrap(model, config: PruneConfig, end: int, patterns: dict[str, str] | None 
     return k.models.clone_model(model, clone_function=clone)
 
 
+def _tflite_kernel_shape(layer) -> tuple | None:
+    """The shape TFLite stores ``layer``'s kernel in: (out, h, w, in) for Conv2D, (out, in) for Dense."""
+    kernel = getattr(layer, "kernel", None) if type(layer).__name__ in ("Conv2D", "Dense") else None
+    if kernel is None:
+        return None
+    shape = tuple(int(d) for d in kernel.shape)
+    return (shape[-1], *shape[:-1]) if len(shape) == 4 else (shape[1], shape[0])
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        yield from (_leaf_layers(layer) if hasattr(layer, "layers") and layer.layers else [layer])
+
+
+def float_kernels(model, path: str | Path) -> list[str]:
+    """The Conv2D and Dense kernels the TFLite file ``path`` stores in float32, read from its tensors.
+
+    Dynamic-range quantization quantizes only kernels above the converter's size
+    threshold (1024 values) and leaves the smaller ones in float32, so "int8
+    weights" is true of the large kernels only; this names the others.
+    """
+    import warnings
+
+    import numpy as np
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        tensors = tf.lite.Interpreter(model_path=str(path)).get_tensor_details()
+    left = []
+    for layer in _leaf_layers(model):
+        shape = _tflite_kernel_shape(layer)
+        matches = [t for t in tensors if f"/{layer.name}/" in t["name"] and tuple(t["shape"]) == shape]
+        if any(t["dtype"] == np.float32 for t in matches):
+            left.append(layer.name)
+    return left
+
+
 def evaluate_split(model, images, labels, batch_size: int = 256) -> dict:
     loss, accuracy = model.evaluate(images.astype("float32"), labels, batch_size=batch_size, verbose=0)[:2]
     return {"loss": float(loss), "accuracy": float(accuracy)}
@@ -585,6 +623,8 @@ def prune(
     if config.quantize_modes:
         progress(f"prune: quantizing to TFLite ({config.prune_quantize})")
     tflite = quantize.quantize(stripped, config.quantize_modes, output_dir, x_val, y_val)
+    for values in tflite.values():
+        values["float_kernels"] = float_kernels(stripped, output_dir / values["file"])
     return PruneReport(
         before=before,
         after=after,

@@ -102,9 +102,6 @@ def _graph(model) -> _Graph:
 
 def _sources(node) -> list[str]:
     """The layer names a config node reads (tf-keras' ``[[name, node, tensor, kwargs], ...]``)."""
-    if isinstance(node, dict):  # Keras 3 style, for completeness
-        return [a["config"]["keras_history"][0] for a in node.get("args", []) if isinstance(a, dict)
-                and "keras_history" in a.get("config", {})]
     return [item[0] for item in node if isinstance(item, list | tuple) and item and isinstance(item[0], str)]
 
 

@@ -1,4 +1,4 @@
-"""Prune component: tfmot magnitude pruning, with what it gained and lost."""
+"""Prune component: tfmot magnitude pruning or structured pruning, with what it gained and lost."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
@@ -15,17 +15,19 @@ def prune(
     report_html: Output[HTML],
     config: str,
 ):
-    """Prunes low-magnitude weights while training on, then strips the wrappers.
+    """Prunes while training on: low-magnitude weights (tfmot, stripped after), or whole filters and units
+    (prune_method=structured: a smaller dense model rebuilt and fine-tuned).
 
     Args:
         dataset: The (augmented) dataset; its validation split measures every model.
         model: The model to prune (the fine-tuned one).
-        pruned: Output: the pruned, stripped model, with model_<mode>.tflite beside it per quantize mode.
-        metrics: Output: accuracy, loss, sizes (raw and gzip) and latency before and after, sparsity,
-            and the same for each TFLite file.
+        pruned: Output: the pruned model (stripped, or structured: rebuilt smaller), with model_<mode>.tflite
+            beside it per quantize mode.
+        metrics: Output: accuracy, loss, sizes (raw and gzip), parameters and latency (batch 1 and 32)
+            before and after, sparsity, and the same for each TFLite file.
         report_html: Output: the same, per layer, for the Kubeflow UI (the step's one report).
         config: The prune settings (from the validation step): target_sparsity and the
-            prune_* parameters (schedule, epochs, steps, layer types, 2:4, learning
+            prune_* parameters (method, schedule, epochs, steps, layer types, 2:4, learning
             rate, quantization, accuracy budget), seed.
     """
     from kftune import parameters
@@ -38,6 +40,7 @@ def prune(
         metrics.log_metric(name, value)
     pruned.metadata.update({
         "stage": "pruned",
+        "prune_method": result.method,
         "sparsity": result.sparsity["overall"],
         "tflite": [values["file"] for values in result.tflite.values()],
     })

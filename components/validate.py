@@ -45,6 +45,7 @@ def validate(
     backbone_input_size: int,
     patience: int,
     checkpoint_uri: str,
+    prune_method: str,
     target_sparsity: float,
     prune_schedule: str,
     prune_initial_sparsity: float,

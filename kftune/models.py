@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
+from kftune import keras_compat
 from kftune.errors import InputError
 
 MODEL_FILE = "model.keras"
@@ -396,19 +397,19 @@ def backbone_classifier(
     if layer is not None:
         x = layer(x)
     constructor = getattr(k.applications, spec.constructor)
-    base = constructor(
-        include_top=False,
-        weights="imagenet" if weights == "imagenet" else None,
-        input_shape=(size, size, 3),
-        **({"alpha": spec.alpha} if spec.alpha else {}),
-    )
-    if weights not in (None, "imagenet"):
+    arguments = {"include_top": False, "input_shape": (size, size, 3), **({"alpha": spec.alpha} if spec.alpha else {})}
+    if weights in (None, "imagenet"):
+        base = constructor(weights=weights, **arguments)
+    else:
+        # A weights file holds pretrained (ImageNet) weights: it is loaded into the network Keras builds for
+        # ImageNet, which for EfficientNet has one more stem operation than the weights=None one.
         try:
-            base.load_weights(weights)
+            base = keras_compat.imagenet_network_with_weights(constructor, weights, **arguments)
         except Exception as e:  # noqa: BLE001 - the file is the user's input
             raise InputError(
                 f"weights file `{weights}` does not fit {spec.constructor}(include_top=False): "
-                f"{str(e).splitlines()[0][:200]}. Save them with base.save_weights() from the same architecture."
+                f"{str(e).splitlines()[0][:200]}. Save them with base.save_weights() from the model "
+                f"keras.applications.{spec.constructor}(include_top=False, weights='imagenet') builds."
             ) from e
     base.trainable = False
     x = base(x, training=False)

@@ -43,7 +43,7 @@ STAGES: dict[str, tuple[type, tuple[str, ...]]] = {
     "finetune": (FinetuneConfig, ("backbone", "weights", "finetune_epochs", "unfreeze_epochs", "unfreeze_layers",
                                   "unfreeze_steps", "finetune_learning_rate", "finetune_lr_factor",
                                   "backbone_input_size", "patience", "checkpoint_uri")),
-    "prune": (PruneConfig, ("target_sparsity", "prune_schedule", "prune_initial_sparsity", "prune_epochs",
+    "prune": (PruneConfig, ("prune_method", "target_sparsity", "prune_schedule", "prune_initial_sparsity", "prune_epochs",
                             "prune_begin_step", "prune_end_step", "prune_frequency", "prune_layer_types",
                             "prune_m_by_n", "prune_learning_rate", "prune_quantize", "prune_max_accuracy_drop",
                             "prune_sparsity_levels")),

@@ -1,14 +1,19 @@
-"""Magnitude pruning with tensorflow-model-optimization, measured before and after.
+"""Pruning, magnitude (tensorflow-model-optimization) or structured, measured before and after.
 
-tfmot's ``prune_low_magnitude`` wraps layers, :class:`UpdatePruningStep` advances
-the schedule while the model trains on, and ``strip_pruning`` removes the
-wrappers for export. kftune picks the schedule from :class:`PruneConfig`,
-prunes the whole model or chosen layer types, and measures what changed.
+``prune_method=magnitude``: tfmot's ``prune_low_magnitude`` wraps layers,
+:class:`UpdatePruningStep` advances the schedule while the model trains on, and
+``strip_pruning`` removes the wrappers for export. kftune picks the schedule
+from :class:`PruneConfig`, prunes the whole model or chosen layer types, and
+measures what changed. The zeros stay in the file: it shrinks once compressed.
+
+``prune_method=structured``: :mod:`kftune.structured` removes whole filters and
+units and rebuilds a smaller dense model, which is then fine-tuned here: the
+file is smaller as it is, and it runs faster in any runtime.
 
 Beyond tfmot's own API, an accuracy budget: given ``prune_max_accuracy_drop``, kftune
-prunes at increasing sparsity levels and keeps the highest one whose validation
-accuracy stays within the budget. The kept model can also be quantized to
-TFLite (see :mod:`kftune.quantize`).
+bisects the sparsity levels and keeps the highest one whose validation accuracy
+stays within the budget. The kept model can also be quantized to TFLite (see
+:mod:`kftune.quantize`).
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow (and tfmot) is imported
-from kftune import dataset, measure, models, quantize, report
+from kftune import dataset, measure, models, quantize, report, structured
 from kftune.augment import AugmentSpec, training_batches
 from kftune.errors import InputError, check_numbers, check_whole_numbers
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "polynomial")
+METHODS = ("magnitude", "structured")
 
 
 def _split(text: str) -> list[str]:
@@ -51,56 +57,69 @@ class PruneConfig:
     """How to prune.
 
     Attributes:
-        target_sparsity: Share of weights set to zero, in [0, 1).
-        prune_schedule: ``constant`` (tfmot ConstantSparsity, the tutorial's) or
-            ``polynomial`` (PolynomialDecay from ``prune_initial_sparsity``).
+        prune_method: ``magnitude`` (tfmot: weights set to zero, the file shrinks
+            once compressed) or ``structured`` (whole Conv2D filters and Dense
+            units removed and a smaller dense model rebuilt and fine-tuned: smaller
+            and faster as it is; layers that cannot shrink are named in the report).
+        target_sparsity: Share of weights set to zero (magnitude), or of each
+            shrinkable layer's filters and units removed (structured), in [0, 1).
+        prune_schedule: ``polynomial`` (PolynomialDecay from ``prune_initial_sparsity``,
+            which recovers best in the measurements) or ``constant`` (tfmot
+            ConstantSparsity, the tutorial's).
         prune_initial_sparsity: Start of the polynomial schedule.
-        prune_epochs: Epochs of training while pruning.
+        prune_epochs: Epochs of training while pruning (structured: of fine-tuning the rebuilt model).
         prune_begin_step: Step at which pruning starts.
         prune_end_step: Step at which pruning ends (the polynomial schedule reaches
             the target there); 0 means the last pruning step of training.
         prune_frequency: Prune every this many steps.
         prune_layer_types: Comma-separated Keras layer class names to prune
             (``Conv2D,Dense``); empty prunes every prunable layer.
-        prune_m_by_n: ``2:4`` for structured M-by-N sparsity (tfmot's
-            sparsity_m_by_n), which some hardware accelerates; empty for none.
-            It zeroes exactly 2 of every 4 weights, so it needs
-            ``target_sparsity`` 0.5.
+        prune_m_by_n: ``2:4`` for M-by-N sparsity (tfmot's sparsity_m_by_n),
+            which some hardware accelerates; empty for none. It zeroes exactly 2 of
+            every 4 weights along a kernel's input axis, so it needs
+            ``target_sparsity`` 0.5; a layer whose input axis is not a multiple of 4
+            is left dense (the report names it).
         prune_learning_rate: Learning rate of training while pruning.
         batch_size: 0 takes the fine-tuned model's.
         seed: Seeds shuffling and augmentation.
         prune_quantize: Comma-separated TFLite post-training quantization modes to
-            export beside the pruned model: ``dynamic`` (int8 weights) and/or
+            export beside the pruned model: ``dynamic`` (int8 weights of the larger
+            kernels, activations float) and/or
             ``int8`` (full integer, calibrated on the validation split); empty
             for none.
         prune_max_accuracy_drop: 0 prunes to ``target_sparsity``. Above 0, the
             accuracy budget (0.01 = one point of validation accuracy): kftune
-            prunes at each of ``prune_sparsity_levels`` in increasing order, stops at
-            the first level that loses more than the budget, and keeps the
-            highest level within it; ``target_sparsity`` is then not used.
+            bisects ``prune_sparsity_levels`` (a level within the budget sends the
+            search higher, one over it lower) and keeps the highest level found
+            within it; ``target_sparsity`` is then not used.
         prune_sparsity_levels: The levels the budget search tries, comma-separated.
     """
 
+    prune_method: str = "magnitude"
     target_sparsity: float = 0.5
-    prune_schedule: str = "constant"
+    # Defaults measured (bench/bench_prune.py --sweep, docs/benchmarks.md): polynomial over 8 epochs at 1e-3
+    # lost 0.74 points at 80% sparsity where the tutorial's constant schedule over 2 epochs at 1e-4 lost 21.
+    prune_schedule: str = "polynomial"
     prune_initial_sparsity: float = 0.0
-    prune_epochs: int = 2
+    prune_epochs: int = 8
     prune_begin_step: int = 0
     prune_end_step: int = 0
     prune_frequency: int = 10
     prune_layer_types: str = ""
     prune_m_by_n: str = ""
-    prune_learning_rate: float = 1e-4
+    prune_learning_rate: float = 1e-3
     batch_size: int = 0
     seed: int = 0
     prune_quantize: str = "int8"
     prune_max_accuracy_drop: float = 0.0
-    prune_sparsity_levels: str = "0.5,0.7,0.8,0.9,0.95"
+    prune_sparsity_levels: str = "0.5,0.7,0.8,0.85,0.9,0.93,0.95"
 
     def __post_init__(self):
         check_numbers(self, ("target_sparsity", "prune_initial_sparsity", "prune_learning_rate", "prune_max_accuracy_drop"))
         if not 0.0 <= self.target_sparsity < 1.0:
             raise InputError(f"`target_sparsity` must be in [0, 1). Received: target_sparsity={self.target_sparsity}")
+        if self.prune_method not in METHODS:
+            raise InputError(f"`prune_method` must be one of {METHODS}. Received: prune_method={self.prune_method!r}")
         if self.prune_schedule not in SCHEDULES:
             raise InputError(f"`prune_schedule` must be one of {SCHEDULES}. Received: prune_schedule={self.prune_schedule!r}")
         check_whole_numbers(self, {"prune_epochs": 1, "prune_begin_step": 0, "prune_end_step": 0, "prune_frequency": 1, "batch_size": 0})
@@ -135,6 +154,9 @@ class PruneConfig:
     def _check_m_by_n(self):
         if not self.prune_m_by_n:
             return
+        if self.prune_method == "structured":
+            raise InputError("`prune_m_by_n` is a magnitude-pruning pattern: set prune_method=magnitude, or leave "
+                             "prune_m_by_n empty for structured pruning.")
         if self.prune_m_by_n != "2:4":
             raise InputError(f"`prune_m_by_n` must be empty or 2:4 (what tfmot supports). Received: prune_m_by_n={self.prune_m_by_n!r}")
         if self.prune_max_accuracy_drop > 0:
@@ -176,14 +198,20 @@ class PruneReport:
     """What pruning gained and lost, measured on the validation split.
 
     Attributes:
-        before: The dense model: accuracy, loss, size_bytes, gzip_bytes, latency_ms.
-        after: The same for the pruned, stripped model.
+        before: The dense model: accuracy, loss, size_bytes, gzip_bytes, parameters, latency_ms
+            (batch 1) and latency_ms_b32 (batch 32).
+        after: The same for the pruned, stripped (or, structured, rebuilt) model.
         sparsity: Share of zeros per layer kernel of the stripped model, and ``overall``.
         history: Training history of the kept pruning run.
-        target_sparsity: The sparsity the kept model was pruned to.
-        attempts: One entry per level pruned to: sparsity, accuracy, accuracy_drop, within_budget.
+        target_sparsity: The sparsity (structured: share of filters and units removed) of the kept model.
+        attempts: One entry per level pruned to, in the order tried: sparsity, accuracy, accuracy_drop,
+            within_budget.
         max_accuracy_drop: The accuracy budget; 0 when there was no search.
-        tflite: Per quantization mode: file, accuracy, loss, size_bytes, gzip_bytes, latency_ms.
+        tflite: Per quantization mode: file, accuracy, loss, size_bytes, gzip_bytes, latency_ms, and
+            float_kernels (the kernels the converter left in float32).
+        method: The prune_method.
+        layer_patterns: Per layer with weights, what it got: ``2:4``, a sparsity, ``structured: 64 -> 32
+            filters``, or ``left whole: <why>`` / ``dense: <why>``.
     """
 
     before: dict
@@ -194,6 +222,8 @@ class PruneReport:
     attempts: list[dict] = dataclasses.field(default_factory=list)
     max_accuracy_drop: float = 0.0
     tflite: dict[str, dict] = dataclasses.field(default_factory=dict)
+    method: str = "magnitude"
+    layer_patterns: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def within_budget(self) -> bool | None:
@@ -210,9 +240,12 @@ class PruneReport:
         out["target_sparsity"] = self.target_sparsity
         out["accuracy_drop"] = self.before["accuracy"] - self.after["accuracy"]
         out["gzip_ratio"] = self.before["gzip_bytes"] / self.after["gzip_bytes"]
+        out["size_ratio"] = self.before["size_bytes"] / self.after["size_bytes"]
         for mode, values in self.tflite.items():
-            out.update({f"tflite_{mode}_{key}": value for key, value in values.items() if key != "file"})
+            out.update({f"tflite_{mode}_{key}": value for key, value in values.items()
+                        if isinstance(value, int | float) and not isinstance(value, bool)})
             out[f"tflite_{mode}_gzip_ratio"] = self.before["gzip_bytes"] / values["gzip_bytes"]
+            out[f"tflite_{mode}_size_ratio"] = self.before["size_bytes"] / values["size_bytes"]
         if self.within_budget is not None:
             out["max_accuracy_drop"] = self.max_accuracy_drop
             out["within_budget"] = float(self.within_budget)
@@ -220,40 +253,65 @@ class PruneReport:
         return out
 
     def _tables(self) -> list[tuple[str, list[str], list[list]]]:
-        dense_gzip = self.before["gzip_bytes"]
-        rows = [["dense (Keras)", *self._row(self.before, dense_gzip)],
-                [f"pruned {self.target_sparsity:.0%} (Keras)", *self._row(self.after, dense_gzip)]]
-        rows += [[f"pruned + {mode} ({values['file']})", *self._row(values, dense_gzip)]
+        kept = (f"structured {self.target_sparsity:.0%} narrower" if self.method == "structured"
+                else f"pruned {self.target_sparsity:.0%}")
+        rows = [["dense (Keras)", *self._row(self.before, self.before)],
+                [f"{kept} (Keras)", *self._row(self.after, self.before)]]
+        rows += [[f"{kept} + {mode} ({values['file']})", *self._row(values, self.before)]
                  for mode, values in self.tflite.items()]
-        tables = [("Validation split", ["model", "accuracy", "loss", "raw bytes", "gzip bytes",
-                                        "dense gzip / gzip", "latency ms (batch 1)"], rows)]
+        tables = [("Validation split", ["model", "accuracy", "loss", "parameters", "raw bytes", "gzip bytes",
+                                        "dense raw / raw", "dense gzip / gzip", "latency ms (batch 1)",
+                                        "latency ms (batch 32)"], rows)]
         if self.max_accuracy_drop > 0:
             tables.append((
                 f"Accuracy budget: at most {self.max_accuracy_drop * 100:.3g} point(s) lost",
-                ["sparsity", "accuracy", "drop vs dense", "within budget"],
+                ["sparsity" if self.method == "magnitude" else "filters and units removed", "accuracy",
+                 "drop vs dense", "within budget"],
                 [[f"{a['sparsity']:.0%}", a["accuracy"], a["accuracy_drop"], "yes" if a["within_budget"] else "no"]
                  for a in self.attempts],
             ))
-        tables.append(("Sparsity of the stripped weights (kernels)", ["layer", "sparsity"],
-                       [[name, f"{value:.2%}"] for name, value in self.sparsity.items()]))
+        tables.append(("Per layer: what it got, and the share of zeros in its kernel", ["layer", "pattern", "sparsity"],
+                       [[name, self.layer_patterns.get(name, "" if name == "overall" else "not pruned"), f"{value:.2%}"]
+                        for name, value in self.sparsity.items()]))
         return tables
 
     @staticmethod
-    def _row(values: dict, dense_gzip: int) -> list:
-        ratio = dense_gzip / values["gzip_bytes"]
-        return [values["accuracy"], values["loss"], values["size_bytes"], values["gzip_bytes"],
-                f"{ratio:.2f}x", values["latency_ms"]]
+    def _row(values: dict, dense: dict) -> list:
+        return [values["accuracy"], values["loss"], values.get("parameters", ""), values["size_bytes"],
+                values["gzip_bytes"], f"{dense['size_bytes'] / values['size_bytes']:.2f}x",
+                f"{dense['gzip_bytes'] / values['gzip_bytes']:.2f}x", values["latency_ms"],
+                values.get("latency_ms_b32", "")]
 
     def _notes(self) -> list[str]:
-        notes = [
+        if self.method == "structured":
+            notes = [
+                f"Structured pruning removed whole filters and units: the Keras file is an ordinary dense model of "
+                f"{self.after['parameters']} parameters against {self.before['parameters']} "
+                f"({self.before['size_bytes'] / self.after['size_bytes']:.2f}x smaller raw, no sparse runtime needed), "
+                f"and runs at {self.after['latency_ms_b32']:.3g} ms per batch of 32 against "
+                f"{self.before['latency_ms_b32']:.3g}. Layers left whole are named in the per-layer table."]
+        else:
+            notes = [self._magnitude_note()]
+        for mode, values in self.tflite.items():
+            if values.get("float_kernels"):
+                notes.append(f"{mode}: the TFLite converter left these kernels in float32 (it quantizes only the "
+                             f"larger ones): {', '.join(values['float_kernels'])}.")
+        return notes + self._search_notes()
+
+    def _magnitude_note(self) -> str:
+        return (
             f"The pruned Keras file is as large as the dense one ({self.after['size_bytes']} against "
             f"{self.before['size_bytes']} bytes): pruning sets weights to zero but keeps them. The saving shows "
             f"once the file is compressed ({self.before['gzip_bytes'] / self.after['gzip_bytes']:.2f}x smaller "
             "with gzip) or in a runtime that stores sparse tensors. Keras latency does not fall either: a dense "
-            "kernel multiplies zeros as fast as any other number.",
-        ]
+            "kernel multiplies zeros as fast as any other number. prune_method=structured removes whole filters "
+            "and units instead."
+        )
+
+    def _search_notes(self) -> list[str]:
+        notes = []
         if self.tflite:
-            notes.append("The TFLite files are quantized after pruning and keep its zeros; they are measured with "
+            notes.append("The TFLite files are quantized after pruning; they are measured with "
                          "the TFLite interpreter on the validation split (which also calibrated int8). Compare "
                          "latencies within one runtime, not Keras against TFLite.")
         if self.within_budget is False:
@@ -264,6 +322,8 @@ class PruneReport:
         return notes
 
     def title(self) -> str:
+        if self.method == "structured":
+            return f"Structured pruning: {self.target_sparsity:.0%} of filters and units removed"
         return f"Pruning to {self.target_sparsity:.0%} sparsity"
 
     def markdown(self) -> str:
@@ -324,8 +384,27 @@ def end_step(config: PruneConfig, steps: int) -> int:
     return config.prune_end_step or last
 
 
-def _wrap(model, config: PruneConfig, end: int):
-    """Wraps the layers to prune; unprunable layers get an error naming them."""
+# tfmot's m:n groups run along a kernel's input axis (second to last: Dense (in, out), Conv2D (h, w, in, out)).
+M_BY_N = (2, 4)
+
+
+def _m_by_n_misfit(layer) -> str | None:
+    """Why tfmot's 2:4 would not be 2:4 on ``layer`` (it pads a short group, zeroing 1 of 3), or None."""
+    kernels = [w for w in layer.trainable_weights if w.shape.rank in (2, 4)]
+    if not kernels:
+        return "no rank-2 or rank-4 kernel"
+    size = int(kernels[0].shape[-2])
+    if size % M_BY_N[1]:
+        return f"its input axis ({size}) is not a multiple of {M_BY_N[1]}"
+    return None
+
+
+def _wrap(model, config: PruneConfig, end: int, patterns: dict[str, str] | None = None):
+    """Wraps the layers to prune; unprunable layers get an error naming them.
+
+    ``patterns`` (if given) receives, per layer with weights, what it gets.
+    """
+    patterns = {} if patterns is None else patterns
     tfmot = _tfmot()
     k = models.keras()
     params = {"pruning_schedule": _schedule(config, end)}
@@ -344,9 +423,19 @@ def _wrap(model, config: PruneConfig, end: int):
 
     def clone(layer):
         if types and type(layer).__name__ not in types:
+            if layer.weights:
+                patterns[layer.name] = f"not pruned: {type(layer).__name__} is not in prune_layer_types"
             return layer
         if isinstance(layer, k.Model) or not layer.trainable_weights:
+            if layer.weights:
+                patterns[layer.name] = "not pruned: " + ("a nested model" if isinstance(layer, k.Model) else "frozen")
             return layer  # nothing to prune (Rescaling, pooling, ...)
+        if config.prune_m_by_n:
+            misfit = _m_by_n_misfit(layer)
+            if misfit:
+                patterns[layer.name] = f"dense: {misfit}, so 2:4 does not apply"
+                return layer
+        patterns[layer.name] = config.prune_m_by_n or f"{config.prune_schedule} {config.target_sparsity:.0%}"
         try:
             return tfmot.sparsity.keras.prune_low_magnitude(layer, **params)
         except ValueError as e:
@@ -359,16 +448,56 @@ def _wrap(model, config: PruneConfig, end: int):
     return k.models.clone_model(model, clone_function=clone)
 
 
+def _tflite_kernel_shape(layer) -> tuple | None:
+    """The shape TFLite stores ``layer``'s kernel in: (out, h, w, in) for Conv2D, (out, in) for Dense."""
+    kernel = getattr(layer, "kernel", None) if type(layer).__name__ in ("Conv2D", "Dense") else None
+    if kernel is None:
+        return None
+    shape = tuple(int(d) for d in kernel.shape)
+    return (shape[-1], *shape[:-1]) if len(shape) == 4 else (shape[1], shape[0])
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        yield from (_leaf_layers(layer) if hasattr(layer, "layers") and layer.layers else [layer])
+
+
+def float_kernels(model, path: str | Path) -> list[str]:
+    """The Conv2D and Dense kernels the TFLite file ``path`` stores in float32, read from its tensors.
+
+    Dynamic-range quantization quantizes only kernels above the converter's size
+    threshold (1024 values) and leaves the smaller ones in float32, so "int8
+    weights" is true of the large kernels only; this names the others.
+    """
+    import warnings
+
+    import numpy as np
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        tensors = tf.lite.Interpreter(model_path=str(path)).get_tensor_details()
+    left = []
+    for layer in _leaf_layers(model):
+        shape = _tflite_kernel_shape(layer)
+        matches = [t for t in tensors if f"/{layer.name}/" in t["name"] and tuple(t["shape"]) == shape]
+        if any(t["dtype"] == np.float32 for t in matches):
+            left.append(layer.name)
+    return left
+
+
 def evaluate_split(model, images, labels, batch_size: int = 256) -> dict:
     loss, accuracy = model.evaluate(images.astype("float32"), labels, batch_size=batch_size, verbose=0)[:2]
     return {"loss": float(loss), "accuracy": float(accuracy)}
 
 
 def _measured(model, images, labels, path: Path) -> dict:
-    """Validation scores and latency of ``model``, and the sizes of its saved file ``path``."""
+    """Validation scores, parameters and latency of ``model``, and the sizes of its saved file ``path``."""
     size = measure.file_size(path)
     return {**evaluate_split(model, images, labels), "size_bytes": size.raw_bytes, "gzip_bytes": size.gzip_bytes,
-            "latency_ms": measure.latency_ms(model, images, batch_size=1)}
+            "parameters": int(model.count_params()),
+            "latency_ms": measure.latency_ms(model, images, batch_size=1),
+            "latency_ms_b32": measure.latency_ms(model, images, batch_size=32)}
 
 
 @dataclasses.dataclass
@@ -385,13 +514,19 @@ class _Run:
     verbose: int
 
     def prune_to(self, config: PruneConfig):
-        """Prunes a fresh copy of the model while training on; returns (stripped model, history)."""
+        """Prunes a fresh copy of the model while training on; returns (stripped model, history, patterns)."""
         import tensorflow as tf
 
-        tfmot = _tfmot()
         # A fresh copy each time: tfmot's wrappers share the original layers' weights.
         model, _ = models.load(self.model_dir)
-        pruned = _wrap(model, config, self.end_step)
+        patterns: dict[str, str] = {}
+        if config.prune_method == "structured":
+            pruned, plan = structured.shrink(model, config.target_sparsity, config.layer_type_names)
+            patterns = plan.describe()
+            callbacks = []
+        else:
+            pruned = _wrap(model, config, self.end_step, patterns)
+            callbacks = [_tfmot().sparsity.keras.UpdatePruningStep()]
         models.compile_model(pruned, self.info.num_classes, learning_rate=config.prune_learning_rate)
         tf.keras.utils.set_random_seed(config.seed)
         spec = AugmentSpec.from_dict(self.info.augment) if self.info.augment else None
@@ -400,12 +535,12 @@ class _Run:
             train,
             validation_data=(self.x_val.astype("float32"), self.y_val),
             epochs=config.prune_epochs,
-            callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+            callbacks=callbacks,
             verbose=self.verbose,
         )
-        stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+        stripped = pruned if config.prune_method == "structured" else _tfmot().sparsity.keras.strip_pruning(pruned)
         models.compile_model(stripped, self.info.num_classes, learning_rate=config.prune_learning_rate)
-        return stripped, {key: [float(v) for v in values] for key, values in history.history.items()}
+        return stripped, {key: [float(v) for v in values] for key, values in history.history.items()}, patterns
 
 
 def prune(
@@ -419,8 +554,8 @@ def prune(
 ) -> PruneReport:
     """Prunes the model in ``model_dir`` while training on, strips it, saves it to ``output_dir``, and reports.
 
-    With ``config.prune_max_accuracy_drop`` set, prunes at each of ``config.levels`` and
-    keeps the highest sparsity within the budget. ``output_dir`` receives the model
+    With ``config.prune_max_accuracy_drop`` set, bisects ``config.levels`` and keeps
+    the highest sparsity found within the budget. ``output_dir`` receives the model
     (``model.keras`` + ``model.json``) and one ``model_<mode>.tflite`` per quantize mode.
     """
     info = dataset.DatasetInfo.load(dataset_dir)
@@ -433,29 +568,50 @@ def prune(
     if len(y_val) == 0:
         raise InputError(f"the validation split of `{dataset_dir}` is empty: ingest with a larger validation_fraction.")
     run = _Run(Path(dataset_dir), Path(model_dir), info, x_val, y_val, batch_size, end_step(config, steps), verbose)
-    # Fails fast, naming any layer tfmot cannot prune, before measuring or training anything.
-    _wrap(models.load(model_dir)[0], config, run.end_step)
+    # Fails fast, naming any layer tfmot cannot prune (or a model structured pruning cannot rebuild),
+    # before measuring or training anything.
+    if config.prune_method == "structured":
+        structured.plan(models.load(model_dir)[0], config.target_sparsity, config.layer_type_names)
+    else:
+        _wrap(models.load(model_dir)[0], config, run.end_step)
 
     models.compile_model(dense, info.num_classes, learning_rate=config.prune_learning_rate)
     before = _measured(dense, x_val, y_val, Path(model_dir, models.MODEL_FILE))
     searching = config.prune_max_accuracy_drop > 0
-    attempts, kept = [], None
-    for level in config.levels:
+    attempts, results = [], {}
+
+    def attempt(index: int) -> bool:
+        level = config.levels[index]
         level_config = dataclasses.replace(config, target_sparsity=level)
-        progress(f"prune: {config.prune_schedule} schedule to {level:.0%} sparsity over {steps} steps")
-        stripped, history = run.prune_to(level_config)
+        what = ("filters and units removed" if config.prune_method == "structured"
+                else f"sparsity ({config.prune_schedule} schedule)")
+        progress(f"prune: {config.prune_method} to {level:.0%} {what} over {steps} steps")
+        stripped, history, patterns = run.prune_to(level_config)
         scores = evaluate_split(stripped, x_val, y_val)
         drop = before["accuracy"] - scores["accuracy"]
         within = drop <= config.prune_max_accuracy_drop if searching else None
         attempts.append({"sparsity": level, "accuracy": scores["accuracy"], "accuracy_drop": drop, "within_budget": within})
         if searching:
-            progress(f"prune: {level:.0%} sparsity: validation accuracy {scores['accuracy']:.4f}, drop {drop:.4f}"
+            progress(f"prune: {level:.0%}: validation accuracy {scores['accuracy']:.4f}, drop {drop:.4f}"
                      f" ({'within' if within else 'over'} the budget of {config.prune_max_accuracy_drop})")
-        if kept is None or (searching and within):
-            kept = (level_config, stripped, history)
-        if searching and not within:
-            break  # accuracy falls as sparsity rises: higher levels would lose more
-    kept_config, stripped, history = kept
+        results[index] = (level_config, stripped, history, patterns)
+        return bool(within)
+
+    if not searching:
+        attempt(0)
+        kept = results[0]
+    else:
+        # Bisection over the ladder: accuracy falls as sparsity rises, so a level within the budget means
+        # every lower one is too (and the search goes higher), one over it means every higher one is over.
+        low, high = -1, len(config.levels)  # highest index known within, lowest known over
+        while high - low > 1:
+            middle = (low + high) // 2
+            if attempt(middle):
+                low = middle
+            else:
+                high = middle
+        kept = results[low] if low >= 0 else results[min(results)]
+    kept_config, stripped, history, patterns = kept
 
     output_dir = Path(output_dir)
     sparsity = measure.sparsity(stripped)
@@ -470,6 +626,8 @@ def prune(
     if config.quantize_modes:
         progress(f"prune: quantizing to TFLite ({config.prune_quantize})")
     tflite = quantize.quantize(stripped, config.quantize_modes, output_dir, x_val, y_val)
+    for values in tflite.values():
+        values["float_kernels"] = float_kernels(stripped, output_dir / values["file"])
     return PruneReport(
         before=before,
         after=after,
@@ -479,4 +637,6 @@ def prune(
         attempts=attempts,
         max_accuracy_drop=config.prune_max_accuracy_drop,
         tflite=tflite,
+        method=config.prune_method,
+        layer_patterns=patterns,
     )

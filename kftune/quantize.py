@@ -2,7 +2,8 @@
 
 Two modes, both tf.lite's own:
 
-* ``dynamic``: weights stored as int8, activations stay float; no data needed.
+* ``dynamic``: the larger kernels stored as int8 (the converter leaves kernels of
+  fewer than 1024 values in float32), activations stay float; no data needed.
 * ``int8``: full integer quantization (TFLITE_BUILTINS_INT8 ops, uint8 input
   and output), calibrated on a representative sample of the validation split,
   for integer-only accelerators and microcontrollers.

@@ -54,6 +54,44 @@ def test_weights_from_a_local_file_are_loaded(tmp_path):
         np.testing.assert_array_equal(expected, loaded)
 
 
+def _keras_imagenet_base(name, tmp_path, monkeypatch):
+    """The base Keras builds with weights="imagenet", offline: its download is pointed at a file made here."""
+    from tf_keras.src.utils import data_utils
+
+    spec = models.BACKBONES[name]
+    constructor = getattr(models.keras().applications, spec.constructor)
+    arguments = {"include_top": False, "input_shape": (32, 32, 3), **({"alpha": spec.alpha} if spec.alpha else {})}
+    stand_in = constructor(weights=None, **arguments)
+    rng = np.random.default_rng(0)
+    # Non-trivial statistics everywhere (EfficientNet's stem Normalization, every BatchNormalization), so a
+    # missing or extra scaling step cannot hide behind mean 0 and variance 1.
+    stand_in.set_weights([w + rng.uniform(0.1, 0.5, w.shape).astype(w.dtype) for w in stand_in.get_weights()])
+    download = tmp_path / f"{name}_keras_download.h5"
+    stand_in.save_weights(download)
+    asked = []
+    monkeypatch.setattr(data_utils, "get_file", lambda fname, origin, **_: asked.append(origin) or str(download))
+    reference = constructor(weights="imagenet", **arguments)
+    monkeypatch.undo()
+    assert asked, "Keras did not ask for its ImageNet weights: the stand-in was not used"
+    return reference
+
+
+@pytest.mark.parametrize("name", sorted(models.BACKBONES))
+def test_weights_saved_from_keras_imagenet_model_give_its_layers_and_features(name, tmp_path, monkeypatch):
+    reference = _keras_imagenet_base(name, tmp_path, monkeypatch)
+    # What kftune's no-internet error tells a user to do on a machine with internet.
+    reference.save_weights(tmp_path / "base.weights.h5")
+    _, base = models.backbone_classifier(name, (32, 32, 3), 3, weights=str(tmp_path / "base.weights.h5"))
+
+    def layers(model):
+        return [(type(layer).__name__, layer.output_shape) for layer in model.layers]
+
+    assert layers(base) == layers(reference)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    expected = reference(x, training=False).numpy()
+    np.testing.assert_allclose(base(x, training=False).numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_weights_that_do_not_fit_are_named(tmp_path):
     _save_base_weights(tmp_path / "vgg.weights.h5", "vgg16")
     with pytest.raises(InputError, match="does not fit MobileNetV2"):

@@ -360,7 +360,7 @@ def _oracle(config: SearchConfig, oracle_dir: str | Path):
     elif config.search_algorithm == "random":
         oracle = kt.oracles.RandomSearchOracle(max_trials=config.max_trials, **common)
     elif config.search_algorithm == "bayesian":
-        oracle = kt.oracles.BayesianOptimizationOracle(
+        oracle = tuner_compat.distinct_bayesian_oracle()(
             max_trials=config.max_trials, num_initial_points=max(2, config.max_trials // 3), **common
         )
     else:

@@ -246,3 +246,39 @@ def test_grid_search_with_parallel_workers_runs_every_point_of_the_grid(digits_d
     told = search.results(state / search.ORACLE_DIR)
     points = {(r.values["learning_rate"], r.values["batch_size"]) for r in told}
     assert len(told) == 9 and len(points) == 9
+
+
+@pytest.mark.parametrize("folds, trials", [(1, 5), (2, 3)])
+def test_bayesian_search_never_repeats_a_configuration(digits_dir, tmp_path, folds, trials):
+    # keras-tuner's Gaussian-process step proposes points already tried on a discrete space (6 trials gave 3
+    # configurations); a repeat is replaced before it becomes a trial, so every trial is a new configuration.
+    config = search.SearchConfig(search_algorithm="bayesian", max_trials=trials, parallel_trials=1, trial_epochs=1,
+                                 folds=folds, search_state_uri=str(tmp_path))
+    search.search(digits_dir, config, progress=lambda _: None)
+    told = search.results(tmp_path / search.ORACLE_DIR)
+    assert len(told) == trials
+    assert len({json.dumps(r.values, sort_keys=True) for r in told}) == trials
+
+
+def test_an_int_hyperparameter_reaches_the_users_function_as_an_int(digits_dir, tmp_path, monkeypatch):
+    # Trial values travel as JSON between the oracle, the worker and its child process (and KFP), which can
+    # turn 2 into 2.0; the user's function is called with the type the space declares.
+    (tmp_path / "typed.py").write_text(textwrap.dedent("""
+        from kftune.models import keras
+        def build(input_shape, num_classes, num_layers=1, units=8):
+            if type(num_layers) is not int or type(units) is not int:
+                raise TypeError(f"got num_layers={num_layers!r}, units={units!r}")
+            k = keras()
+            x = inputs = k.Input(input_shape)
+            x = k.layers.Flatten()(x)
+            for _ in range(num_layers):
+                x = k.layers.Dense(units, activation="relu")(x)
+            return k.Model(inputs, k.layers.Dense(num_classes, activation="softmax")(x))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = search.SearchConfig(model="typed:build", search_space=(
+        "{num_layers: {type: int, min: 1, max: 3}, units: {type: int, min: 8, max: 32, step: 8}}"))
+    info = search.dataset.DatasetInfo.load(digits_dir)
+    trial = json.loads(json.dumps({"num_layers": 2.0, "units": 16.0}))
+    model = search.build_for_trial(trial, info, config)
+    assert len([layer for layer in model.layers if layer.__class__.__name__ == "Dense"]) == 3

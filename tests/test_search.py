@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kftune import search
+from kftune import dataset, models, search
 from kftune.errors import InputError
 
 SPACE = """
@@ -94,6 +94,11 @@ def test_each_algorithm_runs_real_trials(algorithm, digits_dir, tmp_path):
         assert any(r.epochs < config.trial_epochs for r in results) or len(results) > 2
     winner, trials = search.save_best_model(digits_dir, config, tmp_path / "best")
     assert (tmp_path / "best" / "model.keras").exists() and winner == best and trials == results
+    # The objective is the score of the model handed on: its accuracy on the validation split.
+    model, _ = models.load(tmp_path / "best")
+    models.compile_model(model, 10)
+    _, accuracy = model.evaluate(dataset.batches(dataset.load_split(digits_dir, "validation"), 256), verbose=0)
+    assert accuracy == pytest.approx(winner.objective, abs=1e-6)
 
 
 def test_same_seed_same_trials(digits_dir, tmp_path):
@@ -113,6 +118,10 @@ def test_k_fold_objective_is_the_mean_of_fold_scores(digits_dir, tmp_path):
     assert len(best.fold_scores) == 3
     assert best.objective == pytest.approx(sum(best.fold_scores) / 3)
     assert best.epochs == 3
+    # Each fold's score is its final epoch's, as a trial's is.
+    for fold, score in enumerate(best.fold_scores):
+        logged = json.loads((tmp_path / search.TRIALS_DIR / "trial_0" / f"fold{fold}.epochs.json").read_text())
+        assert score == logged[-1]["val_accuracy"]
 
 
 def test_a_crashing_trial_is_recorded_and_the_search_goes_on(digits_dir, tmp_path, monkeypatch):
@@ -278,7 +287,7 @@ def test_an_int_hyperparameter_reaches_the_users_function_as_an_int(digits_dir, 
     monkeypatch.syspath_prepend(str(tmp_path))
     config = search.SearchConfig(model="typed:build", search_space=(
         "{num_layers: {type: int, min: 1, max: 3}, units: {type: int, min: 8, max: 32, step: 8}}"))
-    info = search.dataset.DatasetInfo.load(digits_dir)
+    info = dataset.DatasetInfo.load(digits_dir)
     trial = json.loads(json.dumps({"num_layers": 2.0, "units": 16.0}))
     model = search.build_for_trial(trial, info, config)
     assert len([layer for layer in model.layers if layer.__class__.__name__ == "Dense"]) == 3

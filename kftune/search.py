@@ -282,6 +282,15 @@ class SearchConfig:
             raise InputError(
                 f"`max_trials`={self.max_trials} is more than the {size} points of the grid in `search_space`: "
                 f"set max_trials={size} to run the whole grid, or add values to the space.")
+        if note := self.partial_grid():
+            log.warning("%s", note)
+
+    def partial_grid(self) -> str:
+        """A line saying that a grid search will run only part of its grid; empty when it runs all of it."""
+        if self.search_algorithm != "grid" or self.max_trials >= (size := self.space.grid_size()):
+            return ""
+        return (f"search: max_trials={self.max_trials} runs {self.max_trials} of the {size} points of the grid "
+                f"(the first in keras-tuner's order); set max_trials={size} to run them all.")
 
     def check_space(self, space: SearchSpace) -> None:
         if self.search_algorithm == "grid":
@@ -645,6 +654,8 @@ def work(
     if not config.search_state_uri:
         raise InputError("`search_state_uri` is empty: give a folder or gs:// prefix that outlives the run.")
     name, ran, idle_since, wait = f"worker{worker}", [], None, poll
+    if worker == 0 and (note := config.partial_grid()):
+        progress(note)
     while True:
         with oracle_turn(config.search_state_uri) as oracle_dir:
             status, trial = ask(config, oracle_dir, name)

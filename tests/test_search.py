@@ -79,6 +79,14 @@ def test_trials_that_cannot_all_run_are_refused_before_training(fields, message)
     search.SearchConfig(search_algorithm="grid", max_trials=9, parallel_trials=3).check_workers()
 
 
+def test_a_grid_search_of_part_of_its_grid_says_so_before_training(caplog):
+    assert search.SearchConfig(search_algorithm="grid", max_trials=9).partial_grid() == ""
+    with caplog.at_level("WARNING", logger="kftune.search"):
+        search.SearchConfig(search_algorithm="grid", max_trials=4).check_workers()
+    assert "max_trials=4 runs 4 of the 9 points of the grid" in caplog.text
+    assert "set max_trials=9" in caplog.text
+
+
 @pytest.mark.parametrize("algorithm", search.ALGORITHMS)
 def test_each_algorithm_runs_real_trials(algorithm, digits_dir, tmp_path):
     space = search.CLASSIC_SPACE_YAML if algorithm == "grid" else SPACE

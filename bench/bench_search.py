@@ -139,6 +139,83 @@ def compare(data: Path, space_yaml: str, seeds: list[int], epochs: int, budget_t
          "val overstates test by (points)", "training s"], rows) + foot
 
 
+# The tutorial's recipe: GridSearchCV(cv=3) over its MLP, learning rate x batch size, 10 epochs.
+TUTORIAL_SPACE = "{learning_rate: {type: choice, values: [0.001, 0.01, 0.1]}, batch_size: {type: choice, values: [16, 32, 64]}}"
+TUTORIAL_EPOCHS, TUTORIAL_FOLDS = 10, 3
+
+
+def tutorial_mlp(input_shape, num_classes, **_):
+    """The tutorial's MLP (Dense(64, relu), then the classifier), for kftune: ``model="bench_search:tutorial_mlp"``."""
+    from kftune.models import keras
+
+    k = keras()
+    inputs = k.Input(shape=input_shape)
+    x = k.layers.Flatten()(k.layers.Rescaling(1.0 / 255.0)(inputs))
+    x = k.layers.Dense(64, activation="relu")(x)
+    return k.Model(inputs, k.layers.Dense(num_classes, activation="softmax")(x))
+
+
+def _arrays(data: Path, split: str):
+    import numpy as np
+
+    images, labels = zip(*dataset.load_split(data, split).as_numpy_iterator(), strict=True)
+    return np.stack(images).reshape(len(images), -1).astype("float32") / 255.0, np.array(labels)
+
+
+def tutorial_recipe(data: Path, workdir: Path) -> str:
+    """The tutorial's GridSearchCV over a scikeras KerasClassifier, beside kftune's grid with folds=3."""
+    import keras  # Keras 3, as scikeras needs: the tutorial's own stack
+    from scikeras.wrappers import KerasClassifier
+    from sklearn.model_selection import GridSearchCV
+
+    def create_model(learning_rate, meta):
+        model = keras.Sequential([keras.Input((meta["n_features_in_"],)),
+                                  keras.layers.Dense(64, activation="relu"),
+                                  keras.layers.Dense(meta["n_classes_"], activation="softmax")])
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    space = search.SearchSpace.from_yaml(TUTORIAL_SPACE)
+    grid = {p.name: list(p.values) for p in space.params}
+    (x_train, y_train), (x_test, y_test) = _arrays(data, "train"), _arrays(data, "test")
+    keras.utils.set_random_seed(0)
+    started = time.perf_counter()
+    cv = GridSearchCV(KerasClassifier(create_model, learning_rate=0.01, epochs=TUTORIAL_EPOCHS, verbose=0),
+                      {"model__learning_rate": grid["learning_rate"], "batch_size": grid["batch_size"]},
+                      cv=TUTORIAL_FOLDS, n_jobs=1).fit(x_train, y_train)
+    sk_seconds = time.perf_counter() - started
+    sk_best = {"learning_rate": cv.best_params_["model__learning_rate"], "batch_size": cv.best_params_["batch_size"]}
+    sk_test = float(cv.score(x_test, y_test))
+    size = space.grid_size()
+    sk_epochs = size * TUTORIAL_FOLDS * TUTORIAL_EPOCHS + TUTORIAL_EPOCHS
+
+    config = search.SearchConfig(search_algorithm="grid", max_trials=size, parallel_trials=1,
+                                 trial_epochs=TUTORIAL_EPOCHS, folds=TUTORIAL_FOLDS, model="bench_search:tutorial_mlp",
+                                 search_space=TUTORIAL_SPACE, search_state_uri=str(workdir / "tutorial"))
+    started = time.perf_counter()
+    search.search(data, config, progress=lambda _: None)
+    winner, trials = search.save_best_model(data, config, workdir / "tutorial-best")
+    kf_seconds = time.perf_counter() - started
+    kf_test = _test_accuracy_of_saved(data, workdir / "tutorial-best")
+    kf_epochs = sum(t.epochs for t in trials) + TUTORIAL_EPOCHS
+    rows = [["GridSearchCV(cv=3) + scikeras KerasClassifier (Keras 3)", json.dumps(sk_best), f"{cv.best_score_:.4f}",
+             f"{sk_test:.4f}", sk_epochs, f"{sk_seconds:.0f}"],
+            ["kftune grid, folds=3 (tf-keras)", json.dumps(winner.values), f"{winner.objective:.4f}", f"{kf_test:.4f}",
+             kf_epochs, f"{kf_seconds:.0f}"]]
+    return (f"### The tutorial's recipe: its MLP, {json.dumps(grid)}, {TUTORIAL_EPOCHS} epochs, cv={TUTORIAL_FOLDS}\n\n"
+            + report.markdown_table(["search", "best configuration", "best CV score", "test accuracy of the refit "
+                                     "winner", "epochs", "wall s"], rows))
+
+
+def _test_accuracy_of_saved(data: Path, folder: Path) -> float:
+    from kftune import models
+
+    model, meta = models.load(folder)
+    models.compile_model(model, len(meta.class_names))
+    return float(model.evaluate(dataset.batches(dataset.load_split(data, "test"), 256), verbose=0)[1])
+
+
 def parallel_wall_times(trials: int, epochs: int) -> str:
     """Runs the pipeline's search workers (one process each, as pods) with 1 and 3 workers at once."""
     import subprocess
@@ -164,27 +241,39 @@ def parallel_wall_times(trials: int, epochs: int) -> str:
         ["workers", "trials", "wall s", "speed-up"], rows)
 
 
+def _digits(folder: Path) -> Path:
+    """The bundled digits at 16 x 16, split 40/30/30: 719 training, 539 validation and 539 test images."""
+    dataset.ingest(dataset.IngestConfig(image_size=16, validation_fraction=0.3, test_fraction=0.3), folder,
+                   progress=lambda _: None)
+    return folder
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="the tutorial's 3 x 3 space, 2 seeds, 2 epochs: checks the script runs (1-2 min)")
     parser.add_argument("--cache", type=Path, help="a JSON file of trained (configuration, seed, epochs) "
                         "results, read and written, so that a rerun trains only what is new")
+    parser.add_argument("--seeds", type=int, default=5, help="searches per algorithm, seeds 0 to N-1 (default 5)")
     parser.add_argument("--parallel-only", action="store_true", help="only the parallel trial tasks measurement")
+    parser.add_argument("--tutorial-only", action="store_true",
+                        help="only the tutorial's recipe (GridSearchCV over scikeras, which it needs) beside kftune's")
     args = parser.parse_args()
     if args.parallel_only:
         print(parallel_wall_times(trials=6, epochs=5))
+        return 0
+    if args.tutorial_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(tutorial_recipe(_digits(Path(tmp, "digits")), Path(tmp)))
         return 0
     cache = json.loads(args.cache.read_text()) if args.cache and args.cache.exists() else {}
     if args.quick:
         space, seeds, epochs, budget = search.CLASSIC_SPACE_YAML, [0, 1], 2, 3
     else:
-        space, seeds, epochs, budget = SPACE_81, [0, 1, 2, 3, 4], 3, BUDGET_TRIALS
+        space, seeds, epochs, budget = SPACE_81, list(range(args.seeds)), 3, BUDGET_TRIALS
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp, "digits")
-        dataset.ingest(dataset.IngestConfig(image_size=16, validation_fraction=0.3, test_fraction=0.3), data,
-                       progress=lambda _: None)
+        data = _digits(Path(tmp, "digits"))
         def save():
             if args.cache:
                 args.cache.write_text(json.dumps(cache))

@@ -52,6 +52,11 @@ def _key(values: dict, seed: int, epochs: int) -> str:
     return json.dumps([search.own_values(values), seed, epochs], sort_keys=True)
 
 
+def _run_key(algorithm: str, seed: int, epochs: int, trials: int) -> str:
+    """The cache's key of a whole search's summary."""
+    return json.dumps(["search", f"{algorithm}/{trials}", seed, epochs])
+
+
 def _test_accuracy(data: Path, values: dict, config: search.SearchConfig, weights: Path) -> float:
     info = dataset.DatasetInfo.load(data)
     model = search.build_for_trial(values, info, config)
@@ -102,12 +107,17 @@ def compare(data: Path, space_yaml: str, seeds: list[int], epochs: int, budget_t
             config = search.SearchConfig(search_algorithm=algorithm, max_trials=trials, parallel_trials=1,
                                          trial_epochs=epochs, seed=seed, search_space=space_yaml,
                                          search_state_uri=str(workdir / f"{algorithm}-{seed}"))
-            runs[algorithm, seed] = run_search(data, config, cache)
+            done = _run_key(algorithm, seed, epochs, trials)
+            if done not in cache:  # a search already run (a rerun with --cache) is not replayed
+                cache[done] = run_search(data, config, cache)
+            runs[algorithm, seed] = cache[done]
             progress(f"  {algorithm} seed {seed}: {json.dumps(runs[algorithm, seed])}")
             save()
     # The reference: each configuration's mean test accuracy over the seeds, from grid's full table.
     by_config: dict[str, list[float]] = {}
     for key, entry in cache.items():
+        if json.loads(key)[0] == "search":
+            continue
         values, seed, trained = json.loads(key)
         if seed in seeds and trained == epochs:
             by_config.setdefault(json.dumps(values, sort_keys=True), []).append(entry["test"])

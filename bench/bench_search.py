@@ -264,7 +264,7 @@ def main() -> int:
                         help="the tutorial's 3 x 3 space, 2 seeds, 2 epochs: checks the script runs (1-2 min)")
     parser.add_argument("--cache", type=Path, help="a JSON file of trained (configuration, seed, epochs) "
                         "results, read and written, so that a rerun trains only what is new")
-    parser.add_argument("--seeds", type=int, default=5, help="searches per algorithm, seeds 0 to N-1 (default 5)")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="the seeds of each algorithm's searches (default 0,1,2,3,4)")
     parser.add_argument("--parallel-only", action="store_true", help="only the parallel trial tasks measurement")
     parser.add_argument("--tutorial-only", action="store_true",
                         help="only the tutorial's recipe (GridSearchCV over scikeras, which it needs) beside kftune's")
@@ -280,7 +280,7 @@ def main() -> int:
     if args.quick:
         space, seeds, epochs, budget = search.CLASSIC_SPACE_YAML, [0, 1], 2, 3
     else:
-        space, seeds, epochs, budget = SPACE_81, list(range(args.seeds)), 3, BUDGET_TRIALS
+        space, seeds, epochs, budget = SPACE_81, [int(seed) for seed in args.seeds.split(",")], 3, BUDGET_TRIALS
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data = _digits(Path(tmp, "digits"))

@@ -10,9 +10,9 @@ Two ways in:
   base in ``unfreeze_steps`` steps at ``learning_rate * finetune_lr_factor``,
   keeping BatchNormalization layers frozen and in inference mode.
 
-Every phase checkpoints each epoch (Keras' BackupAndRestore) under
-``checkpoint_dir``, and records when it has finished, so a process killed
-mid-training and started again resumes from the last finished epoch.
+Every phase is one :func:`kftune.training.fit` under ``checkpoint_dir``
+(per-epoch checkpoint, done-marker), so a process killed mid-training and
+started again resumes from the last finished epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import dataset, models, storage
+from kftune import dataset, models, storage, training
 from kftune.augment import AugmentSpec, training_batches
 from kftune.errors import InputError, check_numbers, check_whole_numbers
 
@@ -173,29 +173,6 @@ def _bind_checkpoints(checkpoint_dir: Path, config: FinetuneConfig, info, baseli
     )
 
 
-def _fit_phase(model, name: str, train, val, epochs: int, checkpoint_dir: Path, callbacks: list, verbose: int,
-               after_epoch: Callable[[], None] | None) -> dict:
-    """One fit() that resumes from its last finished epoch, or is skipped if already done."""
-    k = models.keras()
-    done_marker = checkpoint_dir / f"{name}.done.json"
-    weights_file = checkpoint_dir / f"{name}.weights.h5"
-    if done_marker.exists():
-        model.load_weights(weights_file)
-        log.info("fine-tune: phase %s already finished, loaded its weights", name)
-        return json.loads(done_marker.read_text())
-    backup = k.callbacks.BackupAndRestore(str(checkpoint_dir / f"{name}.backup"))
-    hooks = [backup, *callbacks]
-    if after_epoch is not None:
-        hooks.append(k.callbacks.LambdaCallback(on_epoch_end=lambda *_: after_epoch()))
-    history = model.fit(train, validation_data=val, epochs=epochs, callbacks=hooks, verbose=verbose)
-    result = {k_: [float(v) for v in vals] for k_, vals in history.history.items()}
-    model.save_weights(weights_file)
-    done_marker.write_text(json.dumps(result))
-    if after_epoch is not None:
-        after_epoch()
-    return result
-
-
 def _devices():
     """The distribution strategy and dtype policy for this pod's devices.
 
@@ -259,7 +236,9 @@ def finetune(
             callbacks.append(k.callbacks.TensorBoard(str(tensorboard_dir)))
 
         def fit(model, name, epochs):
-            return _fit_phase(model, name, train, val, epochs, checkpoint_dir, callbacks, verbose, after_epoch)
+            # A phase already finished (a retried pod) is not trained again: its weights are loaded.
+            return training.fit(model, name, train, checkpoint_dir, epochs=epochs, validation=val, callbacks=callbacks,
+                                after_epoch=after_epoch, verbose=verbose)
 
         phases = []
         if not config.backbone:

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from pathlib import Path
 import yaml
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import dataset, models, storage
+from kftune import dataset, models, storage, training
 from kftune.augment import AugmentSpec, training_batches
 from kftune.errors import InputError, StorageError, check_numbers, check_whole_numbers
 
@@ -44,7 +43,10 @@ PARAM_TYPES = ("float", "int", "choice", "bool", "fixed")
 SAMPLINGS = ("linear", "log", "reverse_log")
 PROJECT = "kftune_search"
 RESULT_FILE = "result.json"
-WEIGHTS_FILE = "checkpoint.weights.h5"
+# The weights a trial without folds hands on (training.fit's file of its one fit, "fold0").
+WEIGHTS_FILE = "fold0.weights.h5"
+# The fit that trains a k-fold winner once more on the whole training split.
+REFIT = "refit"
 # Batch size of validation passes: it changes no number, only how much is in memory at once.
 EVAL_BATCH = 256
 # Upper bounds that catch a typo (max_trials=100000) before it books GPUs for days.
@@ -219,8 +221,11 @@ class SearchConfig:
         parallel_trials: Trials that train at once, each in its own worker task
             (a pod with a GPU on a cluster); at most max_trials.
         trial_epochs: Epochs per trial (Hyperband: the most any trial trains).
+            A trial's objective is its final epoch's val_accuracy, the score
+            of the weights it hands on.
         folds: k-fold cross-validation on the training split when > 1, like
-            GridSearchCV(cv=k); the objective is the mean over folds.
+            GridSearchCV(cv=k); the objective is the mean over folds of each
+            fold's final epoch, and the winner is refit on the whole split.
         seed: Seeds the oracle and training, so the same seed gives the same trials.
         model: A built-in family (``small_cnn``) or ``module:function``.
         batch_size: Batch size when the space has no ``batch_size``.
@@ -277,6 +282,15 @@ class SearchConfig:
             raise InputError(
                 f"`max_trials`={self.max_trials} is more than the {size} points of the grid in `search_space`: "
                 f"set max_trials={size} to run the whole grid, or add values to the space.")
+        if note := self.partial_grid():
+            log.warning("%s", note)
+
+    def partial_grid(self) -> str:
+        """A line saying that a grid search will run only part of its grid; empty when it runs all of it."""
+        if self.search_algorithm != "grid" or self.max_trials >= (size := self.space.grid_size()):
+            return ""
+        return (f"search: max_trials={self.max_trials} runs {self.max_trials} of the {size} points of the grid "
+                f"(the first in keras-tuner's order); set max_trials={size} to run them all.")
 
     def check_space(self, space: SearchSpace) -> None:
         if self.search_algorithm == "grid":
@@ -360,7 +374,7 @@ def _oracle(config: SearchConfig, oracle_dir: str | Path):
     elif config.search_algorithm == "random":
         oracle = kt.oracles.RandomSearchOracle(max_trials=config.max_trials, **common)
     elif config.search_algorithm == "bayesian":
-        oracle = kt.oracles.BayesianOptimizationOracle(
+        oracle = tuner_compat.distinct_bayesian_oracle()(
             max_trials=config.max_trials, num_initial_points=max(2, config.max_trials // 3), **common
         )
     else:
@@ -500,39 +514,6 @@ def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfi
     )
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Replaces ``path`` whole: a process killed mid-write leaves the old file, never half of the new one."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-def _epoch_callbacks(trial_dir: Path, fold: int, after_epoch: Callable[[], None] | None) -> list:
-    """Per epoch, in this order: log its metrics, checkpoint it (Keras' BackupAndRestore), then ``after_epoch``.
-
-    The log survives a killed process, so a resumed trial's objective counts
-    the epochs trained before the kill too. It is written before the
-    checkpoint, so that it never lacks an epoch the checkpoint holds: a kill
-    between the two retrains that one epoch and overwrites its entry, rather
-    than leaving an epoch trained but never counted. ``after_epoch`` (the upload
-    to object storage) comes last, once both are on disk.
-    """
-    k = models.keras()
-    path = trial_dir / f"fold{fold}.epochs.json"
-
-    class EpochLog(k.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            entries = json.loads(path.read_text()) if path.exists() else []
-            entries = [e for e in entries if e["epoch"] != epoch]
-            entries.append({"epoch": epoch, **{key: float(v) for key, v in (logs or {}).items()}})
-            _write_atomically(path, json.dumps(sorted(entries, key=lambda e: e["epoch"])))
-
-    hooks = [EpochLog(), k.callbacks.BackupAndRestore(str(trial_dir / f"fold{fold}.backup"))]
-    if after_epoch is not None:
-        hooks.append(k.callbacks.LambdaCallback(on_epoch_end=lambda *_: after_epoch()))
-    return hooks
-
-
 def run_trial(
     dataset_dir: str | Path,
     trial: dict,
@@ -545,9 +526,12 @@ def run_trial(
 ) -> TrialResult:
     """Trains one trial in ``trial_dir`` and returns its result; a crash is a FAILED result, not an exception.
 
-    Every epoch is checkpointed in the trial's folder (Keras' BackupAndRestore),
-    and every finished fold is recorded, so a trial whose process was killed
-    resumes from its last finished epoch when it is run again.
+    A trial's score is its final epoch's val_accuracy (with folds: each fold's
+    final epoch, averaged), the score of the weights it keeps and hands on; not
+    the best epoch's, whose weights no one keeps. Each fold is one
+    :func:`kftune.training.fit` in the trial's folder (per-epoch checkpoint,
+    done-marker), so a trial whose process was killed resumes from its last
+    finished epoch when it is run again.
     ``after_epoch`` is called once each epoch's checkpoint is written (the
     pipeline uploads the trial's folder there). With Hyperband, a trial that
     continues an earlier one (``tuner/trial_id``) starts from that trial's
@@ -574,34 +558,24 @@ def run_trial(
         else:
             folds = [None]
         for fold, in_validation in enumerate(folds):
-            done = trial_dir / f"fold{fold}.json"
-            epoch_log = trial_dir / f"fold{fold}.epochs.json"
-            if not done.exists():
+            name = f"fold{fold}"
+            history = training.finished(trial_dir, name)  # a fold finished before a kill is not built again
+            if history is None:
                 tf.keras.backend.clear_session()
                 tf.keras.utils.set_random_seed(config.seed + fold)
                 model = build_for_trial(values, info, config)
                 if parent:
                     model.load_weights(parent_weights)
                 train_data, val_data = _trial_data(dataset_dir, in_validation)
-                train = training_batches(train_data, spec, batch_size, config.seed + fold)
-                model.fit(
-                    train,
-                    validation_data=dataset.batches(val_data, EVAL_BATCH),
-                    epochs=epochs,
-                    initial_epoch=initial_epoch,
-                    callbacks=_epoch_callbacks(trial_dir, fold, after_epoch),
-                    verbose=verbose,
+                history = training.fit(
+                    model, name, training_batches(train_data, spec, batch_size, config.seed + fold), trial_dir,
+                    epochs=epochs, validation=dataset.batches(val_data, EVAL_BATCH), initial_epoch=initial_epoch,
+                    # Only a trial without folds hands its weights on (to save_best_model, a Hyperband child).
+                    keep_weights=config.folds == 1, after_epoch=after_epoch, verbose=verbose,
                 )
-                if config.folds == 1:
-                    models.save_weights(model, trial_dir / WEIGHTS_FILE)
-                logged = json.loads(epoch_log.read_text())
-                _write_atomically(done, json.dumps({
-                    "score": max(e["val_accuracy"] for e in logged),
-                    "epochs": len(logged),
-                }))
-            fold_result = json.loads(done.read_text())
-            result.fold_scores.append(float(fold_result["score"]))
-            result.epochs += int(fold_result["epochs"])
+            # The final epoch's score: the weights kept (and a fold's model) are the final epoch's.
+            result.fold_scores.append(float(history["val_accuracy"][-1]))
+            result.epochs += len(history["val_accuracy"])
         result.objective = float(np.mean(result.fold_scores))
     except InputError:
         raise
@@ -680,6 +654,8 @@ def work(
     if not config.search_state_uri:
         raise InputError("`search_state_uri` is empty: give a folder or gs:// prefix that outlives the run.")
     name, ran, idle_since, wait = f"worker{worker}", [], None, poll
+    if worker == 0 and (note := config.partial_grid()):
+        progress(note)
     while True:
         with oracle_turn(config.search_state_uri) as oracle_dir:
             status, trial = ask(config, oracle_dir, name)
@@ -728,10 +704,13 @@ def save_best_model(dataset_dir: str | Path, config: SearchConfig, output_dir: s
                     verbose: int = 0) -> tuple[TrialResult, list[TrialResult]]:
     """Saves the best trial's model to ``output_dir``; returns the winner and every trial.
 
-    Reads the oracle's files and the winner's weights file, nothing else.
-    Trials keep their weights when trained without folds; with k-fold
-    cross-validation, the best hyperparameters are trained once more on the
-    whole training split, as GridSearchCV's ``refit`` does.
+    Without folds, the model saved is the winning trial's final epoch: the
+    weights its objective scored. It reads the oracle's files and the winner's
+    weights file, nothing else. With k-fold cross-validation, the best
+    hyperparameters are trained once more, for ``trial_epochs``, on the whole
+    training split, as GridSearchCV's ``refit`` does (resumably, in the
+    winner's folder); the objective is then the mean of the folds' scores, as
+    GridSearchCV's ``best_score_``.
     """
     import tempfile
 
@@ -752,8 +731,12 @@ def save_best_model(dataset_dir: str | Path, config: SearchConfig, output_dir: s
             model = build_for_trial(winner.values, info, config)
             spec = AugmentSpec.from_dict(info.augment) if info.augment else None
             batch_size = int(winner.values.get("batch_size", config.batch_size))
-            model.fit(training_batches(dataset.load_split(dataset_dir, "train"), spec, batch_size, config.seed),
-                      epochs=config.trial_epochs, verbose=verbose)
+            # Resumable like a trial, in the winner's folder: a retried step picks the refit up where it stopped.
+            own = storage.mirror(trial_uri(root, winner.trial_id))
+            with own as trial_dir:
+                training.fit(model, REFIT, training_batches(dataset.load_split(dataset_dir, "train"), spec, batch_size,
+                                                            config.seed), trial_dir,
+                             epochs=config.trial_epochs, after_epoch=own.sync, verbose=verbose)
     hyper = {"batch_size": config.batch_size, "learning_rate": config.learning_rate, **winner.values}
     models.save(
         model,

@@ -11,7 +11,12 @@ mode keeps the oracle in one long-lived chief process). What that takes:
   reload the state: another worker's trial would be handed out twice. The
   ongoing trials are put back here, so only a worker that was itself
   restarted gets its own trial back (``create_trial`` with the same tuner id);
-* a finished trial is taken off the retry queue when it is told.
+* a finished trial is taken off the retry queue when it is told;
+* the Bayesian oracle's Gaussian-process step does not check its proposal
+  against the points already tried (only its random initial points are), so on
+  a discrete space it proposes the same configuration again and again. Its
+  proposal is checked here, and a repeat is replaced by an untried random point
+  before it becomes a trial.
 
 tests/test_tuner_compat.py pins these to keras-tuner 1.4.8 (the version
 pyproject.toml allows); an upgrade that changes them fails there first.
@@ -53,6 +58,26 @@ def resumable_grid_oracle():
             self.save()  # the parent queues the trial after its own save
 
     return ResumableGridSearchOracle
+
+
+def distinct_bayesian_oracle():
+    """keras-tuner's Bayesian oracle, never proposing a configuration it has already tried.
+
+    A repeated proposal is replaced by an untried random point (keras-tuner's own
+    duplicate-free sampler); when no untried point is left, the search stops.
+    Either way the repeat never becomes a trial, so it costs no training and no
+    place in ``max_trials``.
+    """
+    import keras_tuner as kt
+
+    class DistinctBayesianOptimizationOracle(kt.oracles.BayesianOptimizationOracle):
+        def populate_space(self, trial_id):
+            proposal = super().populate_space(trial_id)
+            if proposal["status"] == kt.engine.trial.TrialStatus.RUNNING and self._duplicate(proposal["values"]):
+                return self._random_populate_space()
+            return proposal
+
+    return DistinctBayesianOptimizationOracle
 
 
 def open_project(oracle, state_dir: str | Path, project: str) -> None:

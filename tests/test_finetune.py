@@ -142,7 +142,7 @@ def test_bad_settings(kwargs, message):
         finetune.FinetuneConfig(**kwargs)
 
 
-def test_a_killed_fine_tune_resumes_from_its_last_finished_epoch(digits_dir, trained_model_dir, tmp_path):
+def test_a_killed_fine_tune_resumes_from_its_last_finished_epoch(digits_dir, trained_model_dir, tmp_path, capsys):
     checkpoints = tmp_path / "checkpoints"
     script = textwrap.dedent(f"""
         from kftune import finetune
@@ -163,10 +163,13 @@ def test_a_killed_fine_tune_resumes_from_its_last_finished_epoch(digits_dir, tra
     assert backup.exists(), "no epoch finished before the kill"
     assert not (checkpoints / "continue.done.json").exists(), "training finished before it could be killed"
 
+    capsys.readouterr()
     result = finetune.finetune(digits_dir, trained_model_dir, finetune.FinetuneConfig(finetune_epochs=8, patience=8),
-                               tmp_path / "resumed", checkpoint_dir=checkpoints, progress=lambda _: None, verbose=0)
-    epochs_run = len(result.phases[0]["history"]["loss"])
-    assert 1 <= epochs_run < 8, f"resumed run trained {epochs_run} epochs: it started over"
+                               tmp_path / "resumed", checkpoint_dir=checkpoints, progress=lambda _: None, verbose=2)
+    trained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch ")]
+    assert 1 <= len(trained) < 8, f"resumed run trained {len(trained)} epochs: it started over"
+    # The phase's history counts the epochs trained before the kill too, each once.
+    assert len(result.phases[0]["history"]["loss"]) == 8
     assert json.loads((checkpoints / "continue.done.json").read_text())["loss"]
 
 

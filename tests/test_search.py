@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kftune import search
+from kftune import dataset, models, search
 from kftune.errors import InputError
 
 SPACE = """
@@ -79,6 +79,14 @@ def test_trials_that_cannot_all_run_are_refused_before_training(fields, message)
     search.SearchConfig(search_algorithm="grid", max_trials=9, parallel_trials=3).check_workers()
 
 
+def test_a_grid_search_of_part_of_its_grid_says_so_before_training(caplog):
+    assert search.SearchConfig(search_algorithm="grid", max_trials=9).partial_grid() == ""
+    with caplog.at_level("WARNING", logger="kftune.search"):
+        search.SearchConfig(search_algorithm="grid", max_trials=4).check_workers()
+    assert "max_trials=4 runs 4 of the 9 points of the grid" in caplog.text
+    assert "set max_trials=9" in caplog.text
+
+
 @pytest.mark.parametrize("algorithm", search.ALGORITHMS)
 def test_each_algorithm_runs_real_trials(algorithm, digits_dir, tmp_path):
     space = search.CLASSIC_SPACE_YAML if algorithm == "grid" else SPACE
@@ -94,6 +102,11 @@ def test_each_algorithm_runs_real_trials(algorithm, digits_dir, tmp_path):
         assert any(r.epochs < config.trial_epochs for r in results) or len(results) > 2
     winner, trials = search.save_best_model(digits_dir, config, tmp_path / "best")
     assert (tmp_path / "best" / "model.keras").exists() and winner == best and trials == results
+    # The objective is the score of the model handed on: its accuracy on the validation split.
+    model, _ = models.load(tmp_path / "best")
+    models.compile_model(model, 10)
+    _, accuracy = model.evaluate(dataset.batches(dataset.load_split(digits_dir, "validation"), 256), verbose=0)
+    assert accuracy == pytest.approx(winner.objective, abs=1e-6)
 
 
 def test_same_seed_same_trials(digits_dir, tmp_path):
@@ -113,6 +126,10 @@ def test_k_fold_objective_is_the_mean_of_fold_scores(digits_dir, tmp_path):
     assert len(best.fold_scores) == 3
     assert best.objective == pytest.approx(sum(best.fold_scores) / 3)
     assert best.epochs == 3
+    # Each fold's score is its final epoch's, as a trial's is.
+    for fold, score in enumerate(best.fold_scores):
+        logged = json.loads((tmp_path / search.TRIALS_DIR / "trial_0" / f"fold{fold}.epochs.json").read_text())
+        assert score == logged[-1]["val_accuracy"]
 
 
 def test_a_crashing_trial_is_recorded_and_the_search_goes_on(digits_dir, tmp_path, monkeypatch):
@@ -246,3 +263,39 @@ def test_grid_search_with_parallel_workers_runs_every_point_of_the_grid(digits_d
     told = search.results(state / search.ORACLE_DIR)
     points = {(r.values["learning_rate"], r.values["batch_size"]) for r in told}
     assert len(told) == 9 and len(points) == 9
+
+
+@pytest.mark.parametrize("folds, trials", [(1, 5), (2, 3)])
+def test_bayesian_search_never_repeats_a_configuration(digits_dir, tmp_path, folds, trials):
+    # keras-tuner's Gaussian-process step proposes points already tried on a discrete space (6 trials gave 3
+    # configurations); a repeat is replaced before it becomes a trial, so every trial is a new configuration.
+    config = search.SearchConfig(search_algorithm="bayesian", max_trials=trials, parallel_trials=1, trial_epochs=1,
+                                 folds=folds, search_state_uri=str(tmp_path))
+    search.search(digits_dir, config, progress=lambda _: None)
+    told = search.results(tmp_path / search.ORACLE_DIR)
+    assert len(told) == trials
+    assert len({json.dumps(r.values, sort_keys=True) for r in told}) == trials
+
+
+def test_an_int_hyperparameter_reaches_the_users_function_as_an_int(digits_dir, tmp_path, monkeypatch):
+    # Trial values travel as JSON between the oracle, the worker and its child process (and KFP), which can
+    # turn 2 into 2.0; the user's function is called with the type the space declares.
+    (tmp_path / "typed.py").write_text(textwrap.dedent("""
+        from kftune.models import keras
+        def build(input_shape, num_classes, num_layers=1, units=8):
+            if type(num_layers) is not int or type(units) is not int:
+                raise TypeError(f"got num_layers={num_layers!r}, units={units!r}")
+            k = keras()
+            x = inputs = k.Input(input_shape)
+            x = k.layers.Flatten()(x)
+            for _ in range(num_layers):
+                x = k.layers.Dense(units, activation="relu")(x)
+            return k.Model(inputs, k.layers.Dense(num_classes, activation="softmax")(x))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = search.SearchConfig(model="typed:build", search_space=(
+        "{num_layers: {type: int, min: 1, max: 3}, units: {type: int, min: 8, max: 32, step: 8}}"))
+    info = dataset.DatasetInfo.load(digits_dir)
+    trial = json.loads(json.dumps({"num_layers": 2.0, "units": 16.0}))
+    model = search.build_for_trial(trial, info, config)
+    assert len([layer for layer in model.layers if layer.__class__.__name__ == "Dense"]) == 3

@@ -30,3 +30,10 @@ def test_a_reload_keeps_other_workers_trials_theirs(tmp_path):
     assert third["trial_id"] not in (first["trial_id"], second["trial_id"])
     # worker0 asking again (a restarted pod) gets its own trial back.
     assert search.ask(config, tmp_path, "worker0")[1]["trial_id"] == first["trial_id"]
+
+
+def test_the_bayesian_oracle_checks_its_proposals_with_keras_tuners_own_helpers():
+    oracle = tuner_compat.distinct_bayesian_oracle()(objective="val_accuracy", max_trials=2)
+    assert isinstance(oracle, kt.oracles.BayesianOptimizationOracle)
+    for name in ("_duplicate", "_random_populate_space"):
+        assert callable(getattr(oracle, name, None)), name

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import dataset, models, quantize, report
+from kftune import dataset, measure, models, quantize, report
 from kftune import prune as pr
 
 
@@ -46,7 +46,7 @@ def train_dense(data_dir: Path, model_dir: Path, seed: int) -> None:
 def test_accuracy(model_or_tflite, data_dir: Path) -> float:
     x, y = dataset.load_arrays(data_dir, "test")
     if isinstance(model_or_tflite, Path):
-        outputs = quantize.predict(model_or_tflite, x)
+        outputs = measure.TFLiteRunner(model_or_tflite).predict(x)
     else:
         outputs = model_or_tflite.predict(x.astype("float32"), verbose=0)
     return float(np.mean(models.predict_classes(outputs) == y))

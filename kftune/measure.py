@@ -24,13 +24,10 @@ from pathlib import Path
 import numpy as np
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import models
+from kftune import dataset, models
 from kftune.errors import InputError
 
-# Images per scoring batch: as many as fit in this many bytes (uint8), at most SCORE_BATCH_MAX.
-# 256 digits at 32x32 are 0.8 MB; at 224x224 RGB the budget gives 27 images, so a backbone's
-# activations for one batch stay in the hundreds of MB rather than growing with the split.
-SCORE_BATCH_BYTES = 4 * 2**20
+# Images per scoring batch: at most this many, and within dataset.EVAL_BATCH_BYTES.
 SCORE_BATCH_MAX = 256
 LATENCY_BATCH_SIZES = (1, 32)
 
@@ -212,8 +209,8 @@ def latency_ms(runner, images: np.ndarray, *, batch_size: int, repeats: int = 20
 
 
 def score_batch_size(image_shape) -> int:
-    """Images per scoring batch for images of ``image_shape`` (uint8): within SCORE_BATCH_BYTES."""
-    return int(max(1, min(SCORE_BATCH_MAX, SCORE_BATCH_BYTES // max(int(np.prod(image_shape)), 1))))
+    """Images per scoring batch for images of ``image_shape`` (uint8): within dataset.EVAL_BATCH_BYTES."""
+    return dataset.eval_batch_size(image_shape, SCORE_BATCH_MAX)
 
 
 @dataclasses.dataclass
@@ -238,11 +235,9 @@ def score(runner, data, *, latency_batch_sizes=LATENCY_BATCH_SIZES) -> Scores:
     class probabilities, the same number as Keras' loss for both head shapes.
     Latency is timed on the split's first images, at each of ``latency_batch_sizes``.
     """
-    import tensorflow as tf
 
-    batch_size = score_batch_size(data.element_spec[0].shape)
     outputs, labels, sample = [], [], None
-    for images, batch_labels in data.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+    for images, batch_labels in dataset.batches(data, SCORE_BATCH_MAX).as_numpy_iterator():
         if sample is None:
             sample = images[: max(latency_batch_sizes, default=1)].copy()
         outputs.append(runner.predict(images))

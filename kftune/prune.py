@@ -401,7 +401,7 @@ class _Run:
         train = training_batches(dataset.load_split(self.dataset_dir, "train"), spec, self.batch_size, config.seed)
         history = pruned.fit(
             train,
-            validation_data=dataset.batches(self.validation, measure.score_batch_size(self.info.shape)),
+            validation_data=dataset.batches(self.validation, measure.SCORE_BATCH_MAX),
             epochs=config.prune_epochs,
             callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
             verbose=self.verbose,

@@ -34,7 +34,7 @@ def float_tflite(trained_model_dir, tmp_path_factory):
 @pytest.fixture()
 def small_batches(monkeypatch, digits_dir):
     """A scoring budget of 40 images at the fixture's 16x16x3, so a split takes several batches."""
-    monkeypatch.setattr(measure, "SCORE_BATCH_BYTES", 40 * 16 * 16 * 3)
+    monkeypatch.setattr(dataset, "EVAL_BATCH_BYTES", 40 * 16 * 16 * 3)
     return 40
 
 
@@ -86,7 +86,7 @@ def test_keras_and_tflite_runners_answer_the_same_calls(trained_model_dir, digit
 
 def test_score_batch_size_follows_the_image_size():
     assert measure.score_batch_size((16, 16, 3)) == measure.SCORE_BATCH_MAX
-    assert measure.score_batch_size((224, 224, 3)) == measure.SCORE_BATCH_BYTES // (224 * 224 * 3) < 32
+    assert measure.score_batch_size((224, 224, 3)) == dataset.EVAL_BATCH_BYTES // (224 * 224 * 3) < 32
     assert measure.score_batch_size((4096, 4096, 3)) == 1
 
 

@@ -1,6 +1,6 @@
 """Peak memory and time of each step at 224 px, on a folder of photos and on one ten times as large.
 
-    nice -n 10 .venv/bin/python bench/bench_memory.py            # 300 and 3,000 images, 224 px
+    nice -n 10 .venv/bin/python bench/bench_memory.py            # 200 and 2,000 images, 224 px
     nice -n 10 .venv/bin/python bench/bench_memory.py --quick    # 60 and 180 images, 96 px: a smoke run
 
 The promise (docs/reliability.md): every step streams its data from disk in
@@ -14,7 +14,7 @@ photos. Steps, each in a fresh process, as each is its own pod:
 * search trial: ``search.run_trial``, small_cnn, one epoch;
 * fine-tune: a new head on a frozen MobileNetV2 (alpha 0.35) base, one epoch,
   with weights made locally (``python -m kftune.fixtures weights``);
-* prune: ConstantSparsity(0.5) on the head's Dense layers, one epoch, int8 TFLite
+* prune: ConstantSparsity(0.5) on the head's Dense layers, one epoch (masks updated every step), int8 TFLite
   calibrated on the validation split, every model measured on it;
 * evaluate: the fine-tuned, pruned and int8 candidates on the test split, and the gate.
 
@@ -85,7 +85,7 @@ def child(step: str, work: Path, size: int) -> dict:
                                          finetune_epochs=1, unfreeze_epochs=0)
         finetune.finetune(data, baseline, config, work / "tuned", checkpoint_dir=work / "checkpoints", **quiet)
     elif step == "prune":
-        config = pr.PruneConfig(prune_epochs=1, prune_layer_types="Dense", prune_quantize="int8")
+        config = pr.PruneConfig(prune_epochs=1, prune_frequency=1, prune_layer_types="Dense", prune_quantize="int8")
         pr.prune(data, work / "tuned", config, work / "pruned", **quiet)
     elif step == "evaluate":
         _, decision, _ = ev.evaluate_and_choose(data, {"finetuned": work / "tuned", "pruned": work / "pruned"},
@@ -107,7 +107,7 @@ STEPS = ("ingest", "search trial", "fine-tune", "prune", "evaluate")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=300, help="images of the 1x folder (default 300)")
+    parser.add_argument("--images", type=int, default=200, help="images of the 1x folder (default 200)")
     parser.add_argument("--scale", type=int, default=10, help="how many times as many images the large folder holds")
     parser.add_argument("--size", type=int, default=224, help="image size in pixels (default 224)")
     parser.add_argument("--quick", action="store_true", help="60 and 180 images at 96 px: checks the script runs")

@@ -190,15 +190,23 @@ class TFLiteRunner:
         return file_size(self.path)
 
 
+# Timing stops after this many seconds of calls (at least LATENCY_MIN_REPEATS of them): a frozen
+# VGG16 at batch 32 takes seconds per call on a CPU, a small CNN a millisecond.
+LATENCY_BUDGET_S = 2.0
+LATENCY_MIN_REPEATS = 3
+
+
 def latency_ms(runner, images: np.ndarray, *, batch_size: int, repeats: int = 20) -> float:
     """Median milliseconds for one ``runner.predict`` over ``batch_size`` images (after warm-up).
 
-    ``images`` are repeated or cut to ``batch_size``; they only fill the batch.
+    ``images`` are repeated or cut to ``batch_size``; they only fill the batch. At most
+    ``repeats`` calls are timed, fewer (never under LATENCY_MIN_REPEATS) once they
+    add up to LATENCY_BUDGET_S.
     """
     batch = np.resize(np.asarray(images, np.float32), (batch_size, *np.shape(images)[1:]))
     runner.predict(batch)  # trace or allocate, and warm up
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats and (len(times) < LATENCY_MIN_REPEATS or sum(times) < LATENCY_BUDGET_S * 1000.0):
         start = time.perf_counter()
         runner.predict(batch)
         times.append((time.perf_counter() - start) * 1000.0)

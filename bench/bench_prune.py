@@ -27,7 +27,6 @@ import platform
 import sys
 import tempfile
 import time
-import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -53,30 +52,9 @@ def train_dense(data_dir: Path, model_dir: Path, seed: int, epochs: int) -> None
                                                    {"batch_size": 32}, stage="baseline"))
 
 
-def tflite_latency_ms(path: Path, images: np.ndarray, batch_size: int, repeats: int = 20) -> float:
-    """Median milliseconds of one interpreter invoke on ``batch_size`` images (kftune's own timer is batch 1)."""
-    import tensorflow as tf
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        interpreter = tf.lite.Interpreter(model_path=str(path))
-    entry = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(entry["index"], [batch_size, *entry["shape"][1:]])
-    interpreter.allocate_tensors()
-    batch = np.resize(images, (batch_size, *images.shape[1:]))
-    interpreter.set_tensor(entry["index"], batch.astype(entry["dtype"]))
-    interpreter.invoke()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        interpreter.invoke()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(np.median(times))
-
-
 def test_accuracy(model_or_tflite, x: np.ndarray, y: np.ndarray) -> float:
     if isinstance(model_or_tflite, Path):
-        outputs = quantize.predict(model_or_tflite, x)
+        outputs = measure.TFLiteRunner(model_or_tflite).predict(x)
     else:
         outputs = model_or_tflite.predict(x.astype("float32"), verbose=0)
     return float(np.mean(models.predict_classes(outputs) == y))
@@ -85,16 +63,16 @@ def test_accuracy(model_or_tflite, x: np.ndarray, y: np.ndarray) -> float:
 def measured_keras(model, folder: Path, x_val, y_val, x_test, y_test) -> dict:
     size = measure.file_size(folder / models.MODEL_FILE)
     models.compile_model(model, len(models.load(folder)[1].class_names))
-    return {"val": pr.evaluate_split(model, x_val, y_val)["accuracy"], "test": test_accuracy(model, x_test, y_test),
+    return {"val": test_accuracy(model, x_val, y_val), "test": test_accuracy(model, x_test, y_test),
             "parameters": model.count_params(), "raw": size.raw_bytes, "gzip": size.gzip_bytes,
-            "time": lambda batch: measure.latency_ms(model, x_val, batch_size=batch)}
+            "time": lambda batch: measure.latency_ms(measure.KerasRunner(model), x_val, batch_size=batch)}
 
 
 def measured_tflite(path: Path, parameters: int, x_val, y_val, x_test, y_test) -> dict:
     size = measure.file_size(path)
     return {"val": test_accuracy(path, x_val, y_val), "test": test_accuracy(path, x_test, y_test),
             "parameters": parameters, "raw": size.raw_bytes, "gzip": size.gzip_bytes,
-            "time": lambda batch: tflite_latency_ms(path, x_val, batch)}
+            "time": lambda batch: measure.latency_ms(measure.TFLiteRunner(path), x_val, batch_size=batch)}
 
 
 def time_all(results: dict, rounds: int) -> None:

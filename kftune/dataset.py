@@ -500,11 +500,23 @@ def load_arrays(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(images), np.concatenate(labels)
 
 
+# Evaluation batches hold at most this many bytes of (uint8) images: 256 images at 32x32 RGB are
+# 0.8 MB, while at 224x224 RGB the budget allows 27, so that the float copy and a backbone's
+# activations for one batch stay in the hundreds of MB instead of growing to several GB.
+EVAL_BATCH_BYTES = 4 * 2**20
+
+
+def eval_batch_size(image_shape, largest: int = 256) -> int:
+    """Images per evaluation batch for images of ``image_shape``: at most ``largest``, within EVAL_BATCH_BYTES."""
+    return int(max(1, min(largest, EVAL_BATCH_BYTES // max(int(np.prod(image_shape)), 1))))
+
+
 def batches(data, batch_size: int):
     """Batches a (image, label) ``tf.data.Dataset`` for evaluation, unshuffled and never augmented.
 
+    ``batch_size`` is cut to fit EVAL_BATCH_BYTES (it changes no score, only memory).
     Training data goes through :func:`kftune.augment.training_batches` instead.
     """
     import tensorflow as tf
 
-    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return data.batch(eval_batch_size(data.element_spec[0].shape, batch_size)).prefetch(tf.data.AUTOTUNE)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import time
-import warnings
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
@@ -104,154 +102,45 @@ def scores(labels, outputs, class_names: list[str]) -> dict:
 
 
 def _test_data(dataset_dir, split: str, model_path: Path, meta: models.ModelMeta | None):
+    """The dataset's info and ``split`` as a stream of (image, label): never loaded whole."""
     info = dataset.DatasetInfo.load(dataset_dir)
     if meta is not None and list(meta.class_names) != list(info.class_names):
         raise InputError(
             f"model `{model_path}` was trained on classes {meta.class_names} but the dataset has "
             f"{info.class_names}: evaluate it on the dataset it was trained for."
         )
-    images, labels = dataset.load_arrays(dataset_dir, split)
-    if len(labels) == 0:
+    data = dataset.load_split(dataset_dir, split)
+    if not info.splits.get(split):
         raise InputError(f"the `{split}` split of `{dataset_dir}` is empty: ingest with a larger test_fraction.")
-    return info, images, labels
+    return info, data
 
 
-def _evaluation(name: str, class_names: list[str], labels, outputs, model_path: Path, **measured) -> Evaluation:
-    import numpy as np
-
-    # Cross-entropy from the probabilities: the same number as Keras' loss for both head shapes.
-    probabilities = np.clip(models.class_probabilities(outputs), 1e-7, 1.0)
-    size = measure.file_size(model_path)
+def _evaluation(name: str, class_names: list[str], runner, data) -> Evaluation:
+    """Scores ``runner`` on ``data`` with :func:`kftune.measure.score`, the way every step measures."""
+    result = measure.score(runner, data)
+    size = runner.size()
     return Evaluation(
         name=name,
-        loss=float(-np.mean(np.log(probabilities[np.arange(len(labels)), labels]))),
+        loss=result.loss,
         class_names=list(class_names),
         size_bytes=size.raw_bytes,
         gzip_bytes=size.gzip_bytes,
-        examples=int(len(labels)),
-        model_file=model_path.name,
-        **measured,
-        **scores(labels, outputs, class_names),
+        parameters=runner.parameters(),
+        latency_ms_batch1=result.latency_ms[1],
+        latency_ms_batch32=result.latency_ms[32],
+        examples=int(len(result.labels)),
+        model_file=runner.path.name,
+        **scores(result.labels, result.outputs, class_names),
     )
 
 
 def evaluate(name: str, model_dir: str | Path, dataset_dir: str | Path, split: str = "test") -> Evaluation:
     """Measures the Keras model in ``model_dir`` on ``split`` of the dataset."""
-    import numpy as np
-
     model, meta = models.load(model_dir)
     path = Path(model_dir, models.MODEL_FILE)
-    info, images, labels = _test_data(dataset_dir, split, path, meta)
+    info, data = _test_data(dataset_dir, split, path, meta)
     models.check_fits(model, meta, info, path)
-    outputs = model.predict(images.astype(np.float32), batch_size=256, verbose=0)
-    return _evaluation(
-        name, info.class_names, labels, outputs, path,
-        parameters=int(model.count_params()),
-        latency_ms_batch1=measure.latency_ms(model, images, batch_size=1),
-        latency_ms_batch32=measure.latency_ms(model, images, batch_size=32),
-    )
-
-
-# ---------------------------------------------------------------- TFLite
-
-
-class TFLiteModel:
-    """A TFLite classifier called like a function: uint8-range images in, float outputs out.
-
-    Full-integer models (int8/uint8 inputs and outputs) are fed quantized
-    images and their outputs dequantized, with the scales stored in the file,
-    so that every candidate is scored on the same float outputs.
-    """
-
-    def __init__(self, path: str | Path):
-        import tensorflow as tf
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(
-                f"`{self.path}` does not exist: the prune step writes model_<mode>.tflite beside "
-                "model.keras for each mode in its `quantize` parameter; name one it wrote."
-            )
-        with warnings.catch_warnings():
-            # TensorFlow 2.21 (pinned in kftune's image) still ships tf.lite.Interpreter;
-            # its notice about LiteRT would only bury the step's own log lines.
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-            try:
-                self.interpreter = tf.lite.Interpreter(model_path=str(self.path))
-            except ValueError as e:
-                raise InputError(f"`{self.path}` is not a loadable TFLite model ({str(e).splitlines()[0][:200]}).") from e
-        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise InputError(
-                f"`{self.path}` has {len(inputs)} inputs and {len(outputs)} outputs: kftune evaluates "
-                "classifiers with one image input and one output."
-            )
-        self.input, self.output = inputs[0], outputs[0]
-        # -1: any batch size; otherwise the converter fixed it and batches are cut to fit.
-        self.fixed_batch = int(self.input["shape_signature"][0]) if self.input["shape_signature"][0] > 0 else 0
-        self._allocated = None
-
-    def _run(self, images):
-        import numpy as np
-
-        if self._allocated != len(images):
-            self.interpreter.resize_tensor_input(self.input["index"], [len(images), *self.input["shape"][1:]])
-            self.interpreter.allocate_tensors()
-            self._allocated = len(images)
-        x = images.astype(np.float32)
-        dtype = self.input["dtype"]
-        if dtype != np.float32:
-            scale, zero_point = self.input["quantization"]
-            limits = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale + zero_point), limits.min, limits.max)
-        self.interpreter.set_tensor(self.input["index"], x.astype(dtype))
-        self.interpreter.invoke()
-        out = self.interpreter.get_tensor(self.output["index"])
-        if out.dtype != np.float32:
-            scale, zero_point = self.output["quantization"]
-            out = (out.astype(np.float32) - zero_point) * scale
-        return out
-
-    def __call__(self, images, batch_size: int = 256):
-        import numpy as np
-
-        size = self.fixed_batch or batch_size
-        chunks = []
-        for start in range(0, len(images), size):
-            chunk = images[start : start + size]
-            if self.fixed_batch and len(chunk) < size:
-                padded = np.resize(chunk, (size, *chunk.shape[1:]))
-                chunks.append(self._run(padded)[: len(chunk)])
-            else:
-                chunks.append(self._run(chunk))
-        return np.concatenate(chunks)
-
-    def parameters(self) -> int:
-        """Elements of the constant tensors (weights and biases) stored in the file."""
-        import numpy as np
-        from tensorflow.lite.tools import flatbuffer_utils
-
-        model = flatbuffer_utils.read_model(str(self.path))
-        count = 0
-        for tensor in model.subgraphs[0].tensors:
-            buffer = model.buffers[tensor.buffer]
-            # Data inline, or (files over 2 GB) at an offset past the flatbuffer.
-            if tensor.buffer and (buffer.data is not None and len(buffer.data) or buffer.offset > 1):
-                count += int(np.prod(tensor.shape)) if tensor.shape is not None else 1
-        return count
-
-    def latency_ms(self, images, *, batch_size: int, repeats: int = 20) -> float:
-        """Median milliseconds for one call over ``batch_size`` images (after warm-up)."""
-        import numpy as np
-
-        batch = np.resize(images, (batch_size, *images.shape[1:]))
-        self(batch, batch_size)  # allocate and warm up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self(batch, batch_size)
-            times.append((time.perf_counter() - start) * 1000.0)
-        return float(np.median(times))
+    return _evaluation(name, info.class_names, measure.KerasRunner(model, path), data)
 
 
 def evaluate_candidate(name: str, model_dir: str | Path, dataset_dir: str | Path, tflite_file: str = "") -> Evaluation | None:
@@ -286,16 +175,11 @@ def evaluate_tflite(name: str, tflite_path: str | Path, dataset_dir: str | Path,
     When ``model.json`` sits beside the file (as in a kftune Model folder), its
     class names must match the dataset's.
     """
-    model = TFLiteModel(tflite_path)
-    meta_path = model.path.parent / models.META_FILE
+    runner = measure.TFLiteRunner(tflite_path)
+    meta_path = runner.path.parent / models.META_FILE
     meta = models.ModelMeta(**json.loads(meta_path.read_text())) if meta_path.exists() else None
-    info, images, labels = _test_data(dataset_dir, split, model.path, meta)
-    return _evaluation(
-        name, info.class_names, labels, model(images), model.path,
-        parameters=model.parameters(),
-        latency_ms_batch1=model.latency_ms(images, batch_size=1),
-        latency_ms_batch32=model.latency_ms(images, batch_size=32),
-    )
+    info, data = _test_data(dataset_dir, split, runner.path, meta)
+    return _evaluation(name, info.class_names, runner, data)
 
 
 # ---------------------------------------------------------------- gate

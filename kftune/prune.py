@@ -486,18 +486,18 @@ def float_kernels(model, path: str | Path) -> list[str]:
     return left
 
 
-def evaluate_split(model, images, labels, batch_size: int = 256) -> dict:
-    loss, accuracy = model.evaluate(images.astype("float32"), labels, batch_size=batch_size, verbose=0)[:2]
-    return {"loss": float(loss), "accuracy": float(accuracy)}
-
-
-def _measured(model, images, labels, path: Path) -> dict:
-    """Validation scores, parameters and latency of ``model``, and the sizes of its saved file ``path``."""
-    size = measure.file_size(path)
-    return {**evaluate_split(model, images, labels), "size_bytes": size.raw_bytes, "gzip_bytes": size.gzip_bytes,
-            "parameters": int(model.count_params()),
-            "latency_ms": measure.latency_ms(model, images, batch_size=1),
-            "latency_ms_b32": measure.latency_ms(model, images, batch_size=32)}
+def _measured(model, data, path: Path | None = None) -> dict:
+    """Validation accuracy and loss of ``model`` (streamed, as every step measures); with the saved
+    file ``path``, also its sizes, parameters and latency at batch 1 and 32."""
+    runner = measure.KerasRunner(model, path)
+    result = measure.score(runner, data, latency_batch_sizes=(1, 32) if path else ())
+    scores = {"loss": result.loss, "accuracy": result.accuracy}
+    if path is None:
+        return scores
+    size = runner.size()
+    return {**scores, "size_bytes": size.raw_bytes, "gzip_bytes": size.gzip_bytes,
+            "parameters": runner.parameters(),
+            "latency_ms": result.latency_ms[1], "latency_ms_b32": result.latency_ms[32]}
 
 
 @dataclasses.dataclass
@@ -507,11 +507,14 @@ class _Run:
     dataset_dir: Path
     model_dir: Path
     info: dataset.DatasetInfo
-    x_val: object
-    y_val: object
     batch_size: int
     end_step: int
     verbose: int
+
+    @property
+    def validation(self):
+        """The validation split, streamed from its shards."""
+        return dataset.load_split(self.dataset_dir, "validation")
 
     def prune_to(self, config: PruneConfig):
         """Prunes a fresh copy of the model while training on; returns (stripped model, history, patterns)."""
@@ -533,7 +536,7 @@ class _Run:
         train = training_batches(dataset.load_split(self.dataset_dir, "train"), spec, self.batch_size, config.seed)
         history = pruned.fit(
             train,
-            validation_data=(self.x_val.astype("float32"), self.y_val),
+            validation_data=dataset.batches(self.validation, measure.SCORE_BATCH_MAX),
             epochs=config.prune_epochs,
             callbacks=callbacks,
             verbose=self.verbose,
@@ -564,10 +567,9 @@ def prune(
     hyper = dict(meta.hyperparameters) if meta else {}
     batch_size = config.batch_size or int(hyper.get("batch_size", 32))
     steps = math.ceil(info.splits["train"] / batch_size) * config.prune_epochs
-    x_val, y_val = dataset.load_arrays(dataset_dir, "validation")
-    if len(y_val) == 0:
+    if not info.splits.get("validation"):
         raise InputError(f"the validation split of `{dataset_dir}` is empty: ingest with a larger validation_fraction.")
-    run = _Run(Path(dataset_dir), Path(model_dir), info, x_val, y_val, batch_size, end_step(config, steps), verbose)
+    run = _Run(Path(dataset_dir), Path(model_dir), info, batch_size, end_step(config, steps), verbose)
     # Fails fast, naming any layer tfmot cannot prune (or a model structured pruning cannot rebuild),
     # before measuring or training anything.
     if config.prune_method == "structured":
@@ -576,7 +578,7 @@ def prune(
         _wrap(models.load(model_dir)[0], config, run.end_step)
 
     models.compile_model(dense, info.num_classes, learning_rate=config.prune_learning_rate)
-    before = _measured(dense, x_val, y_val, Path(model_dir, models.MODEL_FILE))
+    before = _measured(dense, run.validation, Path(model_dir, models.MODEL_FILE))
     searching = config.prune_max_accuracy_drop > 0
     attempts, results = [], {}
 
@@ -587,7 +589,7 @@ def prune(
                 else f"sparsity ({config.prune_schedule} schedule)")
         progress(f"prune: {config.prune_method} to {level:.0%} {what} over {steps} steps")
         stripped, history, patterns = run.prune_to(level_config)
-        scores = evaluate_split(stripped, x_val, y_val)
+        scores = _measured(stripped, run.validation)
         drop = before["accuracy"] - scores["accuracy"]
         within = drop <= config.prune_max_accuracy_drop if searching else None
         attempts.append({"sparsity": level, "accuracy": scores["accuracy"], "accuracy_drop": drop, "within_budget": within})
@@ -622,10 +624,10 @@ def prune(
         models.ModelMeta(family=meta.family if meta else "unknown", class_names=info.class_names,
                          input_shape=list(info.shape), hyperparameters=hyper, stage="pruned"),
     )
-    after = _measured(stripped, x_val, y_val, output_dir / models.MODEL_FILE)
+    after = _measured(stripped, run.validation, output_dir / models.MODEL_FILE)
     if config.quantize_modes:
         progress(f"prune: quantizing to TFLite ({config.prune_quantize})")
-    tflite = quantize.quantize(stripped, config.quantize_modes, output_dir, x_val, y_val)
+    tflite = quantize.quantize(stripped, config.quantize_modes, output_dir, run.validation)
     for values in tflite.values():
         values["float_kernels"] = float_kernels(stripped, output_dir / values["file"])
     return PruneReport(

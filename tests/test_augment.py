@@ -368,3 +368,14 @@ def test_bundled_photo_helper_is_what_it_claims(photo):
     assert photo.shape == (SIZE, SIZE, 3) and photo.std() > 20
     assert np.abs(np.diff(photo, axis=0)).mean() > 3 and np.abs(np.diff(photo, axis=1)).mean() > 3
 
+
+
+def test_shuffle_buffer_stays_within_its_byte_budget_at_every_image_size():
+    counts = {}
+    for size in (8, 32, 96, 224, 512, 1024):
+        data = tf.data.Dataset.from_tensors((tf.zeros((size, size, 3), tf.uint8), tf.constant(0, tf.int64)))
+        counts[size] = augment.shuffle_buffer(data)
+        assert 1 <= counts[size] * size * size * 3 <= augment.SHUFFLE_BUFFER_BYTES, (size, counts[size])
+    assert counts[8] == counts[32] == augment.SHUFFLE_BUFFER_MAX  # small images: the count cap binds
+    assert counts[96] > counts[224] > counts[512] > counts[1024], counts  # large ones: the byte budget
+    assert counts[224] == augment.SHUFFLE_BUFFER_BYTES // (224 * 224 * 3)

@@ -1,0 +1,137 @@
+"""Where each step's time goes in the default `make run`: process start, imports, the step's own work.
+
+    nice -n 10 .venv/bin/python bench/bench_overhead.py            # the default run (bundled digits), 3-5 min
+    nice -n 10 .venv/bin/python bench/bench_overhead.py ARGS...    # the same with pipeline parameters
+
+Runs the compiled pipeline with kfp.local's SubprocessRunner, as `make run` does,
+with a ``sitecustomize`` hook on the task processes' path that times, inside each
+task's process: its start (the kernel's start time of the process) to KFP's
+executor calling the component; the imports the component's body makes
+(TensorFlow, kftune and the kftune modules it names, imported just before the
+body is called, so that the body then finds them loaded); and the body itself,
+which is the step's own work, local artifact reads and writes included (on a
+cluster the launcher's downloads and uploads come on top). The task's wall time
+is kfp.local's (from its "Executing task" to its "finished" log line); what is
+left of it after the three is kfp.local's own bookkeeping and the process exit.
+For tasks that run at once under one name (the search workers), kfp.local's log
+cannot tell them apart, so their task time is the sum of their processes' spans,
+start to the body's end. The hook imports TensorFlow for every component, so
+validate's row counts TensorFlow's import although its own body does not need it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import textwrap
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HOOK = textwrap.dedent('''
+    import os, sys, time
+    # While site runs, `python -m kfp.dsl.executor_main ...` shows as ['-m', ...]: the flag names the executor.
+    if "--function_to_execute" in sys.argv:
+        import inspect, json, re
+        from kfp.dsl import executor
+
+        def _process_start():
+            ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+            boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+            return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+        _execute = executor.Executor.execute
+
+        def execute(self):
+            called = time.time()
+            real = self.func
+            source = inspect.getsource(real)
+            names = set(re.findall(r"from kftune import ([\\w, ]+)", source))
+            modules = {"kftune." + n.split(" as ")[0].strip() for group in names for n in group.split(",")}
+            modules |= set(re.findall(r"from (kftune\\.\\w+) import", source))
+            import importlib
+            import tensorflow  # noqa: F401
+            for module in sorted(modules):
+                importlib.import_module(module)
+            imported = time.time()
+            times = {}
+
+            def timed(*args, **kwargs):
+                times["start"] = time.time()
+                try:
+                    return real(*args, **kwargs)
+                finally:
+                    times["end"] = time.time()
+
+            timed.__signature__ = inspect.signature(real)
+            timed.__name__ = real.__name__
+            self.func = timed
+            try:
+                return _execute(self)
+            finally:
+                with open(os.environ["KFTUNE_STEP_TIMES"], "a") as f:
+                    f.write(json.dumps({"component": real.__name__, "process_start": _process_start(),
+                                        "called": called, "imported": imported, "body_start": times.get("start"),
+                                        "body_end": times.get("end")}) + "\\n")
+
+        executor.Executor.execute = execute
+''')
+
+
+def main(argv: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        hook_dir = Path(tmp, "hook")
+        hook_dir.mkdir()
+        (hook_dir / "sitecustomize.py").write_text(HOOK)
+        times_file = Path(tmp, "times.jsonl")
+        os.environ["KFTUNE_STEP_TIMES"] = str(times_file)
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(hook_dir), str(ROOT), os.environ.get("PYTHONPATH", "")])
+        sys.path.insert(0, str(ROOT))
+        from pipelines import cli
+
+        timer = cli._TaskTimer()
+        logging.getLogger().addFilter(timer)
+        started = time.time()
+        arguments = cli.parse_arguments(argv, cli.COMPILED)
+        _, table = cli.run_local(arguments, Path(tmp, "runs"))
+        wall = time.time() - started
+        logging.getLogger().removeFilter(timer)
+        records = [json.loads(line) for line in times_file.read_text().splitlines()]
+
+    print(table)
+    per = defaultdict(lambda: defaultdict(float))
+    for r in records:
+        step = per[r["component"]]
+        step["tasks"] += 1
+        step["start"] += r["called"] - r["process_start"]
+        step["imports"] += r["imported"] - r["called"]
+        step["body"] += (r["body_end"] or r["imported"]) - (r["body_start"] or r["imported"])
+        step["process"] += (r["body_end"] or r["imported"]) - r["process_start"]
+    for name, seconds in timer.seconds.items():
+        component = name.rsplit("-", 1)[0] if name[-1].isdigit() else name
+        per[component.replace("-", "_")]["task"] += seconds
+    for step in per.values():
+        if step["tasks"] > 1:
+            # Tasks running at once under one name (the search workers) overwrite each other's start
+            # in kfp.local's log; their own processes' spans (start to the body's end) are summed instead.
+            step["task"] = step["process"]
+    print(f"\nwall time {wall:.0f} s; per component, summed over its tasks (seconds):\n")
+    print("| component | tasks | kfp.local task time | process start to executor | imports (TF + kftune) "
+          "| body (own work) | rest (kfp.local, exit) | own work share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, s in per.items():
+        if not s["tasks"]:
+            continue
+        rest = s["task"] - s["start"] - s["imports"] - s["body"]
+        share = f"{s['body'] / s['task']:.0%}" if s["task"] else "?"
+        print(f"| {name} | {s['tasks']:.0f} | {s['task']:.1f} | {s['start']:.1f} | {s['imports']:.1f} "
+              f"| {s['body']:.1f} | {rest:.1f} | {share} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

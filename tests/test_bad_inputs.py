@@ -205,7 +205,7 @@ def evaluate(ctx: Ctx, data: str | None = None, model: str | None = None, tflite
         finetuned=Model(uri=folder), pruned=Model(uri=pruned), gate_config=_config(ev.GateConfig, **gate),
         chosen=Model(uri=str(ctx.out / "chosen")), report_html=HTML(uri=str(ctx.out / "report.html")),
         metrics=Metrics(uri=str(ctx.out / "metrics")), confusion=ClassificationMetrics(uri=str(ctx.out / "confusion")),
-        evaluations=Artifact(uri=str(ctx.out / "evaluations")))
+        per_class=Markdown(uri=str(ctx.out / "per_class.md")), evaluations=Artifact(uri=str(ctx.out / "evaluations")))
 
 
 def export(ctx: Ctx, model: str | None = None, **over):

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         dense_model = models.load(tmp / "dense")[0]
         results = {"dense": measured_keras(dense_model, tmp / "dense", x_val, y_val, x_test, y_test)}
-        quantize.quantize(dense_model, ["int8"], tmp / "dense", x_val, y_val)
+        quantize.quantize(dense_model, ["int8"], tmp / "dense", dataset.load_split(data, "validation"))
         results["dense int8"] = measured_tflite(tmp / "dense" / quantize.file_name("int8"), dense_model.count_params(),
                                                 x_val, y_val, x_test, y_test)
         names = {"dense": "dense (Keras)", "dense int8": "dense + int8 (TFLite)"}

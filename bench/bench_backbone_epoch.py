@@ -16,14 +16,12 @@ they change no time.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import child_process
+
 BACKBONES = ("mobilenet_v2_035", "vgg16")
 
 
@@ -53,10 +51,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="60 photos")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    child_process.add_option(parser, 3)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child[0], Path(args.child[1]), int(args.child[2]))))
+    if child_process.answer(args, lambda backbone, data, epochs: child(backbone, Path(data), int(epochs))):
         return
     if args.quick:
         args.images = 60
@@ -71,11 +68,8 @@ def main() -> None:
         dataset.ingest(dataset.IngestConfig(source=str(tmp / "photos"), image_size=224), tmp / "data",
                        progress=lambda _: None)
         for backbone in BACKBONES:
-            process = subprocess.run([sys.executable, __file__, "--child", backbone, str(tmp / "data"),
-                                      str(args.epochs)], cwd=ROOT, capture_output=True, text=True)
-            if process.returncode:
-                raise SystemExit(f"{backbone} failed:\n{process.stderr[-3000:]}")
-            results[backbone] = json.loads(process.stdout.strip().splitlines()[-1])
+            results[backbone] = child_process.measure_in_child(__file__, backbone, tmp / "data", args.epochs,
+                                                               label=backbone)
 
     small = results[BACKBONES[0]]
     print(f"one epoch of the head phase (frozen base, tutorial augmentation, batch 32), "

@@ -27,13 +27,14 @@ after that (VmHWM, reset through /proc/self/clear_refs after the imports).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import child_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,11 +96,7 @@ def child(step: str, work: Path, size: int) -> dict:
 
 
 def measure(step: str, work: Path, size: int) -> dict:
-    process = subprocess.run([sys.executable, __file__, "--child", step, str(work), str(size)], cwd=ROOT,
-                             capture_output=True, text=True)
-    if process.returncode:
-        raise SystemExit(f"{step} failed:\n{process.stderr[-3000:]}")
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    return child_process.measure_in_child(__file__, step, work, size, label=step)
 
 
 STEPS = ("ingest", "search trial", "fine-tune", "prune", "evaluate")
@@ -111,10 +108,9 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=10, help="how many times as many images the large folder holds")
     parser.add_argument("--size", type=int, default=224, help="image size in pixels (default 224)")
     parser.add_argument("--quick", action="store_true", help="60 and 180 images at 96 px: checks the script runs")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    child_process.add_option(parser, 3)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child[0], Path(args.child[1]), int(args.child[2]))))
+    if child_process.answer(args, lambda step, work, size: child(step, Path(work), int(size))):
         return
     if args.quick:
         args.images, args.scale, args.size = 60, 3, 96

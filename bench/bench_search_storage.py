@@ -5,10 +5,11 @@ Runs ``search.work`` (one worker, trials in this process) against a GCS emulator
 bytes of every request (request bodies up, response bodies down). The model is
 a user model (``module:function``) with a ~2 MB Dense layer, so that every trial
 writes a multi-MB checkpoint; each trial trains 1 epoch on the bundled digits at
-16x16. For N = 4, 16, 64 trials it prints the bytes per oracle turn (ask, tell),
-per trial (its own folder's sync and reads) and of the result step
-(``save_best_model``), with ratios against N = 4, and what the old layout, where
-every step downloaded everything under the state URI, would move per step at the end.
+16x16. For N = 4, 16, 64 trials it prints the bytes and requests per oracle turn
+(ask, tell), the bytes per trial (its own folder's sync and reads) and of the
+result step (``save_best_model``), with ratios against N = 4, and all that is
+stored under the state URI at the end (what a step that downloaded everything
+would move).
 The proxy cuts listings to their ``maxResults``, which GCS honours and the
 emulator ignores (without that, every one-object bucket check would fetch the
 metadata of every object in the bucket, checkpoints included).
@@ -146,17 +147,17 @@ class Meter:
 
     def __init__(self, proxy: CountingProxy):
         self.proxy = proxy
-        self.turns: list[tuple[str, int]] = []  # ("ask" or "tell", bytes)
+        self.turns: list[tuple[str, int, int]] = []  # ("ask" or "tell", bytes, requests)
         self.trials: list[int] = []
         self._verb = ""
         real_turn, real_trial, real_ask, real_tell = search.oracle_turn, search.run_stored_trial, search.ask, search.tell
 
         @contextlib.contextmanager
         def turn(state_uri):
-            before = proxy.total()
+            before, requests = proxy.total(), proxy.requests
             with real_turn(state_uri) as oracle_dir:
                 yield oracle_dir
-            self.turns.append((self._verb, proxy.total() - before))
+            self.turns.append((self._verb, proxy.total() - before, proxy.requests - requests))
 
         def trial(*args, **kwargs):
             before = proxy.total()
@@ -179,7 +180,7 @@ class Meter:
 
 
 def state_bytes(prefix: str) -> tuple[int, int]:
-    """(bytes, objects) under ``gs://BUCKET/prefix/``: what the old layout downloaded at every step."""
+    """(bytes, objects) under ``gs://BUCKET/prefix/``: what a step that downloaded everything would move."""
     blobs = list(storage._client().bucket(BUCKET).list_blobs(prefix=f"{prefix}/"))
     return sum(b.size for b in blobs), len(blobs)
 
@@ -195,10 +196,11 @@ def measure(data: Path, n: int, meter: Meter, workdir: Path) -> dict:
     winner, _ = search.save_best_model(data, config, workdir / f"model-{n}")
     result = meter.proxy.total() - before
     seconds = time.perf_counter() - started
-    turns = [b for _, b in meter.turns]
-    asks, tells = [b for v, b in meter.turns if v == "ask"], [b for v, b in meter.turns if v == "tell"]
+    turns, requests = [b for _, b, _ in meter.turns], [r for _, _, r in meter.turns]
+    asks, tells = [b for v, b, _ in meter.turns if v == "ask"], [b for v, b, _ in meter.turns if v == "tell"]
     old, objects = state_bytes(f"state-{n}")
-    return {"n": n, "turn_mean": sum(turns) / len(turns), "turn_max": max(turns), "ask": sum(asks) / len(asks),
+    return {"n": n, "turn_mean": sum(turns) / len(turns), "turn_max": max(turns),
+            "turn_requests": sum(requests) / len(requests), "ask": sum(asks) / len(asks),
             "tell": sum(tells) / len(tells), "trial": sum(meter.trials) / len(meter.trials), "result": result,
             "total": sum(turns) + sum(meter.trials) + result, "old": old, "objects": objects, "seconds": seconds,
             "best": winner.objective}
@@ -209,13 +211,15 @@ def table(rows: list[dict]) -> str:
 
     def cell(row: dict, key: str) -> str:
         return f"{row[key]:,.0f} ({row[key] / base[key]:.2f}x)"
-    lines = [[r["n"], cell(r, "turn_mean"), cell(r, "turn_max"), f"{r['ask']:,.0f} / {r['tell']:,.0f}",
+    lines = [[r["n"], cell(r, "turn_mean"), cell(r, "turn_max"), f"{r['turn_requests']:.1f}",
+              f"{r['ask']:,.0f} / {r['tell']:,.0f}",
               cell(r, "trial"), cell(r, "result"), f"{r['total']:,}", f"{r['old']:,} ({r['objects']} objects)",
               f"{r['seconds']:.0f}"] for r in rows]
     return report.markdown_table(
-        ["N trials", "mean bytes per oracle turn (vs N=4)", "max bytes per oracle turn", "mean ask / tell",
+        ["N trials", "mean bytes per oracle turn (vs N=4)", "max bytes per oracle turn", "requests per oracle turn",
+         "mean ask / tell",
          "mean bytes per trial", "result step bytes", "total bytes",
-         "old layout: bytes per step at the end (everything under the state URI)", "wall s"], lines)
+         "everything under the state URI at the end", "wall s"], lines)
 
 
 def main() -> None:

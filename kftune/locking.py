@@ -6,11 +6,14 @@ only if absent: on local paths ``open(O_CREAT | O_EXCL)``, on GCS an upload
 with ``if_generation_match=0``, which GCS itself refuses when the object exists
 (the emulator in the tests ignores preconditions, so there only the local lock
 is exercised under contention). A lock whose holder died (a preempted pod) is
-taken over once it is older than ``stale_after``; oracle turns take seconds.
+taken over once it is older than ``stale_after``; oracle turns take seconds. A
+holder on this machine (kfp.local, a single-machine run) that is no longer
+running is known dead at once, and its lock taken over without waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -30,6 +33,24 @@ class lock:  # noqa: N801 - used as a context manager
         self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._generation = None
 
+    def _body(self) -> str:
+        return json.dumps({"holder": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.time()})
+
+    @staticmethod
+    def _holder_gone(body: str) -> bool:
+        """Whether the lock's holder ran on this machine and is no longer running (a pod elsewhere: unknown)."""
+        try:
+            held = json.loads(body)
+            if held.get("host") != socket.gethostname():
+                return False
+            os.kill(int(held["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (ValueError, KeyError, TypeError, AttributeError, PermissionError):
+            return False  # not kftune's format, or another user's live process
+        return False
+
     # ------------------------------------------------------------ local
 
     def _try_local(self) -> bool:
@@ -39,19 +60,25 @@ class lock:  # noqa: N801 - used as a context manager
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                age = time.time() - path.stat().st_mtime
+                age, body = time.time() - path.stat().st_mtime, path.read_text()
             except FileNotFoundError:
                 return False  # released meanwhile: try again
-            if age > self.stale_after:
+            if self._holder_gone(body) or age > self.stale_after:
                 # Renamed first, so that of two workers breaking it only one succeeds.
+                broken = path.with_name(f"{path.name}.stale-{self.token}")
                 try:
-                    os.rename(path, path.with_name(f"{path.name}.stale-{self.token}"))
-                    os.unlink(path.with_name(f"{path.name}.stale-{self.token}"))
+                    os.rename(path, broken)
                 except FileNotFoundError:
-                    pass
+                    return False
+                if broken.read_text() != body:
+                    # Released and taken by a live holder between the read and the rename: put
+                    # that lock back (a link fails if yet another holder has it meanwhile).
+                    with contextlib.suppress(FileExistsError):
+                        os.link(broken, path)
+                broken.unlink()
             return False
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"holder": self.token, "since": time.time()}))
+            f.write(self._body())
         return True
 
     def _release_local(self) -> None:
@@ -74,7 +101,7 @@ class lock:  # noqa: N801 - used as a context manager
         from google.api_core import exceptions
 
         blob = self._blob()
-        body = json.dumps({"holder": self.token, "since": time.time()})
+        body = self._body()
         try:
             with storage._requests_for(self.uri):
                 blob.upload_from_string(body, if_generation_match=0, retry=storage._retry_if_generation_match(),
@@ -84,11 +111,12 @@ class lock:  # noqa: N801 - used as a context manager
                 held = blob.bucket.get_blob(blob.name, **storage._calls())
             if held is None:
                 return False
-            if held.download_as_text(**storage._calls()).find(self.token) >= 0:
+            text = held.download_as_text(**storage._calls())
+            if text.find(self.token) >= 0:
                 self._generation = held.generation  # our own upload, whose answer was lost and retried
                 return True
             age = (datetime.datetime.now(datetime.UTC) - held.updated).total_seconds()
-            if age > self.stale_after:
+            if self._holder_gone(text) or age > self.stale_after:
                 try:
                     with storage._requests_for(self.uri):
                         held.delete(if_generation_match=held.generation, timeout=storage._timeout())

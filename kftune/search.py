@@ -12,8 +12,9 @@ accept Keras 3 models, so kftune drives the oracle itself:
 * :func:`search` runs a whole search in one process; :func:`save_best_model`
   writes the winner.
 
-The oracle's state is keras-tuner's own files, so a search stopped at any point
-resumes from it; a worker started again gets its own unfinished trial back and
+The oracle's state is keras-tuner's own files, stored as one document that each
+oracle turn replaces whole (:mod:`kftune.search_state`), so a search stopped at
+any point, even mid-write, resumes from it; a worker started again gets its own unfinished trial back and
 resumes it from its last epoch.
 """
 
@@ -32,7 +33,7 @@ from pathlib import Path
 import yaml
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import dataset, models, storage, training
+from kftune import dataset, models, search_state, storage, training
 from kftune.augment import AugmentSpec, training_batches
 from kftune.errors import InputError, StorageError, check_numbers, check_whole_numbers
 
@@ -338,16 +339,17 @@ class TrialResult:
 # A search's state (``search_state_uri``) is laid out so that each step moves
 # only what it needs:
 #
-#   oracle/kftune_search/...   keras-tuner's oracle.json and trial_*/trial.json, plus
-#                              each told trial's result.json: kilobytes per trial
-#   oracle.lock                held by the worker taking its turn at the oracle
-#   trials/trial_<id>/         one trial's epoch log, backups and final weights
+#   oracle-state.json.gz   keras-tuner's oracle.json and trial_*/trial.json, plus each
+#                          told trial's result.json, as one document replaced whole by
+#                          each oracle turn (kftune.search_state): kilobytes per trial
+#   oracle.lock            held by the worker taking its turn at the oracle
+#   trials/trial_<id>/     one trial's epoch log, backups and final weights
 #
-# An oracle turn reads and writes ``oracle/`` only; a trial reads and writes its
-# own folder (and reads a Hyperband parent's weights file); the result step reads
-# ``oracle/`` and the winner's weights file.
+# An oracle turn reads and writes the oracle's document only; a trial reads and
+# writes its own folder (and reads a Hyperband parent's weights file); the result
+# step reads the document and the winner's weights file.
 
-ORACLE_DIR, TRIALS_DIR, LOCK_FILE = "oracle", "trials", "oracle.lock"
+TRIALS_DIR, LOCK_FILE = "trials", "oracle.lock"
 # How long a worker waits, in all, for a Hyperband bracket or grid step other workers are finishing.
 IDLE_TIMEOUT_S = 6 * 3600.0
 
@@ -607,12 +609,18 @@ def run_stored_trial(dataset_dir: str | Path, trial: dict, config: SearchConfig,
 
 @contextlib.contextmanager
 def oracle_turn(state_uri: str | Path):
-    """The oracle's files, held by this process alone until the block ends (and written back if it ends well)."""
+    """The oracle's files, held by this process alone until the block ends (and stored again if it ends well)."""
     from kftune import locking
 
     root = str(state_uri).rstrip("/")
-    with locking.lock(f"{root}/{LOCK_FILE}"), storage.mirror(f"{root}/{ORACLE_DIR}") as oracle_dir:
+    with locking.lock(f"{root}/{LOCK_FILE}"), search_state.opened(root, write=True) as oracle_dir:
         yield oracle_dir
+
+
+def told(state_uri: str | Path) -> list[TrialResult]:
+    """Every trial told so far to the search at ``state_uri``, in trial order (read without the lock)."""
+    with search_state.opened(state_uri, write=False) as oracle_dir:
+        return results(oracle_dir)
 
 
 def _trial_in_child(dataset_dir: str | Path, trial: dict, config: SearchConfig) -> TrialResult:
@@ -696,7 +704,7 @@ def search(
 ) -> TrialResult:
     """Runs a whole search in this process, one trial at a time, and returns the best trial."""
     work(dataset_dir, config, fresh_process=False, progress=progress)
-    with storage.mirror(f"{config.search_state_uri.rstrip('/')}/{ORACLE_DIR}", write_back=None) as oracle_dir:
+    with search_state.opened(config.search_state_uri, write=False) as oracle_dir:
         return best(oracle_dir)
 
 
@@ -717,7 +725,7 @@ def save_best_model(dataset_dir: str | Path, config: SearchConfig, output_dir: s
     import tensorflow as tf
 
     root = config.search_state_uri.rstrip("/")
-    with storage.mirror(f"{root}/{ORACLE_DIR}", write_back=None) as oracle_dir:
+    with search_state.opened(root, write=False) as oracle_dir:
         winner, trials = best(oracle_dir), results(oracle_dir)
     info = dataset.DatasetInfo.load(dataset_dir)
     with tempfile.TemporaryDirectory() as work:

@@ -230,7 +230,7 @@ def _blob_name(prefix: str, relative: str) -> str:
     return f"{prefix}/{relative}" if prefix else relative
 
 
-def _safe_join(root: Path, relative: str) -> Path:
+def safe_join(root: Path, relative: str) -> Path:
     """Joins ``relative`` under ``root``, refusing names that would escape it.
 
     Object names are whatever whoever wrote the bucket chose; ``a/../../x`` is
@@ -323,7 +323,7 @@ def _download(bucket, uri: str, prefix: str, dest: Path) -> dict[str, str | None
     object, keyed by relative path.
     """
     objects = _list_objects(bucket, uri, prefix)
-    targets = [_safe_join(dest, relative) for relative in objects]
+    targets = [safe_join(dest, relative) for relative in objects]
     for (relative, md5), target in zip(objects.items(), targets, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
         _download_verified(bucket.blob(_blob_name(prefix, relative)), target, md5, uri)
@@ -343,7 +343,7 @@ def fetch(uri: str, workdir: str | os.PathLike) -> Path:
         return path
     bucket_name, prefix = parse_gcs(uri)
     bucket = _bucket(bucket_name)
-    dest = _safe_join(Path(workdir), f"{bucket_name}/{prefix}")
+    dest = safe_join(Path(workdir), f"{bucket_name}/{prefix}")
     with _requests_for(uri):
         blob = bucket.get_blob(prefix, **_calls()) if prefix else None
     if blob is not None:
@@ -353,6 +353,53 @@ def fetch(uri: str, workdir: str | os.PathLike) -> Path:
     if not _download(bucket, uri, prefix, dest):
         raise InputError(f"`{uri}` holds no objects: check the bucket and prefix.")
     return dest
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
+    """Replaces the local file ``path`` whole: a process killed mid-write leaves the old file, never half of the new one."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """The whole file or object at ``uri``, or None where there is none."""
+    if not is_gcs(uri):
+        path = Path(uri)
+        return path.read_bytes() if path.is_file() else None
+    from google.api_core import exceptions
+
+    bucket_name, name = parse_gcs(uri)
+    with _requests_for(uri):
+        try:
+            return _bucket(bucket_name).blob(name).download_as_bytes(**_calls())
+        except exceptions.NotFound:
+            return None
+
+
+def replace(uri: str, data: bytes) -> None:
+    """Stores ``data`` at ``uri`` in one write, replacing what is there.
+
+    A reader sees the old contents or the new, never part of either: locally a
+    rename, on GCS one object upload (GCS makes an object visible only once
+    all of it is stored). The caller must be the only writer of ``uri`` (it
+    holds a lock), since the upload is retried without a precondition.
+    """
+    if not is_gcs(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(uri, data)
+        return
+    bucket_name, name = parse_gcs(uri)
+    blob = _blob(_bucket(bucket_name), name)
+    with _requests_for(uri):
+        blob.upload_from_string(data, content_type="application/octet-stream", retry=_retry(), timeout=_timeout())
+        blob.reload(**_calls())
+    if blob.md5_hash != _md5_bytes(data):
+        raise StorageError(f"`{uri}` reads back with another MD5 than was written: run the step again.")
 
 
 def md5_base64(path: str | os.PathLike) -> str:
@@ -663,7 +710,7 @@ def fetch_version(uri: str, workdir: str | os.PathLike) -> Path:
     listed = _verified(uri)
     path = fetch(uri, workdir)
     got = {relative: ((path / relative).stat().st_size, md5_base64(path / relative))
-           for relative in listed if _safe_join(path, relative).is_file()}
+           for relative in listed if safe_join(path, relative).is_file()}
     if got != listed:
         raise StorageError(f"the copy of `{uri}` read to {path} differs from its {MANIFEST_FILE} "
                            f"({_differences(listed, got)}): it changed while it was read; run the step again.")
@@ -719,7 +766,7 @@ class mirror:  # noqa: N801 - used as a context manager
         if self._tmp is None or self.write_back is None:
             return
         prefix = parse_gcs(self.uri)[1]
-        root = _safe_join(self.local, self.write_back)
+        root = safe_join(self.local, self.write_back)
         files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.stat().st_mtime_ns, p.name))
         with _requests_for(self.uri):
             for path in files:

@@ -27,14 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import models
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replaces ``path`` whole: a process killed mid-write leaves the old file, never half of the new one."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+from kftune import models, storage
 
 
 def epoch_log_file(checkpoint_dir: str | Path, name: str) -> Path:
@@ -79,7 +72,7 @@ def _epoch_hooks(checkpoint_dir: Path, name: str, after_epoch: Callable[[], None
             entries = json.loads(path.read_text()) if path.exists() else []
             entries = [e for e in entries if e["epoch"] != epoch]
             entries.append({"epoch": epoch, **{key: float(v) for key, v in (logs or {}).items()}})
-            write_atomically(path, json.dumps(sorted(entries, key=lambda e: e["epoch"])))
+            storage.write_atomically(path, json.dumps(sorted(entries, key=lambda e: e["epoch"])))
 
     hooks = [EpochLog(), k.callbacks.BackupAndRestore(str(checkpoint_dir / f"{name}.backup")), *callbacks]
     if after_epoch is not None:
@@ -127,7 +120,7 @@ def fit(
         partial = weights.with_name(f".partial.{weights.name}")
         models.save_weights(model, partial)
         os.replace(partial, weights)
-    write_atomically(done, json.dumps(history))
+    storage.write_atomically(done, json.dumps(history))
     if after_epoch is not None:
         after_epoch()
     return history

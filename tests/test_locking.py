@@ -39,6 +39,21 @@ def test_a_dead_holders_local_lock_is_taken_over_once_stale(tmp_path):
     assert not path.exists()
 
 
+def test_a_lock_whose_holder_died_on_this_machine_is_taken_over_at_once(tmp_path):
+    # kfp.local and single-machine runs: a killed worker's lock need not wait until it is stale.
+    script = textwrap.dedent(f"""
+        import os, signal
+        from kftune import locking
+        with locking.lock({str(tmp_path / "state.lock")!r}):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == -9
+    assert (tmp_path / "state.lock").exists()
+    with locking.lock(str(tmp_path / "state.lock"), stale_after=3600, timeout=10):
+        pass
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_lock_held_too_long_is_one_clear_error(tmp_path):
     with locking.lock(str(tmp_path / "state.lock")):
         with pytest.raises(StorageError, match="stayed taken for 0 s: another search using the same search_state_uri"):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kftune import dataset, models, search
+from kftune import dataset, models, search, search_state
 from kftune.errors import InputError
 
 SPACE = """
@@ -93,7 +93,7 @@ def test_each_algorithm_runs_real_trials(algorithm, digits_dir, tmp_path):
     config = search.SearchConfig(search_algorithm=algorithm, max_trials=2, trial_epochs=2, hyperband_factor=2,
                                  search_space=space, search_state_uri=str(tmp_path))
     best = search.search(digits_dir, config, progress=lambda _: None)
-    results = search.results(tmp_path / search.ORACLE_DIR)
+    results = search.told(tmp_path)
     assert len(results) >= 2
     assert all(r.status == "COMPLETED" for r in results)
     assert best.objective == max(r.objective for r in results)
@@ -145,7 +145,7 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(digits_dir, tmp_pat
                                  search_space="dense_units: {type: choice, values: [13, 32]}",
                                  search_state_uri=str(tmp_path / "state"))
     best = search.search(digits_dir, config, progress=lambda _: None)
-    statuses = {r.values["dense_units"]: r for r in search.results(tmp_path / "state" / search.ORACLE_DIR)}
+    statuses = {r.values["dense_units"]: r for r in search.told(tmp_path / "state")}
     assert statuses[13].status == "FAILED" and "MemoryError" in statuses[13].error
     assert best.values["dense_units"] == 32
 
@@ -159,19 +159,20 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(digits_dir, 
         search.search({str(digits_dir)!r}, search.SearchConfig(**{config.__dict__!r}))
     """)
     process = subprocess.Popen([sys.executable, "-c", script])
-    oracle = state / search.ORACLE_DIR
-    first = oracle / search.PROJECT / "trial_0" / search.RESULT_FILE
     deadline = time.time() + 300
-    while not first.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    # Killed as soon as the first result is stored: the worker is then in the next oracle turn, writing.
+    while not (state / search_state.STATE_FILE).exists() or not search.told(state):
+        if process.poll() is not None or time.time() > deadline:
+            break
+        time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert first.exists(), "the first trial never finished"
-    told_before = {r.trial_id: r for r in search.results(oracle)}
+    told_before = {r.trial_id: r for r in search.told(state)}
+    assert told_before, "the first trial never finished"
     assert len(told_before) < 3, "the search finished before it could be killed"
 
     search.search(digits_dir, config, progress=lambda _: None)
-    after = search.results(oracle)
+    after = search.told(state)
     assert sorted(r.trial_id for r in after) == ["0", "1", "2"]
     for trial_id, result in told_before.items():  # finished trials were not run again
         assert next(r for r in after if r.trial_id == trial_id) == result
@@ -219,14 +220,14 @@ def test_parallel_workers_share_one_oracle_and_run_every_trial_once(digits_dir, 
                                  search_space=SPACE, search_state_uri=str(state))
     workers = [subprocess.Popen([sys.executable, "-c", _worker_script(digits_dir, config, i)]) for i in range(2)]
     assert [w.wait(timeout=600) for w in workers] == [0, 0]
-    told = search.results(state / search.ORACLE_DIR)
+    told = search.told(state)
     assert sorted(r.trial_id for r in told) == ["0", "1", "2", "3", "4"]
     assert all(r.status == "COMPLETED" for r in told)
     assert len({json.dumps(r.values, sort_keys=True) for r in told}) == 5
     assert not (state / search.LOCK_FILE).exists()
     # Each trial's checkpoints are in its own folder, apart from the oracle's small files.
     assert sorted(p.name for p in (state / search.TRIALS_DIR).iterdir()) == [f"trial_{i}" for i in range(5)]
-    assert not list((state / search.ORACLE_DIR).rglob("*.h5"))
+    assert sorted(p.name for p in state.iterdir()) == [search_state.STATE_FILE, search.TRIALS_DIR]
 
 
 def test_a_restarted_worker_resumes_its_own_trial_and_no_other(digits_dir, tmp_path):
@@ -244,7 +245,8 @@ def test_a_restarted_worker_resumes_its_own_trial_and_no_other(digits_dir, tmp_p
     process.wait()
     assert 2 <= len(json.loads(epoch_log.read_text())) < 6, "the worker was not killed part-way"
     # Another worker does not take the killed worker's trial: it gets a new one.
-    status, other = search.ask(config, state / search.ORACLE_DIR, "worker0")
+    with search.oracle_turn(state) as oracle_dir:
+        status, other = search.ask(config, oracle_dir, "worker0")
     assert status == search.RUNNING and other["trial_id"] == "1"
     # The restarted worker (same index, as a retried task) gets trial 0 back and finishes it from its last epoch.
     ran = search.work(digits_dir, config, 1, fresh_process=False, progress=lambda _: None)
@@ -260,7 +262,7 @@ def test_grid_search_with_parallel_workers_runs_every_point_of_the_grid(digits_d
                                  search_state_uri=str(state))
     workers = [subprocess.Popen([sys.executable, "-c", _worker_script(digits_dir, config, i)]) for i in range(2)]
     assert [w.wait(timeout=900) for w in workers] == [0, 0]
-    told = search.results(state / search.ORACLE_DIR)
+    told = search.told(state)
     points = {(r.values["learning_rate"], r.values["batch_size"]) for r in told}
     assert len(told) == 9 and len(points) == 9
 
@@ -272,7 +274,7 @@ def test_bayesian_search_never_repeats_a_configuration(digits_dir, tmp_path, fol
     config = search.SearchConfig(search_algorithm="bayesian", max_trials=trials, parallel_trials=1, trial_epochs=1,
                                  folds=folds, search_state_uri=str(tmp_path))
     search.search(digits_dir, config, progress=lambda _: None)
-    told = search.results(tmp_path / search.ORACLE_DIR)
+    told = search.told(tmp_path)
     assert len(told) == trials
     assert len({json.dumps(r.values, sort_keys=True) for r in told}) == trials
 

@@ -36,7 +36,7 @@ run: compile
 	$(BIN)/kftune run-local $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not e2e"

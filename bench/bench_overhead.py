@@ -21,8 +21,8 @@ validate's row counts TensorFlow's import although its own body does not need it
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -92,15 +92,24 @@ def main(argv: list[str]) -> None:
         os.environ["KFTUNE_STEP_TIMES"] = str(times_file)
         os.environ["PYTHONPATH"] = os.pathsep.join([str(hook_dir), str(ROOT), os.environ.get("PYTHONPATH", "")])
         sys.path.insert(0, str(ROOT))
-        from pipelines import cli
+        from pipelines import cli, local_runner
 
-        timer = cli._TaskTimer()
-        logging.getLogger().addFilter(timer)
+        # The console run_local prints through also times every task (parallel runs of one task count once).
+        seen, console = [], local_runner.console
+
+        @contextlib.contextmanager
+        def keeping(*args, **kwargs):
+            with console(*args, **kwargs) as shown:
+                seen.append(shown)
+                yield shown
+
+        local_runner.console = keeping
         started = time.time()
         arguments = cli.parse_arguments(argv, cli.COMPILED)
         _, table = cli.run_local(arguments, Path(tmp, "runs"))
         wall = time.time() - started
-        logging.getLogger().removeFilter(timer)
+        local_runner.console = console
+        task_seconds = seen[0].seconds
         records = [json.loads(line) for line in times_file.read_text().splitlines()]
 
     print(table)
@@ -112,14 +121,8 @@ def main(argv: list[str]) -> None:
         step["imports"] += r["imported"] - r["called"]
         step["body"] += (r["body_end"] or r["imported"]) - (r["body_start"] or r["imported"])
         step["process"] += (r["body_end"] or r["imported"]) - r["process_start"]
-    for name, seconds in timer.seconds.items():
-        component = name.rsplit("-", 1)[0] if name[-1].isdigit() else name
-        per[component.replace("-", "_")]["task"] += seconds
-    for step in per.values():
-        if step["tasks"] > 1:
-            # Tasks running at once under one name (the search workers) overwrite each other's start
-            # in kfp.local's log; their own processes' spans (start to the body's end) are summed instead.
-            step["task"] = step["process"]
+    for name, seconds in task_seconds.items():
+        per[name.replace("-", "_")]["task"] += seconds
     print(f"\nwall time {wall:.0f} s; per component, summed over its tasks (seconds):\n")
     print("| component | tasks | kfp.local task time | process start to executor | imports (TF + kftune) "
           "| body (own work) | rest (kfp.local, exit) | own work share |")

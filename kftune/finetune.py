@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -29,8 +28,6 @@ import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import dataset, models, storage, training
 from kftune.augment import AugmentSpec, training_batches
 from kftune.errors import InputError, check_numbers, check_whole_numbers
-
-log = logging.getLogger(__name__)
 
 # Batch size of validation passes: it changes no number, only how much is in memory at once.
 EVAL_BATCH = 256
@@ -155,7 +152,7 @@ def _bind_checkpoints(checkpoint_dir: Path, config: FinetuneConfig, info, baseli
         if any(checkpoint_dir.iterdir()):
             raise InputError(f"`checkpoint_uri` `{config.checkpoint_uri or checkpoint_dir}` already holds files that no "
                              "kftune fine-tune bound to its settings: give an empty or new checkpoint_uri.")
-        path.write_text(json.dumps(mine, sort_keys=True))
+        storage.write_atomically(path, json.dumps(mine, sort_keys=True))  # a kill mid-write must not block resuming
         return
     stored = json.loads(path.read_text())
     if stored == json.loads(json.dumps(mine)):

@@ -154,6 +154,8 @@ def make_backbone_weights(path: str | Path, backbone: str, *, size: int = 224, s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kftune import models
+
     parser = argparse.ArgumentParser(prog="python -m kftune.fixtures", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     photos.add_argument("--seed", type=int, default=0)
     weights = sub.add_parser("weights", help="a backbone's weights file (random kernels, measured BatchNorm statistics)")
     weights.add_argument("path")
-    weights.add_argument("--backbone", default="mobilenet_v2_035")
+    weights.add_argument("--backbone", default="mobilenet_v2_035", choices=sorted(models.BACKBONES))
     weights.add_argument("--size", type=int, default=224)
     weights.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

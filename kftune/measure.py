@@ -56,7 +56,7 @@ def sparsity(model) -> dict[str, float]:
     Biases and BatchNormalization statistics are left out, as tfmot leaves them unpruned.
     """
     per_layer, zeros, total = {}, 0, 0
-    for layer in _leaf_layers(model):
+    for layer in leaf_layers(model):
         kernels = [w for w in layer.weights if "kernel" in w.name and "bias" not in w.name]
         if not kernels:
             continue
@@ -68,10 +68,10 @@ def sparsity(model) -> dict[str, float]:
     return per_layer
 
 
-def _leaf_layers(model):
+def leaf_layers(model):
     for layer in model.layers:
         if hasattr(layer, "layers") and layer.layers:
-            yield from _leaf_layers(layer)
+            yield from leaf_layers(layer)
         else:
             yield layer
 
@@ -90,8 +90,10 @@ class KerasRunner:
         import tensorflow as tf
 
         self.model, self.path = model, Path(path) if path is not None else None
-        # One traced function for every batch; the last, shorter batch of a split adds one trace.
-        self._infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        # Traced once, for any batch size: scoring's batches, its shorter last batch and the latency
+        # batches (1, 32) all take the one graph instead of a trace each.
+        signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)]
+        self._infer = tf.function(lambda x: model(x, training=False), input_signature=signature)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         import tensorflow as tf
@@ -216,11 +218,6 @@ def latency_ms(runner, images: np.ndarray, *, batch_size: int, repeats: int = 20
 # ---------------------------------------------------------------- scoring
 
 
-def score_batch_size(image_shape) -> int:
-    """Images per scoring batch for images of ``image_shape`` (uint8): within dataset.EVAL_BATCH_BYTES."""
-    return dataset.eval_batch_size(image_shape, SCORE_BATCH_MAX)
-
-
 @dataclasses.dataclass
 class Scores:
     """A model's outputs on a split and what follows from them.
@@ -251,7 +248,8 @@ def score(runner, data, *, latency_batch_sizes=LATENCY_BATCH_SIZES) -> Scores:
         outputs.append(runner.predict(images))
         labels.append(batch_labels)
     if sample is None:
-        raise InputError("there are no images to measure the model on: the split is empty.")
+        raise InputError("there are no images to measure the model on: the split is empty. Ingest the dataset again "
+                         "with a larger validation_fraction or test_fraction, or add images.")
     outputs, labels = np.concatenate(outputs), np.concatenate(labels).astype(np.int64)
     probabilities = np.clip(models.class_probabilities(outputs), 1e-7, 1.0)
     return Scores(

@@ -409,7 +409,7 @@ def _wrap(model, config: PruneConfig, end: int, patterns: dict[str, str] | None 
     k = models.keras()
     params = {"pruning_schedule": _schedule(config, end)}
     if config.prune_m_by_n:
-        params["sparsity_m_by_n"] = (2, 4)
+        params["sparsity_m_by_n"] = M_BY_N
     types = config.layer_type_names
     nested = [layer.name for layer in model.layers if isinstance(layer, k.Model)]
     if nested and not types:
@@ -457,11 +457,6 @@ def _tflite_kernel_shape(layer) -> tuple | None:
     return (shape[-1], *shape[:-1]) if len(shape) == 4 else (shape[1], shape[0])
 
 
-def _leaf_layers(model):
-    for layer in model.layers:
-        yield from (_leaf_layers(layer) if hasattr(layer, "layers") and layer.layers else [layer])
-
-
 def float_kernels(model, path: str | Path) -> list[str]:
     """The Conv2D and Dense kernels the TFLite file ``path`` stores in float32, read from its tensors.
 
@@ -469,16 +464,11 @@ def float_kernels(model, path: str | Path) -> list[str]:
     threshold (1024 values) and leaves the smaller ones in float32, so "int8
     weights" is true of the large kernels only; this names the others.
     """
-    import warnings
-
     import numpy as np
-    import tensorflow as tf
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        tensors = tf.lite.Interpreter(model_path=str(path)).get_tensor_details()
+    tensors = measure.TFLiteRunner(path).interpreter.get_tensor_details()
     left = []
-    for layer in _leaf_layers(model):
+    for layer in measure.leaf_layers(model):
         shape = _tflite_kernel_shape(layer)
         matches = [t for t in tensors if f"/{layer.name}/" in t["name"] and tuple(t["shape"]) == shape]
         if any(t["dtype"] == np.float32 for t in matches):
@@ -573,14 +563,20 @@ def prune(
     # Fails fast, naming any layer tfmot cannot prune (or a model structured pruning cannot rebuild),
     # before measuring or training anything.
     if config.prune_method == "structured":
-        structured.plan(models.load(model_dir)[0], config.target_sparsity, config.layer_type_names)
+        the_plan, _ = structured.plan(dense, config.target_sparsity, config.layer_type_names)
+        if not the_plan.keep:
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in the_plan.whole.items())
+            raise InputError(
+                f"structured pruning finds no layer it can shrink in `{model_dir}` ({reasons}): name the layer kinds "
+                "to shrink in prune_layer_types (Conv2D,Dense), or use prune_method=magnitude.")
     else:
+        # On a copy: the clone shares the layers it leaves unpruned with the model it wraps.
         _wrap(models.load(model_dir)[0], config, run.end_step)
 
     models.compile_model(dense, info.num_classes, learning_rate=config.prune_learning_rate)
     before = _measured(dense, run.validation, Path(model_dir, models.MODEL_FILE))
     searching = config.prune_max_accuracy_drop > 0
-    attempts, results = [], {}
+    attempts, results, fits = [], {}, {}
 
     def attempt(index: int) -> bool:
         level = config.levels[index]
@@ -596,7 +592,12 @@ def prune(
         if searching:
             progress(f"prune: {level:.0%}: validation accuracy {scores['accuracy']:.4f}, drop {drop:.4f}"
                      f" ({'within' if within else 'over'} the budget of {config.prune_max_accuracy_drop})")
-        results[index] = (level_config, stripped, history, patterns)
+        results[index], fits[index] = (level_config, stripped, history, patterns), bool(within)
+        # Only two attempts can still be handed on: the highest within the budget so far, and the lowest
+        # tried (kept when none fits). The others' models go now: with a backbone each is a full copy of it.
+        keep = {min(results)} | {max((i for i in results if fits[i]), default=min(results))}
+        for other in set(results) - keep:
+            del results[other]
         return bool(within)
 
     if not searching:

@@ -49,7 +49,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ITERATION = re.compile(r"-iteration-(\d+)")
 _EPOCH = re.compile(r"^Epoch (\d+)/(\d+)$")
 # kftune's own lines that carry a headline figure, echoed under their task.
-_ECHO = re.compile(r"^(search: trial \d+ |evaluate: \w+ \(.*\) accuracy |prune: \d+% sparsity: )")
+_ECHO = re.compile(r"^(search: trial \d+ |evaluate: \w+ \(.*\) accuracy |prune: \d+%: )")
 
 
 def plain(text: str) -> str:
@@ -110,9 +110,7 @@ class Console:
         self.verbose = verbose
         self.lock = threading.Lock()
         self.spans: dict[str, list[tuple[float, float]]] = {}
-        self.status: dict[str, str] = {}
         self.run_dir: Path | None = None
-        self.failed: list[Task] = []
         self.running: dict[str, Task] = {}
         self.tty = hasattr(self.out, "isatty") and self.out.isatty()
         self._status_shown = False
@@ -187,14 +185,12 @@ class Console:
         with self.lock:
             self.running.pop(task.label, None)
             self.spans.setdefault(task.name, []).append((task.started, ended))
-            self.status[task.name] = "SUCCESS" if ok else "FAILURE"
             if self.verbose:
                 return
             if ok:
                 headline = _headline(task, outputs)
                 self._write(f"  done   {task.label:<17} {seconds:6.1f} s" + (f"  {headline}" if headline else ""))
                 return
-            self.failed.append(task)
             lines = [f"  FAILED {task.label} after {seconds:.1f} s; its log: {task.log}",
                      f"    last {len(task.tail)} lines:"]
             lines += [f"    | {line}" for line in task.tail]

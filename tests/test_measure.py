@@ -55,6 +55,19 @@ def test_score_streams_batches_and_equals_the_split_in_memory(trained_model_dir,
     assert result.loss == pytest.approx(keras_loss, rel=1e-4)
 
 
+def test_the_keras_runner_traces_once_for_every_batch_size(trained_model_dir, digits_dir):
+    # Scoring's batches, its shorter last batch and the latency batches share one graph: a trace each
+    # would cost seconds per measurement and fill the step's log with TensorFlow's retracing warning.
+    model, _ = models.load(trained_model_dir)
+    runner = measure.KerasRunner(model)
+    images, _ = dataset.load_arrays(digits_dir, "test")
+    for batch in (len(images), 7, 1, 32):
+        np.testing.assert_allclose(runner.predict(images[:batch]), model(images[:batch].astype("float32")).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    measure.latency_ms(runner, images, batch_size=3)
+    assert runner._infer.experimental_get_tracing_count() == 1
+
+
 def test_evaluate_streamed_equals_evaluate_in_memory(trained_model_dir, digits_dir, small_batches):
     result = ev.evaluate("baseline", trained_model_dir, digits_dir)
     info = dataset.DatasetInfo.load(digits_dir)
@@ -82,12 +95,6 @@ def test_keras_and_tflite_runners_answer_the_same_calls(trained_model_dir, digit
             assert measure.latency_ms(runner, images[:3], batch_size=batch_size, repeats=3) > 0
     # The last, shorter batch of a split: both give one row per image.
     assert tflite.predict(images[:7]).shape == keras.predict(images[:7]).shape == (7, 10)
-
-
-def test_score_batch_size_follows_the_image_size():
-    assert measure.score_batch_size((16, 16, 3)) == measure.SCORE_BATCH_MAX
-    assert measure.score_batch_size((224, 224, 3)) == dataset.EVAL_BATCH_BYTES // (224 * 224 * 3) < 32
-    assert measure.score_batch_size((4096, 4096, 3)) == 1
 
 
 def test_int8_calibration_needs_images(trained_model_dir, digits_dir):

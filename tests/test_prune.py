@@ -11,6 +11,7 @@ import tf_keras
 from kftune import dataset, models
 from kftune import prune as pr
 from kftune.errors import InputError
+from pipelines import local_runner
 
 
 @tf_keras.saving.register_keras_serializable(package="kftune_test")
@@ -39,7 +40,9 @@ def validation_accuracy(model, folder) -> float:
 
 @pytest.fixture(scope="module")
 def prune_once(digits_dir, trained_model_dir, tmp_path_factory):
-    """Runs each distinct configuration once for the whole module; returns (report, output folder)."""
+    """Runs each distinct configuration once for the whole module; returns (report, output folder).
+
+    ``run.lines[fields]`` keeps the progress lines each configuration printed."""
     done = {}
 
     def run(**fields):
@@ -47,9 +50,11 @@ def prune_once(digits_dir, trained_model_dir, tmp_path_factory):
         if key not in done:
             out = tmp_path_factory.mktemp("pruned")
             config = pr.PruneConfig(prune_epochs=1, prune_learning_rate=1e-3, **fields)
-            done[key] = pr.prune(digits_dir, trained_model_dir, config, out, progress=lambda _: None, verbose=0), out
+            lines = run.lines.setdefault(key, [])
+            done[key] = pr.prune(digits_dir, trained_model_dir, config, out, progress=lines.append, verbose=0), out
         return done[key]
 
+    run.lines = {}
     return run
 
 
@@ -176,6 +181,9 @@ def test_budget_search_bisects_and_keeps_the_highest_sparsity_within_the_budget(
     saved = json.loads((out / models.META_FILE).read_text())["hyperparameters"]["prune"]
     assert saved["target_sparsity"] == report.target_sparsity
     assert report.metrics()["within_budget"] == 1.0
+    # Each level tried is one headline line under the prune task in `kftune run-local`'s console.
+    lines = prune_once.lines[(("prune_max_accuracy_drop", 0.03), ("prune_sparsity_levels", "0.99,0.5,0.8,0.3"))]
+    assert len([line for line in lines if local_runner._ECHO.match(line)]) == len(tried), lines
 
 
 def test_2_by_4_leaves_layers_whose_input_axis_is_no_multiple_of_4_dense_and_says_so(prune_once):

@@ -149,6 +149,18 @@ def test_a_subclassed_model_is_refused_in_one_line():
         structured.shrink(net, 0.5)
 
 
+def test_structured_pruning_that_would_shrink_nothing_stops_before_training(digits_dir, trained_model_dir, tmp_path):
+    # A classifier whose only layer with a kernel is its output, which is never shrunk.
+    config = pr.PruneConfig(prune_method="structured", prune_epochs=1)
+    model, meta = models.load(trained_model_dir)
+    models.save(k.Sequential([k.Input(model.input_shape[1:]), k.layers.Flatten(),
+                              k.layers.Dense(10, activation="softmax", name="predictions")]), tmp_path / "tiny", meta)
+    with pytest.raises(InputError, match=r"structured pruning finds no layer it can shrink .*predictions: .*output.*"
+                                         r"prune_layer_types \(Conv2D,Dense\), or use prune_method=magnitude"):
+        pr.prune(digits_dir, tmp_path / "tiny", config, tmp_path / "out", progress=lambda _: None, verbose=0)
+    assert not (tmp_path / "out").exists()
+
+
 def test_prune_structured_hands_on_a_smaller_faster_dense_model_and_its_int8_file(digits_dir, trained_model_dir, tmp_path):
     config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_learning_rate=1e-3,
                             prune_quantize="int8")

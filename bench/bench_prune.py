@@ -11,7 +11,9 @@ ways with kftune.prune, each also quantized to full int8 TFLite:
 * tfmot's tutorial recipe: ConstantSparsity(0.5), 2 epochs at 1e-3 (frequency 10, not
   100: 2 epochs here are 80 steps);
 * kftune magnitude pruning with its defaults and a 1-point accuracy budget
-  (bisection over the sparsity ladder), of every layer and of the Dense layers only;
+  (bisection over the sparsity ladder): with its default global allocation (one
+  magnitude threshold over all layers), and with every layer to the same sparsity
+  (uniform, tfmot's way) beside it;
 * kftune structured pruning (prune_method=structured) with the same budget
   over the share of filters and units removed.
 
@@ -140,24 +142,25 @@ def sweep(data_dir: Path, dense_dir: Path, seed: int) -> None:
 
 
 def sweep_end(data_dir: Path, dense_dir: Path) -> None:
-    """Points lost by magnitude pruning (8 epochs) at 85% and 90% when pruning ends at the last step of training,
-    at 3/4 or at 1/2 of it (the rest trains on at the target sparsity), over 4 seeds of the pruning run."""
+    """Points lost by magnitude pruning (8 epochs) at 85% and 90%, over 4 seeds of the pruning run: every layer
+    to the target (uniform) with pruning ending at the last step, at 3/4 or at 1/2 of training (the rest trains
+    on at the target sparsity), and one global magnitude threshold (the default)."""
     steps = math.ceil(dataset.DatasetInfo.load(data_dir).splits["train"] / 32) * 8
     rows = []
     for level in (0.85, 0.9):
-        for share in (1.0, 0.75, 0.5):
+        for allocation, share in (("uniform", 1.0), ("uniform", 0.75), ("uniform", 0.5), ("global", 1.0)):
             drops = []
             for seed in (1, 2, 3, 4):
                 config = pr.PruneConfig(target_sparsity=level, prune_epochs=8, prune_quantize="", seed=seed,
-                                        prune_end_step=int(steps * share) // 10 * 10)
+                                        prune_allocation=allocation, prune_end_step=int(steps * share) // 10 * 10)
                 with tempfile.TemporaryDirectory() as out:
                     result = pr.prune(data_dir, dense_dir, config, out, progress=lambda _: None, verbose=0)
                 drops.append((result.before["accuracy"] - result.after["accuracy"]) * 100)
-            rows.append([f"{level:.0%}", f"{share:g}", " ".join(f"{d:+.2f}" for d in drops),
+            rows.append([f"{level:.0%}", allocation, f"{share:g}", " ".join(f"{d:+.2f}" for d in drops),
                          f"{np.mean(drops):+.2f}"])
             print(" | ".join(rows[-1]), flush=True)
-    print(report.markdown_table(["sparsity", "pruning ends at (share of training)", "points lost, seeds 1-4",
-                                 "mean"], rows))
+    print(report.markdown_table(["sparsity", "allocation", "pruning ends at (share of training)",
+                                 "points lost, seeds 1-4", "mean"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             ("kftune magnitude, 1-point budget", "magnitude", pr.PruneConfig(
                 prune_max_accuracy_drop=0.01, prune_quantize="int8", seed=args.seed,
                 **({"prune_sparsity_levels": "0.8,0.9"} if args.quick else {}), **quick)),
-            # The Dense layers hold 93% of small_cnn's weights: prune them harder, leave the small convolutions dense.
-            ("kftune magnitude (Dense layers), 1-point budget", "magnitude_dense", pr.PruneConfig(
-                prune_layer_types="Dense", prune_max_accuracy_drop=0.01, prune_quantize="int8", seed=args.seed,
-                prune_sparsity_levels="0.8,0.9" if args.quick else "0.8,0.85,0.9,0.93,0.95,0.97", **quick)),
+            # tfmot's way of sharing the target: every layer to the same sparsity.
+            ("kftune magnitude, uniform allocation, 1-point budget", "magnitude_uniform", pr.PruneConfig(
+                prune_allocation="uniform", prune_max_accuracy_drop=0.01, prune_quantize="int8", seed=args.seed,
+                **({"prune_sparsity_levels": "0.8,0.9"} if args.quick else {}), **quick)),
             ("kftune structured, 1-point budget", "structured", pr.PruneConfig(
                 prune_method="structured", prune_max_accuracy_drop=0.01, prune_quantize="int8", seed=args.seed,
                 prune_sparsity_levels="0.5,0.6" if args.quick else "0.5,0.6,0.7,0.75,0.8", **quick)),
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             # row is the tutorial's own step, ConstantSparsity(0.5) on them. Masks update every step: a few
             # hundred photos make only a few dozen steps.
             runs = [(title, key, dataclasses.replace(config, prune_layer_types="Dense", prune_frequency=1))
-                    for title, key, config in runs if key != "magnitude_dense"]
+                    for title, key, config in runs if key != "magnitude_uniform"]
         dense_model = models.load(tmp / "dense")[0]
         results = {"dense": measured_keras(dense_model, tmp / "dense", x_val, y_val, x_test, y_test)}
         quantize.quantize(dense_model, ["int8"], tmp / "dense", dataset.load_split(data, "validation"))
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     s, si = results["structured"], results["structured int8"]
     checks = []
-    for key in ("magnitude", "magnitude_dense"):
+    # The targets are for what kftune does by default; the uniform row is there to compare.
+    for key in ("magnitude",):
         m, mi = results[key], results[f"{key} int8"]
         checks += [
             (f"{key}: {drop(key):.2f} points lost (<= 1), gzip {dense['gzip'] / m['gzip']:.2f}x (>= 4x)",
@@ -265,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     print(f"\nTensorFlow {version('tensorflow')}, tensorflow-model-optimization "
           f"{version('tensorflow-model-optimization')}, {platform.machine()}, {time.time() - started:.0f} s")
-    # A target is met when one of kftune's magnitude configurations meets it.
-    magnitude_met = [any(checks[i + j][1] for j in (0, 2)) for i in (0, 1)]
-    return 0 if all(magnitude_met) and all(ok for _, ok in checks[4:]) else 1
+    return 0 if all(ok for _, ok in checks) else 1
 
 
 if __name__ == "__main__":

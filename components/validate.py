@@ -54,6 +54,7 @@ def validate(
     prune_end_step: int,
     prune_frequency: int,
     prune_layer_types: str,
+    prune_allocation: str,
     prune_m_by_n: str,
     prune_learning_rate: float,
     prune_quantize: str,

@@ -45,7 +45,7 @@ STAGES: dict[str, tuple[type, tuple[str, ...]]] = {
                                   "backbone_input_size", "patience", "checkpoint_uri")),
     "prune": (PruneConfig, ("prune_method", "target_sparsity", "prune_schedule", "prune_initial_sparsity", "prune_epochs",
                             "prune_begin_step", "prune_end_step", "prune_frequency", "prune_layer_types",
-                            "prune_m_by_n", "prune_learning_rate", "prune_quantize", "prune_max_accuracy_drop",
+                            "prune_allocation", "prune_m_by_n", "prune_learning_rate", "prune_quantize", "prune_max_accuracy_drop",
                             "prune_sparsity_levels")),
     "gate": (GateConfig, ("min_accuracy", "max_accuracy_drop", "max_size_bytes")),
     "export": (ExportConfig, ("export_destination", "export_version")),

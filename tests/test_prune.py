@@ -58,8 +58,11 @@ def prune_once(digits_dir, trained_model_dir, tmp_path_factory):
     return run
 
 
-CONSTANT_80 = {"target_sparsity": 0.8, "prune_schedule": "constant", "prune_quantize": "dynamic,int8"}
-POLYNOMIAL_60 = {"target_sparsity": 0.6, "prune_schedule": "polynomial", "prune_initial_sparsity": 0.1, "prune_frequency": 5}
+# Every layer to the target (tfmot's own way), so that each layer's sparsity can be checked against it.
+CONSTANT_80 = {"target_sparsity": 0.8, "prune_schedule": "constant", "prune_quantize": "dynamic,int8",
+               "prune_allocation": "uniform"}
+POLYNOMIAL_60 = {"target_sparsity": 0.6, "prune_schedule": "polynomial", "prune_initial_sparsity": 0.1, "prune_frequency": 5,
+                 "prune_allocation": "uniform"}
 
 
 @pytest.mark.parametrize("fields", [CONSTANT_80, POLYNOMIAL_60], ids=["constant", "polynomial"])
@@ -74,6 +77,20 @@ def test_both_schedules_reach_the_target_on_the_stripped_weights(prune_once, fie
         assert report.sparsity[name] == pytest.approx(value)
     assert abs(report.sparsity["overall"] - fields["target_sparsity"]) <= 0.01
     assert meta.stage == "pruned" and meta.hyperparameters["prune"]["prune_schedule"] == fields["prune_schedule"]
+
+
+def test_global_allocation_prunes_the_large_layer_harder_and_reaches_the_target_overall(prune_once, trained_model_dir):
+    report, out = prune_once(target_sparsity=0.8)  # prune_allocation="global", the default
+    measured = kernel_sparsity(models.load(out)[0])
+    # One threshold: the 80% quantile of every kernel weight's magnitude in the model before pruning.
+    dense, _ = models.load(trained_model_dir)
+    kernels = {name: np.abs(dense.get_layer(name).kernel.numpy()) for name in measured}
+    threshold = np.quantile(np.concatenate([k.ravel() for k in kernels.values()]), 0.8)
+    for name, kernel in kernels.items():
+        assert abs(measured[name] - np.mean(kernel <= threshold)) <= 0.01, (name, measured)
+    assert measured["dense"] > 0.8 > measured["conv0"], measured  # the Flatten->Dense layer holds most weights
+    assert abs(report.sparsity["overall"] - 0.8) <= 0.01
+    assert report.layer_patterns["dense"] == f"polynomial {measured['dense']:.0%} (global threshold)"
 
 
 def test_report_tells_sizes_and_accuracy_as_measured(prune_once, trained_model_dir, digits_dir):
@@ -145,7 +162,7 @@ def test_tflite_dynamic_and_int8_are_exported_and_measured(prune_once, digits_di
 
 
 def test_only_the_chosen_layer_types_are_pruned(prune_once):
-    report, out = prune_once(target_sparsity=0.7, prune_layer_types="Dense")
+    report, out = prune_once(target_sparsity=0.7, prune_layer_types="Dense", prune_allocation="uniform")
     measured = kernel_sparsity(models.load(out)[0])
     assert measured["conv0"] < 0.01 and measured["conv1"] < 0.01
     assert abs(measured["dense"] - 0.7) <= 0.01 and abs(measured["predictions"] - 0.7) <= 0.01
@@ -176,8 +193,7 @@ def test_budget_search_bisects_and_keeps_the_highest_sparsity_within_the_budget(
     assert kept["accuracy_drop"] <= 0.03
     assert report.before["accuracy"] - report.after["accuracy"] == pytest.approx(kept["accuracy_drop"], abs=1e-6)
     assert report.within_budget is True
-    measured = kernel_sparsity(models.load(out)[0])
-    assert all(abs(v - report.target_sparsity) <= 0.01 for v in measured.values()), measured
+    assert abs(report.sparsity["overall"] - report.target_sparsity) <= 0.01, report.sparsity
     saved = json.loads((out / models.META_FILE).read_text())["hyperparameters"]["prune"]
     assert saved["target_sparsity"] == report.target_sparsity
     assert report.metrics()["within_budget"] == 1.0
@@ -219,6 +235,7 @@ def test_budget_search_says_so_when_no_level_fits(prune_once):
     ({"prune_max_accuracy_drop": 0.01, "prune_sparsity_levels": "0.5,1.2"}, "`prune_sparsity_levels` must be in [0, 1). Received: 1.2"),
     ({"prune_max_accuracy_drop": 0.01, "prune_sparsity_levels": "half"}, "`prune_sparsity_levels` must be comma-separated numbers"),
     ({"prune_m_by_n": "2:4", "target_sparsity": 0.8}, "set target_sparsity=0.5"),
+    ({"prune_allocation": "layerwise"}, "`prune_allocation` must be one of ('global', 'uniform'). Received: prune_allocation='layerwise'"),
     ({"prune_m_by_n": "2:4", "prune_method": "structured"}, "`prune_m_by_n` is a magnitude-pruning pattern"),
     ({"prune_method": "channels"}, "`prune_method` must be one of ('magnitude', 'structured'). Received: prune_method='channels'"),
     ({"prune_begin_step": 20, "prune_end_step": 10}, "`prune_end_step` must be after `prune_begin_step`"),

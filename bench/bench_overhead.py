@@ -11,11 +11,10 @@ executor calling the component; the imports the component's body makes
 body is called, so that the body then finds them loaded); and the body itself,
 which is the step's own work, local artifact reads and writes included (on a
 cluster the launcher's downloads and uploads come on top). The task's wall time
-is kfp.local's (from its "Executing task" to its "finished" log line); what is
-left of it after the three is kfp.local's own bookkeeping and the process exit.
-For tasks that run at once under one name (the search workers), kfp.local's log
-cannot tell them apart, so their task time is the sum of their processes' spans,
-start to the body's end. The hook imports TensorFlow for every component, so
+is the run-local console's (from kfp.local handing the task to its runner to the
+task's end); what is left of it after the three is kfp.local's own bookkeeping
+and the process exit. Tasks that run at once under one name (the search
+workers) are summed, as their processes' times are. The hook imports TensorFlow for every component, so
 validate's row counts TensorFlow's import although its own body does not need it.
 """
 
@@ -41,9 +40,10 @@ HOOK = textwrap.dedent('''
         from kfp.dsl import executor
 
         def _process_start():
+            # Measured back from now through /proc/uptime (10 ms steps): /proc/stat's boot time is whole seconds.
             ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-            boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-            return boot + ticks / os.sysconf("SC_CLK_TCK")
+            uptime = float(open("/proc/uptime").read().split()[0])
+            return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
         _execute = executor.Executor.execute
 
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
         sys.path.insert(0, str(ROOT))
         from pipelines import cli, local_runner
 
-        # The console run_local prints through also times every task (parallel runs of one task count once).
+        # The console run_local prints through also times every task.
         seen, console = [], local_runner.console
 
         @contextlib.contextmanager
@@ -109,7 +109,8 @@ def main(argv: list[str]) -> None:
         _, table = cli.run_local(arguments, Path(tmp, "runs"))
         wall = time.time() - started
         local_runner.console = console
-        task_seconds = seen[0].seconds
+        # Summed over a component's tasks, as its processes' times are: two search workers side by side count twice.
+        task_seconds = {name: sum(end - start for start, end in spans) for name, spans in seen[0].spans.items()}
         records = [json.loads(line) for line in times_file.read_text().splitlines()]
 
     print(table)

@@ -57,15 +57,20 @@ def sparsity(model) -> dict[str, float]:
     """
     per_layer, zeros, total = {}, 0, 0
     for layer in leaf_layers(model):
-        kernels = [w for w in layer.weights if "kernel" in w.name and "bias" not in w.name]
-        if not kernels:
+        values = kernel_values(layer)
+        if values is None:
             continue
-        values = np.concatenate([w.numpy().ravel() for w in kernels])
         per_layer[layer.name] = float(np.mean(values == 0))
         zeros += int(np.sum(values == 0))
         total += values.size
     per_layer["overall"] = zeros / total if total else 0.0
     return per_layer
+
+
+def kernel_values(layer) -> np.ndarray | None:
+    """All of ``layer``'s kernel weights, flattened (what magnitude pruning prunes); None for a layer without."""
+    kernels = [w for w in layer.weights if "kernel" in w.name and "bias" not in w.name]
+    return np.concatenate([w.numpy().ravel() for w in kernels]) if kernels else None
 
 
 def leaf_layers(model):

@@ -76,11 +76,13 @@ class PruneConfig:
         prune_layer_types: Comma-separated Keras layer class names to prune
             (``Conv2D,Dense``); empty prunes every prunable layer.
         prune_allocation: How magnitude pruning shares ``target_sparsity`` among
-            the layers: ``global`` (one magnitude threshold over all their kernels,
-            taken before pruning: large, redundant layers lose more weights, small
-            ones fewer, and together they reach the target; recovers best in the
-            measurements) or ``uniform`` (every layer to the target, as tfmot's
-            tutorial does). An m:n pattern is per layer and ignores it.
+            the layers: ``global`` (one magnitude threshold over the kernels of the
+            Conv2D and Dense layers that no BatchNormalization follows, taken before
+            pruning: large, redundant layers lose more weights, small ones fewer,
+            and together they reach the target; every other pruned layer goes to
+            the target; recovers best in the measurements) or ``uniform`` (every
+            layer to the target, as tfmot's tutorial does). An m:n pattern is per
+            layer and ignores it.
         prune_m_by_n: ``2:4`` for M-by-N sparsity (tfmot's sparsity_m_by_n),
             which some hardware accelerates; empty for none. It zeroes exactly 2 of
             every 4 weights along a kernel's input axis, so it needs
@@ -417,6 +419,26 @@ def _m_by_n_misfit(layer) -> str | None:
 MAX_LAYER_SPARSITY = 0.99
 
 
+def _comparable(model, layers) -> list:
+    """The layers whose kernel magnitudes one global threshold may compare.
+
+    Conv2D and Dense, whose one pruned weight is their kernel, and only where no
+    BatchNormalization reads their output: a normalized layer's scale is arbitrary
+    (its kernel can shrink tenfold and compute the same), so its magnitudes say
+    nothing against another layer's. The others are pruned to the target each,
+    so that all together still reach it.
+    """
+    k = models.keras()
+    try:
+        readers = structured.consumers(model)
+    except InputError:
+        return []  # a subclassed model: no graph to read (tfmot's clone refuses it anyway)
+    names = {layer.name: type(layer).__name__ for layer in model.layers}
+    return [layer for layer in layers
+            if type(layer) in (k.layers.Conv2D, k.layers.Dense)
+            and not any(names.get(reader) == "BatchNormalization" for reader in readers.get(layer.name, []))]
+
+
 def global_shares(layers, target: float) -> dict[str, float]:
     """Each layer's sparsity under one magnitude threshold across the kernels of ``layers``.
 
@@ -428,9 +450,7 @@ def global_shares(layers, target: float) -> dict[str, float]:
     """
     import numpy as np
 
-    kernels = {layer.name: np.abs(np.concatenate([w.numpy().ravel() for w in layer.weights
-                                                  if "kernel" in w.name and "bias" not in w.name]))
-               for layer in layers if any("kernel" in w.name and "bias" not in w.name for w in layer.weights)}
+    kernels = {layer.name: np.abs(values) for layer in layers if (values := measure.kernel_values(layer)) is not None}
     if not kernels:
         return {}
     threshold = np.quantile(np.concatenate(list(kernels.values())), target)
@@ -469,7 +489,8 @@ def _wrap(model, config: PruneConfig, end: int, patterns: dict[str, str] | None 
 
     shares = {}
     if config.prune_allocation == "global" and not config.prune_m_by_n:
-        shares = global_shares([layer for layer in model.layers if left_whole(layer) is None], config.target_sparsity)
+        shares = global_shares(_comparable(model, [layer for layer in model.layers if left_whole(layer) is None]),
+                               config.target_sparsity)
 
     def clone(layer):
         reason = left_whole(layer)

@@ -100,6 +100,11 @@ def _graph(model) -> _Graph:
     return _Graph(config, entries, list(entries), consumers, outputs, shared)
 
 
+def consumers(model) -> dict[str, list[str]]:
+    """The layers that read each top-level layer's output, by name (Sequential or functional)."""
+    return _graph(model).consumers
+
+
 def _sources(node) -> list[str]:
     """The layer names a config node reads (tf-keras' ``[[name, node, tensor, kwargs], ...]``)."""
     return [item[0] for item in node if isinstance(item, list | tuple) and item and isinstance(item[0], str)]

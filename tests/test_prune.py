@@ -93,6 +93,26 @@ def test_global_allocation_prunes_the_large_layer_harder_and_reaches_the_target_
     assert report.layer_patterns["dense"] == f"polynomial {measured['dense']:.0%} (global threshold)"
 
 
+def test_global_allocation_leaves_a_batch_normalized_layer_at_the_target(digits_dir, tmp_path):
+    # A kernel followed by BatchNormalization can be any scale, so its magnitudes are not compared with
+    # other layers' (they would send a whole convolution to 99%): it is pruned to the target like tfmot does.
+    info = dataset.DatasetInfo.load(digits_dir)
+    inputs = tf_keras.Input(shape=info.shape)
+    x = tf_keras.layers.Conv2D(8, 3, name="conv")(tf_keras.layers.Rescaling(1 / 255)(inputs))
+    x = tf_keras.layers.ReLU()(tf_keras.layers.BatchNormalization(name="norm")(x))
+    x = tf_keras.layers.Dense(32, activation="relu", name="dense")(tf_keras.layers.Flatten()(x))
+    outputs = tf_keras.layers.Dense(info.num_classes, activation="softmax", name="predictions")(x)
+    folder = models.save(models.compile_model(tf_keras.Model(inputs, outputs), info.num_classes), tmp_path / "model",
+                         models.ModelMeta("custom", info.class_names, list(info.shape), {"batch_size": 32}))
+    report = pr.prune(digits_dir, folder, pr.PruneConfig(target_sparsity=0.8, prune_epochs=1, prune_quantize=""),
+                      tmp_path / "out", progress=lambda _: None, verbose=0)
+    assert report.layer_patterns["conv"] == "polynomial 80%"
+    assert abs(report.sparsity["conv"] - 0.8) <= 0.01
+    assert report.layer_patterns["dense"].endswith("(global threshold)")
+    assert report.layer_patterns["predictions"].endswith("(global threshold)")
+    assert abs(report.sparsity["overall"] - 0.8) <= 0.01
+
+
 def test_report_tells_sizes_and_accuracy_as_measured(prune_once, trained_model_dir, digits_dir):
     report, out = prune_once(**CONSTANT_80)
     dense_file, pruned_file = (trained_model_dir / models.MODEL_FILE).read_bytes(), (out / models.MODEL_FILE).read_bytes()

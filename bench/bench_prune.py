@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             results[key] = measured_keras(model, out, x_val, y_val, x_test, y_test)
             results[f"{key} int8"] = measured_tflite(out / quantize.file_name("int8"), model.count_params(),
                                                      x_val, y_val, x_test, y_test)
-        time_all(results, rounds=1 if args.quick else 3)
+        time_all(results, rounds=1 if args.quick else 5)
 
     dense = results["dense"]
     rows = [[names[key], f"{v['val']:.4f}", f"{v['test']:.4f}", v["parameters"], v["raw"], v["gzip"],

@@ -96,9 +96,12 @@ class KerasRunner:
 
         self.model, self.path = model, Path(path) if path is not None else None
         # Traced once, for any batch size: scoring's batches, its shorter last batch and the latency
-        # batches (1, 32) all take the one graph instead of a trace each.
+        # batches (1, 32) all take the one graph instead of a trace each. The concrete function is
+        # what a server calls (a SavedModel signature); calling it skips tf.function's argument
+        # matching, about 0.3 ms a call, which would otherwise be most of a small model's latency.
         signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)]
-        self._infer = tf.function(lambda x: model(x, training=False), input_signature=signature)
+        self._function = tf.function(lambda x: model(x, training=False), input_signature=signature)
+        self._infer = self._function.get_concrete_function()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         import tensorflow as tf

@@ -519,7 +519,28 @@ def _wrap(model, config: PruneConfig, end: int, patterns: dict[str, str] | None 
                 "tfmot's PrunableLayer interface (get_prunable_weights)."
             ) from e
 
-    return k.models.clone_model(model, clone_function=clone)
+    pruned = k.models.clone_model(model, clone_function=clone)
+    _name_what_tfmot_leaves(pruned, patterns)
+    return pruned
+
+
+def _name_what_tfmot_leaves(pruned, patterns: dict[str, str]) -> None:
+    """Corrects ``patterns`` where tfmot wrapped a layer but prunes less of it than its kernels.
+
+    tfmot 0.8.1 wraps a DepthwiseConv2D and prunes none of its weights, and prunes only a
+    SeparableConv2D's pointwise kernel; the report must not claim the schedule for them.
+    """
+    for wrapper in pruned.layers:
+        layer = getattr(wrapper, "layer", None)
+        if not hasattr(wrapper, "pruning_vars") or layer is None or layer.name not in patterns:
+            continue
+        pruned_names = {weight.name for weight, _, _ in wrapper.pruning_vars}
+        left = [w.name.rsplit("/", 1)[-1].split(":")[0] for w in layer.weights
+                if "kernel" in w.name and "bias" not in w.name and w.name not in pruned_names]
+        if not pruned_names:
+            patterns[layer.name] = f"not pruned: tfmot prunes no weight of a {type(layer).__name__}"
+        elif left:
+            patterns[layer.name] += f"; {', '.join(left)} left dense (tfmot prunes only the rest)"
 
 
 def _tflite_kernel_shape(layer) -> tuple | None:

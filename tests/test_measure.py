@@ -65,7 +65,7 @@ def test_the_keras_runner_traces_once_for_every_batch_size(trained_model_dir, di
         np.testing.assert_allclose(runner.predict(images[:batch]), model(images[:batch].astype("float32")).numpy(),
                                    rtol=1e-5, atol=1e-6)
     measure.latency_ms(runner, images, batch_size=3)
-    assert runner._infer.experimental_get_tracing_count() == 1
+    assert runner._function.experimental_get_tracing_count() == 1
 
 
 def test_evaluate_streamed_equals_evaluate_in_memory(trained_model_dir, digits_dir, small_batches):

@@ -113,6 +113,32 @@ def test_global_allocation_leaves_a_batch_normalized_layer_at_the_target(digits_
     assert abs(report.sparsity["overall"] - 0.8) <= 0.01
 
 
+def test_the_report_names_what_tfmot_leaves_dense(digits_dir, tmp_path):
+    # tfmot 0.8.1 wraps a DepthwiseConv2D yet prunes none of its weights, and prunes only a SeparableConv2D's
+    # pointwise kernel: the pattern column says so instead of claiming the schedule, as the sparsity shows.
+    info = dataset.DatasetInfo.load(digits_dir)
+    inputs = tf_keras.Input(shape=info.shape)
+    x = tf_keras.layers.Conv2D(8, 3, activation="relu", name="conv")(tf_keras.layers.Rescaling(1 / 255)(inputs))
+    x = tf_keras.layers.DepthwiseConv2D(3, activation="relu", name="depthwise")(x)
+    x = tf_keras.layers.SeparableConv2D(16, 3, activation="relu", name="separable")(x)
+    x = tf_keras.layers.GlobalAveragePooling2D()(x)
+    outputs = tf_keras.layers.Dense(info.num_classes, activation="softmax", name="predictions")(x)
+    folder = models.save(models.compile_model(tf_keras.Model(inputs, outputs), info.num_classes), tmp_path / "model",
+                         models.ModelMeta("custom", info.class_names, list(info.shape), {"batch_size": 32}))
+    report = pr.prune(digits_dir, folder, pr.PruneConfig(target_sparsity=0.8, prune_allocation="uniform",
+                                                         prune_epochs=1, prune_quantize=""),
+                      tmp_path / "out", progress=lambda _: None, verbose=0)
+    assert report.layer_patterns["depthwise"] == "not pruned: tfmot prunes no weight of a DepthwiseConv2D"
+    assert report.sparsity["depthwise"] == 0
+    assert report.layer_patterns["separable"] == (
+        "polynomial 80%; depthwise_kernel left dense (tfmot prunes only the rest)")
+    pruned, _ = models.load(tmp_path / "out")
+    separable = pruned.get_layer("separable")
+    assert abs(np.mean(separable.pointwise_kernel.numpy() == 0) - 0.8) <= 0.01
+    assert np.mean(separable.depthwise_kernel.numpy() == 0) == 0
+    assert report.layer_patterns["conv"] == "polynomial 80%"
+
+
 def test_report_tells_sizes_and_accuracy_as_measured(prune_once, trained_model_dir, digits_dir):
     report, out = prune_once(**CONSTANT_80)
     dense_file, pruned_file = (trained_model_dir / models.MODEL_FILE).read_bytes(), (out / models.MODEL_FILE).read_bytes()

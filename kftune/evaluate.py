@@ -116,21 +116,14 @@ def _test_data(dataset_dir, split: str, model_path: Path, meta: models.ModelMeta
 
 
 def _evaluation(name: str, class_names: list[str], runner, data) -> Evaluation:
-    """Scores ``runner`` on ``data`` with :func:`kftune.measure.score`, the way every step measures."""
-    result = measure.score(runner, data)
-    size = runner.size()
+    """Measures ``runner`` on ``data`` with :func:`kftune.measure.measured`, the way every step measures."""
+    result, figures = measure.measured(runner, data)
     return Evaluation(
         name=name,
-        loss=result.loss,
         class_names=list(class_names),
-        size_bytes=size.raw_bytes,
-        gzip_bytes=size.gzip_bytes,
-        parameters=runner.parameters(),
-        latency_ms_batch1=result.latency_ms[1],
-        latency_ms_batch32=result.latency_ms[32],
         examples=int(len(result.labels)),
         model_file=runner.path.name,
-        **scores(result.labels, result.outputs, class_names),
+        **{**figures, **scores(result.labels, result.outputs, class_names)},
     )
 
 

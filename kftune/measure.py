@@ -2,9 +2,10 @@
 
 Every step that measures a model (prune before and after, the TFLite files,
 evaluate's candidates) does it the same way: a runner, :class:`KerasRunner` or
-:class:`TFLiteRunner`, answers ``predict`` (one batch), ``latency_ms``,
-``size`` and ``parameters``, and :func:`score` streams a split through it in
-batches, so that memory holds one batch of images however large the split.
+:class:`TFLiteRunner`, answers ``predict`` (one batch), ``size`` and
+``parameters``; :func:`latency_ms` times its ``predict``; :func:`score` streams
+a split through it in batches, so that memory holds one batch of images however
+large the split; and :func:`measured` gives the figures every report shows.
 
 A pruned model is exactly as large on disk as the dense one: pruning sets
 weights to zero but keeps them. The saving appears once the file is compressed
@@ -267,3 +268,20 @@ def score(runner, data, *, latency_batch_sizes=LATENCY_BATCH_SIZES) -> Scores:
         loss=float(-np.mean(np.log(probabilities[np.arange(len(labels)), labels]))),
         latency_ms={size: latency_ms(runner, sample, batch_size=size) for size in latency_batch_sizes},
     )
+
+
+def measured(runner, data, *, latency_batch_sizes=LATENCY_BATCH_SIZES) -> tuple[Scores, dict[str, float]]:
+    """:func:`score`, and the figures every step reports of a model, named as the Run UI shows them.
+
+    The figures: ``accuracy`` and ``loss``; for a runner with a file (``runner.path``), also
+    ``size_bytes``, ``gzip_bytes``, ``parameters`` and ``latency_ms_batch<N>`` for each of
+    ``latency_batch_sizes`` (a model not saved yet is only scored).
+    """
+    saved = runner.path is not None
+    result = score(runner, data, latency_batch_sizes=latency_batch_sizes if saved else ())
+    figures = {"accuracy": result.accuracy, "loss": result.loss}
+    if saved:
+        size = runner.size()
+        figures.update(size_bytes=size.raw_bytes, gzip_bytes=size.gzip_bytes, parameters=runner.parameters(),
+                       **{f"latency_ms_batch{batch}": ms for batch, ms in result.latency_ms.items()})
+    return result, figures

@@ -213,8 +213,8 @@ class PruneReport:
     """What pruning gained and lost, measured on the validation split.
 
     Attributes:
-        before: The dense model: accuracy, loss, size_bytes, gzip_bytes, parameters, latency_ms
-            (batch 1) and latency_ms_b32 (batch 32).
+        before: The dense model: accuracy, loss, size_bytes, gzip_bytes, parameters,
+            latency_ms_batch1 and latency_ms_batch32 (:func:`kftune.measure.measured`).
         after: The same for the pruned, stripped (or, structured, rebuilt) model.
         sparsity: Share of zeros per layer kernel of the stripped model, and ``overall``.
         history: Training history of the kept pruning run.
@@ -222,7 +222,7 @@ class PruneReport:
         attempts: One entry per level pruned to, in the order tried: sparsity, accuracy, accuracy_drop,
             within_budget.
         max_accuracy_drop: The accuracy budget; 0 when there was no search.
-        tflite: Per quantization mode: file, accuracy, loss, size_bytes, gzip_bytes, latency_ms, and
+        tflite: Per quantization mode: file, the same figures as ``before``, and
             float_kernels (the kernels the converter left in float32).
         method: The prune_method.
         layer_patterns: Per layer with weights, what it got: ``2:4``, a sparsity, ``structured: 64 -> 32
@@ -292,10 +292,10 @@ class PruneReport:
 
     @staticmethod
     def _row(values: dict, dense: dict) -> list:
-        return [values["accuracy"], values["loss"], values.get("parameters", ""), values["size_bytes"],
+        return [values["accuracy"], values["loss"], values["parameters"], values["size_bytes"],
                 values["gzip_bytes"], f"{dense['size_bytes'] / values['size_bytes']:.2f}x",
-                f"{dense['gzip_bytes'] / values['gzip_bytes']:.2f}x", values["latency_ms"],
-                values.get("latency_ms_b32", "")]
+                f"{dense['gzip_bytes'] / values['gzip_bytes']:.2f}x", values["latency_ms_batch1"],
+                values["latency_ms_batch32"]]
 
     def _notes(self) -> list[str]:
         if self.method == "structured":
@@ -303,8 +303,8 @@ class PruneReport:
                 f"Structured pruning removed whole filters and units: the Keras file is an ordinary dense model of "
                 f"{self.after['parameters']} parameters against {self.before['parameters']} "
                 f"({self.before['size_bytes'] / self.after['size_bytes']:.2f}x smaller raw, no sparse runtime needed), "
-                f"and runs at {self.after['latency_ms_b32']:.3g} ms per batch of 32 against "
-                f"{self.before['latency_ms_b32']:.3g}. Layers left whole are named in the per-layer table."]
+                f"and runs at {self.after['latency_ms_batch32']:.3g} ms per batch of 32 against "
+                f"{self.before['latency_ms_batch32']:.3g}. Layers left whole are named in the per-layer table."]
         else:
             notes = [self._magnitude_note()]
         for mode, values in self.tflite.items():
@@ -572,17 +572,8 @@ def float_kernels(model, path: str | Path) -> list[str]:
 
 
 def _measured(model, data, path: Path | None = None) -> dict:
-    """Validation accuracy and loss of ``model`` (streamed, as every step measures); with the saved
-    file ``path``, also its sizes, parameters and latency at batch 1 and 32."""
-    runner = measure.KerasRunner(model, path)
-    result = measure.score(runner, data, latency_batch_sizes=(1, 32) if path else ())
-    scores = {"loss": result.loss, "accuracy": result.accuracy}
-    if path is None:
-        return scores
-    size = runner.size()
-    return {**scores, "size_bytes": size.raw_bytes, "gzip_bytes": size.gzip_bytes,
-            "parameters": runner.parameters(),
-            "latency_ms": result.latency_ms[1], "latency_ms_b32": result.latency_ms[32]}
+    """Validation figures of ``model`` (:func:`kftune.measure.measured`); sizes and latency only with its file ``path``."""
+    return measure.measured(measure.KerasRunner(model, path), data)[1]
 
 
 @dataclasses.dataclass

@@ -73,15 +73,11 @@ def convert(model, mode: str, representative=None) -> bytes:
 
 
 def evaluate(path: str | Path, data) -> dict:
-    """Accuracy, loss, sizes and latency (batch 1) of a ``.tflite`` file on ``data``, streamed.
+    """The figures of :func:`kftune.measure.measured` for a ``.tflite`` file on ``data``, streamed.
 
     ``data`` is a ``tf.data.Dataset`` of single (image, label) pairs.
     """
-    runner = measure.TFLiteRunner(path)
-    result = measure.score(runner, data, latency_batch_sizes=(1,))
-    size = runner.size()
-    return {"accuracy": result.accuracy, "loss": result.loss, "size_bytes": size.raw_bytes,
-            "gzip_bytes": size.gzip_bytes, "latency_ms": result.latency_ms[1]}
+    return measure.measured(measure.TFLiteRunner(path), data)[1]
 
 
 def quantize(model, modes: list[str], output_dir: str | Path, data) -> dict[str, dict]:

@@ -153,7 +153,7 @@ def test_report_tells_sizes_and_accuracy_as_measured(prune_once, trained_model_d
     assert report.before["accuracy"] == pytest.approx(validation_accuracy(dense, digits_dir), abs=1e-6)
     assert report.after["accuracy"] == pytest.approx(validation_accuracy(pruned, digits_dir), abs=1e-6)
     for values in (report.before, report.after):
-        assert values["loss"] > 0 and values["latency_ms"] > 0
+        assert values["loss"] > 0 and values["latency_ms_batch1"] > 0 and values["latency_ms_batch32"] > 0
     metrics = report.metrics()
     assert metrics["gzip_ratio"] == pytest.approx(report.before["gzip_bytes"] / report.after["gzip_bytes"])
     assert metrics["accuracy_drop"] == pytest.approx(report.before["accuracy"] - report.after["accuracy"])
@@ -353,8 +353,8 @@ def test_component_writes_metrics_and_reports(tmp_path, digits_dir, trained_mode
     assert metrics["after_size_bytes"] == metrics["before_size_bytes"]
     assert metrics["after_gzip_bytes"] < metrics["before_gzip_bytes"]
     assert 0 < metrics["tflite_int8_accuracy"] <= 1 and metrics["tflite_int8_gzip_bytes"] < metrics["after_gzip_bytes"]
-    assert {"before_accuracy", "after_accuracy", "before_loss", "after_loss", "before_latency_ms",
-            "after_latency_ms"} <= set(metrics)
+    assert {"before_accuracy", "after_accuracy", "before_loss", "after_loss", "before_latency_ms_batch1",
+            "after_latency_ms_batch32", "tflite_int8_latency_ms_batch32"} <= set(metrics)
     assert artifacts["pruned"].metadata["tflite"] == ["model_int8.tflite"]
     assert (tmp_path / "pruned" / "model_int8.tflite").exists() and models.load(tmp_path / "pruned")[1].stage == "pruned"
     html = (tmp_path / "report.html").read_text()

@@ -61,7 +61,7 @@ def _test_accuracy(data: Path, values: dict, config: search.SearchConfig, weight
     info = dataset.DatasetInfo.load(data)
     model = search.build_for_trial(values, info, config)
     model.load_weights(weights)
-    return float(model.evaluate(dataset.batches(dataset.load_split(data, "test"), 256), verbose=0)[1])
+    return float(model.evaluate(dataset.batches(dataset.load_split(data, "test")), verbose=0)[1])
 
 
 def run_search(data: Path, config: search.SearchConfig, cache: dict) -> dict:
@@ -223,7 +223,7 @@ def _test_accuracy_of_saved(data: Path, folder: Path) -> float:
 
     model, meta = models.load(folder)
     models.compile_model(model, len(meta.class_names))
-    return float(model.evaluate(dataset.batches(dataset.load_split(data, "test"), 256), verbose=0)[1])
+    return float(model.evaluate(dataset.batches(dataset.load_split(data, "test")), verbose=0)[1])
 
 
 def parallel_wall_times(trials: int, epochs: int) -> str:

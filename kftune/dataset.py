@@ -504,17 +504,20 @@ def load_arrays(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]
 # 0.8 MB, while at 224x224 RGB the budget allows 27, so that the float copy and a backbone's
 # activations for one batch stay in the hundreds of MB instead of growing to several GB.
 EVAL_BATCH_BYTES = 4 * 2**20
+# Images per evaluation batch where EVAL_BATCH_BYTES allows: it changes no number, only memory.
+EVAL_BATCH = 256
 
 
-def eval_batch_size(image_shape, largest: int = 256) -> int:
+def eval_batch_size(image_shape, largest: int = EVAL_BATCH) -> int:
     """Images per evaluation batch for images of ``image_shape``: at most ``largest``, within EVAL_BATCH_BYTES."""
     return int(max(1, min(largest, EVAL_BATCH_BYTES // max(int(np.prod(image_shape)), 1))))
 
 
-def batches(data, batch_size: int):
+def batches(data, batch_size: int = EVAL_BATCH):
     """Batches a (image, label) ``tf.data.Dataset`` for evaluation, unshuffled and never augmented.
 
-    ``batch_size`` is cut to fit EVAL_BATCH_BYTES (it changes no score, only memory).
+    ``batch_size`` (EVAL_BATCH unless a test needs small batches) is cut to fit EVAL_BATCH_BYTES
+    (it changes no score, only memory).
     Training data goes through :func:`kftune.augment.training_batches` instead.
     """
     import tensorflow as tf

@@ -29,9 +29,6 @@ from kftune import dataset, models, storage, training
 from kftune.augment import AugmentSpec, training_batches
 from kftune.errors import InputError, check_numbers, check_whole_numbers
 
-# Batch size of validation passes: it changes no number, only how much is in memory at once.
-EVAL_BATCH = 256
-
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
@@ -227,7 +224,7 @@ def finetune(
         spec = AugmentSpec.from_dict(info.augment) if info.augment else None
         # Both splits stream from the shards: memory does not grow with the dataset.
         train = training_batches(dataset.load_split(dataset_dir, "train"), spec, batch_size, config.seed)
-        val = dataset.batches(dataset.load_split(dataset_dir, "validation"), EVAL_BATCH)
+        val = dataset.batches(dataset.load_split(dataset_dir, "validation"))
         callbacks = [k.callbacks.EarlyStopping("val_accuracy", patience=config.patience, restore_best_weights=True)]
         if tensorboard_dir:
             callbacks.append(k.callbacks.TensorBoard(str(tensorboard_dir)))

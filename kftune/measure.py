@@ -28,8 +28,6 @@ import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import dataset, models
 from kftune.errors import InputError
 
-# Images per scoring batch: at most this many, and within dataset.EVAL_BATCH_BYTES.
-SCORE_BATCH_MAX = 256
 LATENCY_BATCH_SIZES = (1, 32)
 
 
@@ -251,7 +249,7 @@ def score(runner, data, *, latency_batch_sizes=LATENCY_BATCH_SIZES) -> Scores:
     """
 
     outputs, labels, sample = [], [], None
-    for images, batch_labels in dataset.batches(data, SCORE_BATCH_MAX).as_numpy_iterator():
+    for images, batch_labels in dataset.batches(data).as_numpy_iterator():
         if sample is None:
             sample = images[: max(latency_batch_sizes, default=1)].copy()
         outputs.append(runner.predict(images))

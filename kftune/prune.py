@@ -612,7 +612,7 @@ class _Run:
         train = training_batches(dataset.load_split(self.dataset_dir, "train"), spec, self.batch_size, config.seed)
         history = pruned.fit(
             train,
-            validation_data=dataset.batches(self.validation, measure.SCORE_BATCH_MAX),
+            validation_data=dataset.batches(self.validation),
             epochs=config.prune_epochs,
             callbacks=callbacks,
             verbose=self.verbose,

@@ -48,8 +48,6 @@ RESULT_FILE = "result.json"
 WEIGHTS_FILE = "fold0.weights.h5"
 # The fit that trains a k-fold winner once more on the whole training split.
 REFIT = "refit"
-# Batch size of validation passes: it changes no number, only how much is in memory at once.
-EVAL_BATCH = 256
 # Upper bounds that catch a typo (max_trials=100000) before it books GPUs for days.
 MAX_TRIALS, MAX_PARALLEL = 10_000, 64
 
@@ -571,7 +569,7 @@ def run_trial(
                 train_data, val_data = _trial_data(dataset_dir, in_validation)
                 history = training.fit(
                     model, name, training_batches(train_data, spec, batch_size, config.seed + fold), trial_dir,
-                    epochs=epochs, validation=dataset.batches(val_data, EVAL_BATCH), initial_epoch=initial_epoch,
+                    epochs=epochs, validation=dataset.batches(val_data), initial_epoch=initial_epoch,
                     # Only a trial without folds hands its weights on (to save_best_model, a Hyperband child).
                     keep_weights=config.folds == 1, after_epoch=after_epoch, verbose=verbose,
                 )

@@ -105,7 +105,7 @@ def test_each_algorithm_runs_real_trials(algorithm, digits_dir, tmp_path):
     # The objective is the score of the model handed on: its accuracy on the validation split.
     model, _ = models.load(tmp_path / "best")
     models.compile_model(model, 10)
-    _, accuracy = model.evaluate(dataset.batches(dataset.load_split(digits_dir, "validation"), 256), verbose=0)
+    _, accuracy = model.evaluate(dataset.batches(dataset.load_split(digits_dir, "validation")), verbose=0)
     assert accuracy == pytest.approx(winner.objective, abs=1e-6)
 
 

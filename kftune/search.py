@@ -477,20 +477,23 @@ def _fold_masks(labels, k: int, seed: int, class_names: list[str]):
 
 
 def _trial_data(dataset_dir, in_validation):
-    """(train, validation) examples of one fold, streamed from the shards rather than held in memory.
+    """(train, validation) examples of one fold, as every epoch reads them (:func:`kftune.dataset.for_epochs`).
 
     ``in_validation`` is None without folds (the dataset's own validation
     split), else a mask over the training split picking the fold's validation set.
     """
     import tensorflow as tf
 
+    info = dataset.DatasetInfo.load(dataset_dir)
     if in_validation is None:
-        return dataset.load_split(dataset_dir, "train"), dataset.load_split(dataset_dir, "validation")
+        return tuple(dataset.for_epochs(dataset.load_split(dataset_dir, split), info, info.splits[split])
+                     for split in ("train", "validation"))
     mask = tf.constant(in_validation)
     numbered = dataset.load_split(dataset_dir, "train").enumerate()
 
     def members(validation: bool):
-        return numbered.filter(lambda i, _: tf.equal(tf.gather(mask, i), validation)).map(lambda _, xy: xy)
+        chosen = numbered.filter(lambda i, _: tf.equal(tf.gather(mask, i), validation)).map(lambda _, xy: xy)
+        return dataset.for_epochs(chosen, info, int((in_validation == validation).sum()))
 
     return members(False), members(True)
 
@@ -739,9 +742,9 @@ def save_best_model(dataset_dir: str | Path, config: SearchConfig, output_dir: s
             batch_size = int(winner.values.get("batch_size", config.batch_size))
             # Resumable like a trial, in the winner's folder: a retried step picks the refit up where it stopped.
             own = storage.mirror(trial_uri(root, winner.trial_id))
+            train = dataset.for_epochs(dataset.load_split(dataset_dir, "train"), info, info.splits["train"])
             with own as trial_dir:
-                training.fit(model, REFIT, training_batches(dataset.load_split(dataset_dir, "train"), spec, batch_size,
-                                                            config.seed), trial_dir,
+                training.fit(model, REFIT, training_batches(train, spec, batch_size, config.seed), trial_dir,
                              epochs=config.trial_epochs, after_epoch=own.sync, verbose=verbose)
     hyper = {"batch_size": config.batch_size, "learning_rate": config.learning_rate, **winner.values}
     models.save(

@@ -141,3 +141,22 @@ def test_info_json_round_trips(digits_dir):
     info = dataset.DatasetInfo.load(digits_dir)
     assert json.loads((Path(digits_dir) / "info.json").read_text())["fingerprint"] == info.fingerprint
     assert info.fingerprint == dataset.fingerprint(digits_dir)
+
+
+@pytest.mark.parametrize("budget, cached", [(dataset.EPOCH_CACHE_BYTES, True), (0, False)])
+def test_a_small_split_is_read_from_the_shards_once_and_a_large_one_every_epoch(digits_dir, tmp_path, monkeypatch,
+                                                                                 budget, cached):
+    import shutil
+
+    folder = tmp_path / "digits"
+    shutil.copytree(digits_dir, folder)
+    info = dataset.DatasetInfo.load(folder)
+    monkeypatch.setattr(dataset, "EPOCH_CACHE_BYTES", budget)
+    data = dataset.for_epochs(dataset.load_split(folder, "validation"), info, info.splits["validation"])
+    first = [(image.tobytes(), int(label)) for image, label in data.as_numpy_iterator()]
+    assert len(first) == info.splits["validation"]
+    for shard in folder.glob("validation-*.tfrecord"):
+        shard.write_bytes(b"")  # a later epoch that reads the shards again finds them empty
+    again = [(image.tobytes(), int(label)) for image, label in data.as_numpy_iterator()]
+    # Cached: the same examples in the same order; streamed: the shards are read again, as for a large split.
+    assert again == first if cached else again == []

@@ -24,6 +24,7 @@ validation and test hold 539 images each (twice the default split's).
 
     nice -n 10 .venv/bin/python bench/bench_search.py [--quick] [--cache FILE]
     nice -n 10 .venv/bin/python bench/bench_search.py --parallel-only
+    .venv/bin/python bench/bench_search.py --worker-only      # trials in the worker's trial process, and not
 """
 
 import argparse
@@ -251,6 +252,24 @@ def parallel_wall_times(trials: int, epochs: int) -> str:
         ["workers", "trials", "wall s", "speed-up"], rows)
 
 
+def worker_overhead(data: Path, workdir: Path) -> str:
+    """The tutorial's grid (folds=3) through one pipeline worker: trials in its trial process, and in its own."""
+    rows = []
+    for in_child, title in ((True, "in the worker's trial process (the pipeline's way)"),
+                            (False, "in the worker's own process")):
+        config = search.SearchConfig(search_algorithm="grid", max_trials=9, parallel_trials=1,
+                                     trial_epochs=TUTORIAL_EPOCHS, folds=TUTORIAL_FOLDS,
+                                     model="bench_search:tutorial_mlp", search_space=TUTORIAL_SPACE,
+                                     search_state_uri=str(workdir / f"worker-{in_child}"))
+        started = time.perf_counter()
+        ran = search.work(data, config, in_child=in_child, progress=lambda _: None)
+        wall = time.perf_counter() - started
+        rows.append([title, len(ran), f"{sum(r.seconds for r in ran):.1f}", f"{wall:.1f}"])
+    rows.append(["trial process: wall / own process", "", "", f"{float(rows[0][3]) / float(rows[1][3]):.2f}x"])
+    return "### One worker's trials\n\n" + report.markdown_table(
+        ["trials run", "trials", "seconds in trials", "wall s"], rows)
+
+
 def _digits(folder: Path) -> Path:
     """The bundled digits at 16 x 16, split 40/30/30: 719 training, 539 validation and 539 test images."""
     dataset.ingest(dataset.IngestConfig(image_size=16, validation_fraction=0.3, test_fraction=0.3), folder,
@@ -266,6 +285,8 @@ def main() -> int:
                         "results, read and written, so that a rerun trains only what is new")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="the seeds of each algorithm's searches (default 0,1,2,3,4)")
     parser.add_argument("--parallel-only", action="store_true", help="only the parallel trial tasks measurement")
+    parser.add_argument("--worker-only", action="store_true",
+                        help="only the tutorial's grid through one search worker, trials in its trial process and not")
     parser.add_argument("--tutorial-only", action="store_true",
                         help="only the tutorial's recipe (GridSearchCV over scikeras, which it needs) beside kftune's")
     args = parser.parse_args()
@@ -275,6 +296,10 @@ def main() -> int:
     if args.tutorial_only:
         with tempfile.TemporaryDirectory() as tmp:
             print(tutorial_recipe(_digits(Path(tmp, "digits")), Path(tmp)))
+        return 0
+    if args.worker_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(worker_overhead(_digits(Path(tmp, "digits")), Path(tmp)))
         return 0
     cache = json.loads(args.cache.read_text()) if args.cache and args.cache.exists() else {}
     if args.quick:

@@ -191,7 +191,7 @@ def measure(data: Path, n: int, meter: Meter, workdir: Path) -> dict:
                                  search_state_uri=f"gs://{BUCKET}/state-{n}")
     meter.reset()
     started = time.perf_counter()
-    search.work(data, config, fresh_process=False, progress=lambda _: None)
+    search.work(data, config, in_child=False, progress=lambda _: None)
     before = meter.proxy.total()
     winner, _ = search.save_best_model(data, config, workdir / f"model-{n}")
     result = meter.proxy.total() - before

@@ -2,7 +2,7 @@
 
 The pipeline runs ``search_worker`` once per index in ``parallel_trials``
 (one ParallelFor, each worker a pod with a GPU on a cluster); each worker asks
-the oracle for a trial, trains it in a fresh process, tells the result, and
+the oracle for a trial, trains it in its trial process, tells the result, and
 goes on until ``max_trials`` are done, so no GPU waits for a round's slowest
 trial. ``search_result`` then writes the winner. The oracle's state lives at
 ``search_state_uri``: a rerun (or a retried worker) resumes from it.

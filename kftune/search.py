@@ -624,23 +624,91 @@ def told(state_uri: str | Path) -> list[TrialResult]:
         return results(oracle_dir)
 
 
-def _trial_in_child(dataset_dir: str | Path, trial: dict, config: SearchConfig) -> TrialResult:
-    """Runs one trial in a fresh Python process, so that no trial inherits another's memory or graph."""
-    import subprocess
-    import sys
-    import tempfile
+# A worker's trials run in one child process, not in the worker's own: a trial that crashes the
+# process (out of memory, a native fault) ends only that process. It is replaced after a trial that
+# failed (which may leave the GPU's memory fragmented) and after this many trials (TensorFlow keeps
+# a little of every model a process built). Starting a process costs seconds (TensorFlow's import,
+# its first trace; CUDA's start on a GPU): a process per trial was 54 s of a 94 s, 9-trial search.
+TRIALS_PER_PROCESS = 16
 
-    with tempfile.TemporaryDirectory() as work:
-        out, err = Path(work, "result.json"), Path(work, "error.txt")
-        args = [sys.executable, "-m", "kftune.search", str(dataset_dir), json.dumps(trial),
-                json.dumps(dataclasses.asdict(config)), str(out), str(err)]
-        code = subprocess.run(args, check=False).returncode
-        if err.exists():
-            raise InputError(err.read_text())
-        if out.exists():
-            return TrialResult.from_json(out.read_text())
-        return TrialResult(trial["trial_id"], own_values(trial["values"]), status="FAILED",
-                           error=f"the trial's process ended with exit code {code} (killed, or out of memory?)")
+
+class TrialProcess:
+    """Runs a worker's trials, one at a time, in a child process it replaces when needed.
+
+    The child is ``python -m kftune.search FD``: it reads one trial a line on stdin and
+    writes each result as a line to descriptor FD, so that its stdout and stderr (Keras'
+    epoch lines) stay the worker's log. A child that ends mid-trial leaves the pipe closed.
+    """
+
+    def __init__(self):
+        self._child, self._results, self._ran = None, None, 0
+
+    def run(self, dataset_dir: str | Path, trial: dict, config: SearchConfig) -> TrialResult:
+        import os
+        import subprocess
+        import sys
+
+        if self._child is None:
+            read, write = os.pipe()
+            self._child = subprocess.Popen([sys.executable, "-m", "kftune.search", str(write)], stdin=subprocess.PIPE,
+                                           pass_fds=(write,), text=True)
+            os.close(write)
+            self._results, self._ran = os.fdopen(read), 0
+        # sys.path too: the child imports the user's model module wherever the worker finds it.
+        request = {"dataset_dir": str(dataset_dir), "trial": trial, "config": dataclasses.asdict(config),
+                   "sys_path": sys.path}
+        try:
+            self._child.stdin.write(json.dumps(request) + "\n")
+            self._child.stdin.flush()
+            line = self._results.readline()
+        except BrokenPipeError:
+            line = ""
+        self._ran += 1
+        if not line:
+            code = self.close()
+            return TrialResult(trial["trial_id"], own_values(trial["values"]), status="FAILED",
+                               error=f"the trial's process ended with exit code {code} before the trial did "
+                                     "(killed, or out of memory?)")
+        answer = json.loads(line)
+        if "input_error" in answer:
+            self.close()
+            raise InputError(answer["input_error"])
+        result = TrialResult.from_json(answer["result"])
+        if result.status == "FAILED" or self._ran >= TRIALS_PER_PROCESS:
+            self.close()
+        return result
+
+    def close(self) -> int | None:
+        """Ends the child (it exits when its stdin closes); returns its exit code."""
+        if self._child is None:
+            return None
+        try:
+            self._child.stdin.close()
+        except BrokenPipeError:
+            pass
+        code = self._child.wait()
+        self._results.close()
+        self._child = self._results = None
+        return code
+
+
+def _serve(results_fd: int) -> int:
+    """The child of :class:`TrialProcess`: one trial a line on stdin, one result a line to ``results_fd``."""
+    import os
+    import sys
+
+    with os.fdopen(results_fd, "w") as results_out:
+        for line in sys.stdin:
+            request = json.loads(line)
+            sys.path[:0] = [entry for entry in request["sys_path"] if entry not in sys.path]
+            try:
+                result = run_stored_trial(request["dataset_dir"], request["trial"], SearchConfig(**request["config"]))
+                answer = {"result": result.to_json()}
+            except InputError as e:
+                answer = {"input_error": str(e)}
+            results_out.write(json.dumps(answer) + "\n")
+            results_out.flush()
+    return 0
 
 
 def work(
@@ -648,7 +716,7 @@ def work(
     config: SearchConfig,
     worker: int = 0,
     *,
-    fresh_process: bool = True,
+    in_child: bool = True,
     progress: Callable[[str], None] = print,
     poll: float = 1.0,
 ) -> list[TrialResult]:
@@ -658,43 +726,49 @@ def work(
     (they take turns at the oracle through a lock), each in its own pod; the
     search ends when every worker has stopped. A worker that is restarted
     (a preempted pod, a retried task) resumes its unfinished trial from its last
-    epoch. Returns the trials this worker ran.
+    epoch. Trials run in a child process (:class:`TrialProcess`) unless ``in_child``
+    is False. Returns the trials this worker ran.
     """
     if not config.search_state_uri:
         raise InputError("`search_state_uri` is empty: give a folder or gs:// prefix that outlives the run.")
     name, ran, idle_since, wait = f"worker{worker}", [], None, poll
     if worker == 0 and (note := config.partial_grid()):
         progress(note)
-    while True:
-        with oracle_turn(config.search_state_uri) as oracle_dir:
-            status, trial = ask(config, oracle_dir, name)
-        if status == STOPPED:
-            break
-        if status == IDLE:
-            idle_since = idle_since or time.monotonic()
-            if time.monotonic() - idle_since > IDLE_TIMEOUT_S:
-                raise StorageError(f"search worker {worker} waited {IDLE_TIMEOUT_S:.0f} s for other workers' trials "
-                                   f"at `{config.search_state_uri}`: a worker stopped without finishing. Rerun the "
-                                   "pipeline with the same search_state_uri to resume.")
-            # Each ask is an oracle turn (the lock, a listing, the oracle's files): ask less often the longer
-            # the other workers' trials take.
-            time.sleep(wait)
-            wait = min(wait * 1.5, 30.0)
-            continue
-        idle_since, wait = None, poll
-        progress(f"search: worker {worker} trains trial {trial['trial_id']} {json.dumps(own_values(trial['values']))}")
-        if fresh_process:
-            result = _trial_in_child(dataset_dir, trial, config)
-        else:
-            result = run_stored_trial(dataset_dir, trial, config, verbose=0)
-        with oracle_turn(config.search_state_uri) as oracle_dir:
-            tell(config, oracle_dir, [result])
-            told = len(results(oracle_dir))
-        ran.append(result)
-        # Hyperband's brackets, not max_trials, set how many trials it runs.
-        budget = "" if config.search_algorithm == "hyperband" else f" of {config.max_trials}"
-        progress(f"search: trial {result.trial_id} {result.describe()} ({told}{budget} told)")
-    return ran
+    processes = TrialProcess() if in_child else None
+    try:
+        while True:
+            with oracle_turn(config.search_state_uri) as oracle_dir:
+                status, trial = ask(config, oracle_dir, name)
+            if status == STOPPED:
+                return ran
+            if status == IDLE:
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > IDLE_TIMEOUT_S:
+                    raise StorageError(f"search worker {worker} waited {IDLE_TIMEOUT_S:.0f} s for other workers' "
+                                       f"trials at `{config.search_state_uri}`: a worker stopped without finishing. "
+                                       "Rerun the pipeline with the same search_state_uri to resume.")
+                # Each ask is an oracle turn (the lock, a listing, the oracle's files): ask less often the longer
+                # the other workers' trials take.
+                time.sleep(wait)
+                wait = min(wait * 1.5, 30.0)
+                continue
+            idle_since, wait = None, poll
+            progress(f"search: worker {worker} trains trial {trial['trial_id']} "
+                     f"{json.dumps(own_values(trial['values']))}")
+            if processes is not None:
+                result = processes.run(dataset_dir, trial, config)
+            else:
+                result = run_stored_trial(dataset_dir, trial, config, verbose=0)
+            with oracle_turn(config.search_state_uri) as oracle_dir:
+                tell(config, oracle_dir, [result])
+                told = len(results(oracle_dir))
+            ran.append(result)
+            # Hyperband's brackets, not max_trials, set how many trials it runs.
+            budget = "" if config.search_algorithm == "hyperband" else f" of {config.max_trials}"
+            progress(f"search: trial {result.trial_id} {result.describe()} ({told}{budget} told)")
+    finally:
+        if processes is not None:
+            processes.close()
 
 
 def search(
@@ -704,7 +778,7 @@ def search(
     progress: Callable[[str], None] = print,
 ) -> TrialResult:
     """Runs a whole search in this process, one trial at a time, and returns the best trial."""
-    work(dataset_dir, config, fresh_process=False, progress=progress)
+    work(dataset_dir, config, in_child=False, progress=progress)
     with search_state.opened(config.search_state_uri, write=False) as oracle_dir:
         return best(oracle_dir)
 
@@ -756,20 +830,6 @@ def save_best_model(dataset_dir: str | Path, config: SearchConfig, output_dir: s
     return winner, trials
 
 
-def _main(argv: list[str]) -> int:
-    """One trial in a child process of a worker: ``python -m kftune.search DATASET TRIAL CONFIG OUT ERR``."""
-    dataset_dir, trial, config, out, err = argv
-    config_ = SearchConfig(**json.loads(config))
-    try:
-        result = run_stored_trial(dataset_dir, json.loads(trial), config_)
-    except InputError as e:
-        Path(err).write_text(str(e))
-        return 2
-    Path(out).write_text(result.to_json())
-    return 0
-
-
-
 def trials_markdown(config: SearchConfig, winner: TrialResult, trials: list[TrialResult]) -> str:
     """The trials table of the search result's Markdown artifact."""
     from kftune import report
@@ -805,4 +865,4 @@ def trials_figure(trials: list[TrialResult]) -> str:
 if __name__ == "__main__":
     import sys
 
-    sys.exit(_main(sys.argv[1:]))
+    sys.exit(_serve(int(sys.argv[1])))

@@ -1,6 +1,7 @@
 """Search: the YAML space, keras-tuner's oracles driving real trials, resume after a kill."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -150,6 +151,45 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(digits_dir, tmp_pat
     assert best.values["dense_units"] == 32
 
 
+def test_trials_share_a_child_process_and_one_that_kills_it_is_recorded_and_replaced(digits_dir, tmp_path,
+                                                                                    monkeypatch):
+    # A worker's trials run in one child process (its start-up, seconds of TensorFlow, is paid once), not in
+    # the worker's own: a trial that ends it (here SIGKILL, as the kernel's OOM killer sends) is a FAILED
+    # trial, the next trial gets a new process, and the search goes on.
+    (tmp_path / "killer.py").write_text(textwrap.dedent(f"""
+        import os, signal
+        from kftune.models import small_cnn
+        def build(input_shape, num_classes, dense_units=32, **kw):
+            with open({str(tmp_path / "pids")!r}, "a") as f:
+                f.write(f"{{dense_units}} {{os.getpid()}}\\n")
+            if dense_units == 13:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return small_cnn(input_shape, num_classes, dense_units=dense_units)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = search.SearchConfig(search_algorithm="grid", max_trials=4, trial_epochs=1, model="killer:build",
+                                 search_space="dense_units: {type: choice, values: [32, 16, 13, 8]}",
+                                 search_state_uri=str(tmp_path / "state"))
+    ran = search.work(digits_dir, config, progress=lambda _: None)
+    assert [r.values["dense_units"] for r in ran] == [32, 16, 13, 8]
+    statuses = {r.values["dense_units"]: r for r in search.told(tmp_path / "state")}
+    assert statuses[13].status == "FAILED" and "process ended" in statuses[13].error
+    assert all(statuses[units].status == "COMPLETED" for units in (32, 16, 8)), statuses
+    pids = dict(line.split() for line in (tmp_path / "pids").read_text().splitlines())
+    assert pids["32"] == pids["16"] == pids["13"] != pids["8"]
+    assert str(os.getpid()) not in pids.values()
+
+
+def test_a_bad_input_found_in_the_trials_process_ends_the_worker_with_its_line(tmp_path):
+    # The user's mistake is not a failed trial to record nine times: it comes back as the one InputError line.
+    config = search.SearchConfig(search_algorithm="grid", max_trials=1, trial_epochs=1,
+                                 search_space="dense_units: {type: choice, values: [8]}",
+                                 search_state_uri=str(tmp_path / "state"))
+    (tmp_path / "not_a_dataset").mkdir()
+    with pytest.raises(InputError, match="not_a_dataset"):
+        search.work(tmp_path / "not_a_dataset", config, progress=lambda _: None)
+
+
 def test_a_killed_search_resumes_without_losing_or_repeating_trials(digits_dir, tmp_path):
     state = tmp_path / "state"
     config = search.SearchConfig(search_algorithm="random", max_trials=3, trial_epochs=2, search_space=SPACE,
@@ -207,7 +247,7 @@ def test_a_killed_trial_resumes_from_its_last_finished_epoch(digits_dir, tmp_pat
 def _worker_script(digits_dir, config, worker: int) -> str:
     return textwrap.dedent(f"""
         from kftune import search
-        search.work({str(digits_dir)!r}, search.SearchConfig(**{config.__dict__!r}), {worker}, fresh_process=False,
+        search.work({str(digits_dir)!r}, search.SearchConfig(**{config.__dict__!r}), {worker}, in_child=False,
                     poll=0.1)
     """)
 
@@ -249,7 +289,7 @@ def test_a_restarted_worker_resumes_its_own_trial_and_no_other(digits_dir, tmp_p
         status, other = search.ask(config, oracle_dir, "worker0")
     assert status == search.RUNNING and other["trial_id"] == "1"
     # The restarted worker (same index, as a retried task) gets trial 0 back and finishes it from its last epoch.
-    ran = search.work(digits_dir, config, 1, fresh_process=False, progress=lambda _: None)
+    ran = search.work(digits_dir, config, 1, in_child=False, progress=lambda _: None)
     assert [r.trial_id for r in ran] == ["0"]
     assert [e["epoch"] for e in json.loads(epoch_log.read_text())] == list(range(6))
 

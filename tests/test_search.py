@@ -133,18 +133,27 @@ def test_k_fold_objective_is_the_mean_of_fold_scores(digits_dir, tmp_path):
         assert score == logged[-1]["val_accuracy"]
 
 
-def test_a_crashing_trial_is_recorded_and_the_search_goes_on(digits_dir, tmp_path, monkeypatch):
-    (tmp_path / "fragile.py").write_text(textwrap.dedent("""
+def _dense_units_model(tmp_path, monkeypatch, name: str, when_13: str, values: list[int]) -> search.SearchConfig:
+    """A grid over ``values`` of dense_units of small_cnn, whose builder runs ``when_13`` (a line) for 13."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+        import os, signal
         from kftune.models import small_cnn
         def build(input_shape, num_classes, dense_units=32, **kw):
+            with open({str(tmp_path / "pids")!r}, "a") as f:
+                f.write(f"{{dense_units}} {{os.getpid()}}\\n")
             if dense_units == 13:
-                raise MemoryError("out of memory (simulated by the user's own code)")
+                {when_13}
             return small_cnn(input_shape, num_classes, dense_units=dense_units)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = search.SearchConfig(search_algorithm="grid", max_trials=2, trial_epochs=1, model="fragile:build",
-                                 search_space="dense_units: {type: choice, values: [13, 32]}",
-                                 search_state_uri=str(tmp_path / "state"))
+    return search.SearchConfig(search_algorithm="grid", max_trials=len(values), trial_epochs=1, model=f"{name}:build",
+                               search_space=f"dense_units: {{type: choice, values: {values}}}",
+                               search_state_uri=str(tmp_path / "state"))
+
+
+def test_a_crashing_trial_is_recorded_and_the_search_goes_on(digits_dir, tmp_path, monkeypatch):
+    config = _dense_units_model(tmp_path, monkeypatch, "fragile",
+                                "raise MemoryError(\"out of memory (simulated by the user's own code)\")", [13, 32])
     best = search.search(digits_dir, config, progress=lambda _: None)
     statuses = {r.values["dense_units"]: r for r in search.told(tmp_path / "state")}
     assert statuses[13].status == "FAILED" and "MemoryError" in statuses[13].error
@@ -156,20 +165,7 @@ def test_trials_share_a_child_process_and_one_that_kills_it_is_recorded_and_repl
     # A worker's trials run in one child process (its start-up, seconds of TensorFlow, is paid once), not in
     # the worker's own: a trial that ends it (here SIGKILL, as the kernel's OOM killer sends) is a FAILED
     # trial, the next trial gets a new process, and the search goes on.
-    (tmp_path / "killer.py").write_text(textwrap.dedent(f"""
-        import os, signal
-        from kftune.models import small_cnn
-        def build(input_shape, num_classes, dense_units=32, **kw):
-            with open({str(tmp_path / "pids")!r}, "a") as f:
-                f.write(f"{{dense_units}} {{os.getpid()}}\\n")
-            if dense_units == 13:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return small_cnn(input_shape, num_classes, dense_units=dense_units)
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = search.SearchConfig(search_algorithm="grid", max_trials=4, trial_epochs=1, model="killer:build",
-                                 search_space="dense_units: {type: choice, values: [32, 16, 13, 8]}",
-                                 search_state_uri=str(tmp_path / "state"))
+    config = _dense_units_model(tmp_path, monkeypatch, "killer", "os.kill(os.getpid(), signal.SIGKILL)", [32, 16, 13, 8])
     ran = search.work(digits_dir, config, progress=lambda _: None)
     assert [r.values["dense_units"] for r in ran] == [32, 16, 13, 8]
     statuses = {r.values["dense_units"]: r for r in search.told(tmp_path / "state")}

@@ -4,8 +4,10 @@
     nice -n 10 .venv/bin/python bench/bench_memory.py --quick    # 60 and 180 images, 96 px: a smoke run
 
 The promise (docs/reliability.md): every step streams its data from disk in
-batches, so peak memory does not grow with the number of images; with ten times
-the images, peak RSS is at most 1.5x, and time grows no faster than the data.
+batches (training keeps what it reads every epoch in memory only up to
+dataset.EPOCH_CACHE_BYTES), so peak memory does not grow with the number of
+images past that; with ten times the images, peak RSS is at most 1.5x, and time
+grows no faster than the data.
 The data are kftune.fixtures' photo-like folders (six classes cut from
 scikit-learn's sample photographs, JPEG and PNG, 224 px), the way a user brings
 photos. Steps, each in a fresh process, as each is its own pod:

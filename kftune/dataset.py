@@ -491,6 +491,12 @@ def for_epochs(data, info: DatasetInfo, images: int):
     return data.cache() if images * int(np.prod(info.shape)) <= EPOCH_CACHE_BYTES else data
 
 
+def epoch_split(folder: str | Path, split: str):
+    """One whole split as training reads it every epoch (:func:`for_epochs` over :func:`load_split`)."""
+    info = DatasetInfo.load(folder)
+    return for_epochs(load_split(folder, split), info, info.splits[split])
+
+
 def load_labels(folder: str | Path, split: str) -> np.ndarray:
     """The labels of one split, in order, without decoding or keeping any image."""
     import tensorflow as tf

@@ -223,9 +223,8 @@ def finetune(
         progress(f"fine-tune: {strategy.num_replicas_in_sync} replica(s), {policy} precision")
         spec = AugmentSpec.from_dict(info.augment) if info.augment else None
         # Both splits are read every epoch: from memory after the first when small, else from the shards.
-        train, val = (dataset.for_epochs(dataset.load_split(dataset_dir, split), info, info.splits[split])
-                      for split in ("train", "validation"))
-        train, val = training_batches(train, spec, batch_size, config.seed), dataset.batches(val)
+        train = training_batches(dataset.epoch_split(dataset_dir, "train"), spec, batch_size, config.seed)
+        val = dataset.batches(dataset.epoch_split(dataset_dir, "validation"))
         callbacks = [k.callbacks.EarlyStopping("val_accuracy", patience=config.patience, restore_best_weights=True)]
         if tensorboard_dir:
             callbacks.append(k.callbacks.TensorBoard(str(tensorboard_dir)))

@@ -609,11 +609,9 @@ class _Run:
         models.compile_model(pruned, self.info.num_classes, learning_rate=config.prune_learning_rate)
         tf.keras.utils.set_random_seed(config.seed)
         spec = AugmentSpec.from_dict(self.info.augment) if self.info.augment else None
-        train, val = (dataset.for_epochs(dataset.load_split(self.dataset_dir, split), self.info, self.info.splits[split])
-                      for split in ("train", "validation"))
         history = pruned.fit(
-            training_batches(train, spec, self.batch_size, config.seed),
-            validation_data=dataset.batches(val),
+            training_batches(dataset.epoch_split(self.dataset_dir, "train"), spec, self.batch_size, config.seed),
+            validation_data=dataset.batches(dataset.epoch_split(self.dataset_dir, "validation")),
             epochs=config.prune_epochs,
             callbacks=callbacks,
             verbose=self.verbose,

@@ -476,7 +476,7 @@ def _fold_masks(labels, k: int, seed: int, class_names: list[str]):
         yield mask
 
 
-def _trial_data(dataset_dir, in_validation):
+def _trial_data(dataset_dir, info: dataset.DatasetInfo, in_validation):
     """(train, validation) examples of one fold, as every epoch reads them (:func:`kftune.dataset.for_epochs`).
 
     ``in_validation`` is None without folds (the dataset's own validation
@@ -484,10 +484,8 @@ def _trial_data(dataset_dir, in_validation):
     """
     import tensorflow as tf
 
-    info = dataset.DatasetInfo.load(dataset_dir)
     if in_validation is None:
-        return tuple(dataset.for_epochs(dataset.load_split(dataset_dir, split), info, info.splits[split])
-                     for split in ("train", "validation"))
+        return dataset.epoch_split(dataset_dir, "train"), dataset.epoch_split(dataset_dir, "validation")
     mask = tf.constant(in_validation)
     numbered = dataset.load_split(dataset_dir, "train").enumerate()
 
@@ -569,7 +567,7 @@ def run_trial(
                 model = build_for_trial(values, info, config)
                 if parent:
                     model.load_weights(parent_weights)
-                train_data, val_data = _trial_data(dataset_dir, in_validation)
+                train_data, val_data = _trial_data(dataset_dir, info, in_validation)
                 history = training.fit(
                     model, name, training_batches(train_data, spec, batch_size, config.seed + fold), trial_dir,
                     epochs=epochs, validation=dataset.batches(val_data), initial_epoch=initial_epoch,
@@ -696,7 +694,18 @@ def _serve(results_fd: int) -> int:
     """The child of :class:`TrialProcess`: one trial a line on stdin, one result a line to ``results_fd``."""
     import os
     import sys
+    import threading
 
+    worker = os.getppid()
+
+    def end_with_the_worker():
+        # A worker killed mid-trial (SIGKILL, no chance to close the pipe) must not leave its trial training
+        # on: the worker started again resumes that trial, and two processes would write its folder.
+        while os.getppid() == worker:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=end_with_the_worker, daemon=True).start()
     with os.fdopen(results_fd, "w") as results_out:
         for line in sys.stdin:
             request = json.loads(line)
@@ -816,7 +825,7 @@ def save_best_model(dataset_dir: str | Path, config: SearchConfig, output_dir: s
             batch_size = int(winner.values.get("batch_size", config.batch_size))
             # Resumable like a trial, in the winner's folder: a retried step picks the refit up where it stopped.
             own = storage.mirror(trial_uri(root, winner.trial_id))
-            train = dataset.for_epochs(dataset.load_split(dataset_dir, "train"), info, info.splits["train"])
+            train = dataset.epoch_split(dataset_dir, "train")
             with own as trial_dir:
                 training.fit(model, REFIT, training_batches(train, spec, batch_size, config.seed), trial_dir,
                              epochs=config.trial_epochs, after_epoch=own.sync, verbose=verbose)

@@ -152,7 +152,7 @@ def test_a_small_split_is_read_from_the_shards_once_and_a_large_one_every_epoch(
     shutil.copytree(digits_dir, folder)
     info = dataset.DatasetInfo.load(folder)
     monkeypatch.setattr(dataset, "EPOCH_CACHE_BYTES", budget)
-    data = dataset.for_epochs(dataset.load_split(folder, "validation"), info, info.splits["validation"])
+    data = dataset.epoch_split(folder, "validation")
     first = [(image.tobytes(), int(label)) for image, label in data.as_numpy_iterator()]
     assert len(first) == info.splits["validation"]
     for shard in folder.glob("validation-*.tfrecord"):

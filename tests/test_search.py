@@ -176,6 +176,40 @@ def test_trials_share_a_child_process_and_one_that_kills_it_is_recorded_and_repl
     assert str(os.getpid()) not in pids.values()
 
 
+def test_a_worker_killed_mid_trial_takes_its_trial_process_with_it(digits_dir, tmp_path, monkeypatch):
+    # SIGKILL gives the worker no chance to close its pipe; an orphaned trial process would train on and
+    # write the trial's folder while the restarted worker resumes the same trial.
+    config = _dense_units_model(tmp_path, monkeypatch, "slow", "pass", [13])
+    config = search.SearchConfig(**{**config.__dict__, "trial_epochs": 10_000})  # minutes: it must be cut short
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from kftune import search
+        search.work({str(digits_dir)!r}, search.SearchConfig(**{config.__dict__!r}), progress=lambda _: None)
+    """)
+    worker = subprocess.Popen([sys.executable, "-c", script])
+    pids, deadline = tmp_path / "pids", time.time() + 120
+    while not pids.exists() and worker.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert pids.exists(), "the trial never started"
+    child = int(pids.read_text().split()[1])
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    deadline = time.time() + 15  # the trial process looks for its worker every second
+    while time.time() < deadline and _state(child) != "Z":
+        time.sleep(0.2)
+    assert _state(child) == "Z", "the trial process trains on without its worker"
+
+
+def _state(pid: int) -> str:
+    """The process's state letter in /proc; Z (a zombie, done) also for a process that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return "Z"
+
+
 def test_a_bad_input_found_in_the_trials_process_ends_the_worker_with_its_line(tmp_path):
     # The user's mistake is not a failed trial to record nine times: it comes back as the one InputError line.
     config = search.SearchConfig(search_algorithm="grid", max_trials=1, trial_epochs=1,

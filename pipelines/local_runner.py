@@ -90,8 +90,10 @@ def _headline(task: Task, outputs: dict) -> str:
         if finals:
             return f"val_accuracy {finals[-1]:.4f} after {task.epochs} epoch(s)"
     if task.name == "prune" and (m := meta("metrics")) and "after_accuracy" in m:
-        return (f"val_accuracy {m['after_accuracy']:.4f}, sparsity {m.get('sparsity', 0):.0%}, "
-                f"gzip {m.get('after_gzip_bytes', 0) / 1024:.0f} KiB")
+        before, after = m.get("before_parameters", 0), m.get("after_parameters", 0)
+        # Structured pruning removes weights instead of zeroing them: its kept model has no zeros to count.
+        shrunk = f"{1 - after / before:.0%} fewer parameters" if 0 < after < before else f"sparsity {m.get('sparsity', 0):.0%}"
+        return f"val_accuracy {m['after_accuracy']:.4f}, {shrunk}, gzip {m.get('after_gzip_bytes', 0) / 1024:.0f} KiB"
     if task.name == "evaluate" and (m := meta("chosen")):
         verdict = "passes the gate" if m.get("passed") else "fails the gate"
         return (f"chosen {m.get('candidate')}: accuracy {m.get('accuracy', 0):.4f}, "

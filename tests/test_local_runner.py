@@ -140,3 +140,18 @@ def test_cli_conventions(argv, code, stream, text):
     assert done.returncode == code, done.stderr
     assert text in getattr(done, f"std{stream}")
     assert "``" not in done.stdout and ":func:" not in done.stdout  # plain text, no reST markup
+
+
+def test_the_prune_headline_says_what_each_method_took_away(tmp_path):
+    # Structured pruning's kept model has no zeros (whole filters are gone): "sparsity 0%" would tell a
+    # user that nothing happened. Its headline counts the parameters removed; magnitude pruning's, the zeros.
+    from types import SimpleNamespace
+
+    task = local_runner.Task(name="prune", label="prune", log=tmp_path / "prune.log", started=0.0)
+    structured = {"after_accuracy": 0.96, "sparsity": 0.0, "before_parameters": 282250, "after_parameters": 25332,
+                  "after_gzip_bytes": 97 * 1024}
+    magnitude = {**structured, "sparsity": 0.95, "after_parameters": 282250}
+    assert local_runner._headline(task, {"metrics": SimpleNamespace(metadata=structured)}) == (
+        "val_accuracy 0.9600, 91% fewer parameters, gzip 97 KiB")
+    assert local_runner._headline(task, {"metrics": SimpleNamespace(metadata=magnitude)}) == (
+        "val_accuracy 0.9600, sparsity 95%, gzip 97 KiB")

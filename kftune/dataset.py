@@ -320,11 +320,30 @@ def _to_image(item, config: IngestConfig):
         if image.shape[-1] != config.channels:
             image = image[..., :1]
             image = tf.image.grayscale_to_rgb(image) if config.channels == 3 else image
-    size = (config.image_size, config.image_size)
-    if tuple(image.shape[:2]) != size:
-        image = tf.image.resize(image, size, method="bilinear", antialias=True)
-        image = tf.clip_by_value(tf.round(image), 0, 255)
-    return tf.cast(image, tf.uint8).numpy()
+    return to_size(image, config.image_size).numpy()
+
+
+def to_size(image, image_size: int):
+    """An HxWxC image as uint8 ``image_size`` x ``image_size``: the one resize every image a model sees goes through.
+
+    Ingest calls it on each image before training; the exported model's serving
+    signatures call it inside their graph (kftune.serving), so a photo sent to a
+    server is resized exactly as the training images were. An image already at
+    the size is only cast: resizing it would round its pixels once more.
+    """
+    import tensorflow as tf
+
+    def resized():
+        image_f = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(image_f), 0, 255), tf.uint8)
+
+    shape = tf.shape(image)
+    if isinstance(image, tf.Tensor) and not tf.executing_eagerly():
+        same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
+        return tf.cond(same, lambda: tf.cast(image, tf.uint8), resized)
+    if tuple(int(d) for d in shape[:2]) == (image_size, image_size):
+        return tf.cast(image, tf.uint8)
+    return resized()
 
 
 def _example(image: np.ndarray, label: int) -> bytes:

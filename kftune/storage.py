@@ -802,3 +802,140 @@ class mirror:  # noqa: N801 - used as a context manager
         finally:
             self._tmp.cleanup()
         return False
+
+
+# ---------------------------------------------------------------- a model base: numbered versions
+
+
+def children(uri: str) -> list[str]:
+    """The names of the folders directly under ``uri`` (on GCS: the prefixes one ``/`` below it), sorted.
+
+    A missing location has none. On GCS a folder exists while any object under
+    it does: this is what a model server polling ``uri`` sees.
+    """
+    if not is_gcs(uri):
+        root = Path(uri)
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    bucket_name, prefix = parse_gcs(uri)
+    bucket = _bucket(bucket_name)
+    base = f"{prefix}/" if prefix else ""
+    with _requests_for(uri):
+        pages = bucket.list_blobs(prefix=base, delimiter="/", **_calls()).pages
+        names = {p[len(base):].rstrip("/") for page in pages for p in page.prefixes}
+    return sorted(names)
+
+
+def create_new(uri: str, data: bytes) -> bool:
+    """Stores ``data`` at ``uri`` only where nothing is: True if it is now there, False if someone else's is.
+
+    The one atomic "claim" kftune needs on both back ends: locally an
+    exclusive create (``O_EXCL``, atomic on POSIX file systems and NFSv3+), on
+    GCS an upload with ``if_generation_match=0``, which GCS refuses when the
+    object exists. A retry that meets its own earlier write (same bytes) counts
+    as created, so a write whose answer was lost is not taken for a rival's.
+    """
+    if not is_gcs(uri):
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return path.read_bytes() == data
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    bucket_name, name = parse_gcs(uri)
+    blob = _blob(_bucket(bucket_name), name)
+    existing = read_bytes(uri)  # the emulator ignores preconditions: this check is what refuses there
+    if existing is not None:
+        return existing == data
+    try:
+        _upload_new(blob, data, uri)
+    except ExistsError:
+        return False
+    return read_bytes(uri) == data
+
+
+def promote_version(staging_uri: str, uri: str, *, last: tuple[str, ...] = ()) -> dict[str, str]:
+    """Copies a complete GCS version from ``staging_uri`` to ``uri``, inside GCS, its manifest last.
+
+    GCS has no rename: objects appear one by one. The upload from the pod (the
+    slow part, minutes for a large model) goes to a staging prefix no server
+    polls; this copies it into place server-side (GCS's rewrite: no bytes
+    through the pod), so the window in which ``uri`` is partly there is the
+    copy's seconds, not the upload's minutes. Within it, the files in ``last``
+    come after every other file and before the manifest: TF Serving starts
+    loading a version by reading ``saved_model.pb``, so once that is visible,
+    every variable it names is too. What a stopped promotion left under ``uri``
+    is finished: objects that match the manifest are kept, others deleted.
+
+    Returns the MD5 of every file of the version (the manifest included), read back.
+
+    Raises:
+        ExistsError: ``uri`` already holds a complete version, or changed while this copied.
+    """
+    from google.api_core import exceptions
+
+    listed = _verified(staging_uri)
+    bucket_name, prefix = parse_gcs(uri)
+    _, staging_prefix = parse_gcs(staging_uri)
+    bucket = _bucket(bucket_name)
+    leftovers = _list_blobs(bucket, uri, prefix)
+    if MANIFEST_FILE in leftovers:
+        raise ExistsError(f"`{uri}` already exists and kftune never overwrites an export: choose a new version.")
+    checksums: dict[str, str] = {}
+    for relative, blob in leftovers.items():
+        if listed.get(relative) == (blob.size, blob.md5_hash):
+            checksums[relative] = blob.md5_hash
+        else:
+            _delete_partial(blob, uri)
+    order = sorted(listed, key=lambda relative: (relative in last, relative)) + [MANIFEST_FILE]
+    for relative in order:
+        if relative in checksums:
+            continue
+        source = bucket.blob(_blob_name(staging_prefix, relative))
+        target_name = _blob_name(prefix, relative)
+        try:
+            with _requests_for(uri):
+                copied = bucket.copy_blob(source, bucket, target_name, if_generation_match=0,
+                                          retry=_retry_if_generation_match(), timeout=_timeout())
+        except exceptions.PreconditionFailed:
+            with _requests_for(uri):
+                copied = bucket.get_blob(target_name, **_calls())
+        with _requests_for(uri):
+            reference = bucket.get_blob(source.name, **_calls())
+        if copied is None or reference is None or copied.md5_hash != reference.md5_hash:
+            raise ExistsError(f"`{uri}/{relative}` was written by someone else meanwhile: choose a new version.")
+        checksums[relative] = copied.md5_hash
+    verified = verify_version(uri)
+    checksums = {relative: checksums[relative] for relative in [*sorted(verified), MANIFEST_FILE]}
+    delete_tree(staging_uri)
+    return checksums
+
+
+def delete_tree(uri: str) -> None:
+    """Removes everything under ``uri`` (staging kftune itself wrote); what is already gone is no error."""
+    if not is_gcs(uri):
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    from google.api_core import exceptions
+
+    bucket_name, prefix = parse_gcs(uri)
+    bucket = _bucket(bucket_name)
+    for blob in _list_blobs(bucket, uri, prefix).values():
+        with contextlib.suppress(exceptions.NotFound), _requests_for(uri):
+            blob.delete(**_calls())
+
+
+def md5_base64_of(uri: str) -> str:
+    """The MD5 (base64) of the file or object at ``uri``, as GCS lists it."""
+    if not is_gcs(uri):
+        return md5_base64(uri)
+    bucket_name, name = parse_gcs(uri)
+    with _requests_for(uri):
+        blob = _bucket(bucket_name).get_blob(name, **_calls())
+    if blob is None:
+        raise InputError(f"`{uri}` does not exist.")
+    return blob.md5_hash

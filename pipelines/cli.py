@@ -4,6 +4,8 @@
     kftune run-local [name=value ...]            runs the compiled pipeline with KFP's local runner
     kftune submit --host URL [name=value ...]    uploads it to Kubeflow Pipelines and starts a run
     kftune params                                lists every pipeline parameter: type, default, description
+    kftune predict MODEL_URI IMAGE...            classifies images with an exported version (offline)
+    kftune serve MODEL_URI [--port N]            serves an exported version over KServe's V1 and V2 REST
 
 run-local checks every parameter before anything runs, runs the very pipeline
 a cluster runs (the compiled YAML) with kfp.local's SubprocessRunner, prints
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="kftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kftune {kftune.__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{compile,run-local,submit,params}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{compile,run-local,submit,params,predict,serve}")
     compile_cmd = commands.add_parser("compile", help="compile the pipeline to KFP IR YAML",
                                       description="Compiles the pipeline to KFP IR YAML with a cluster profile's settings.")
     compile_cmd.add_argument("--profile", default="gke-gpu",
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_submit_parser(commands)
     commands.add_parser("params", help="list every pipeline parameter with its type, default and description",
                         description="Lists every pipeline parameter with its type, default and description.")
+    _add_serving_parsers(commands)
     args = parser.parse_args(argv)
 
     from kftune.errors import KftuneError
@@ -242,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "params":
             print(parameters.help_table())
             return 0
+        if args.command == "predict":
+            return _predict(args)
+        if args.command == "serve":
+            from kftune import server
+
+            return server.serve(args.model_uri, port=args.port, name=args.name, host=args.host)
         if args.command == "compile":
             output = compile_pipeline(args.output or default_output(args.profile), args.profile)
             print(f"kftune: compiled {output} (cluster profile {args.profile})")
@@ -295,6 +304,72 @@ def _add_submit_parser(commands) -> None:
     cmd.add_argument("--wait", action="store_true", help="follow the run until it ends; non-zero exit unless it SUCCEEDED")
     cmd.add_argument("--timeout", type=float, default=0, help="with --wait: give up after this many seconds (0: never)")
     cmd.add_argument("--poll", type=float, default=10, help="with --wait: seconds between status checks (default: 10)")
+
+
+def _add_serving_parsers(commands) -> None:
+    from kftune import serving
+
+    where = ("MODEL_URI: a version folder (<base>/<N>), a model base (its newest complete version) or a gs:// URI "
+             "of either; every file is checked against the version's MANIFEST.json first.")
+    cmd = commands.add_parser(
+        "predict", help="classify image files with an exported version", description=(
+            "Classifies image files (JPEG, PNG, GIF, BMP; any size, grayscale or colour) with an exported version, "
+            "offline: one line per image, file, best label and its score. " + where))
+    cmd.add_argument("model_uri", metavar="MODEL_URI")
+    cmd.add_argument("images", nargs="+", metavar="IMAGE")
+    cmd.add_argument("--top-k", type=int, default=1, help="labels per image, best first (default: 1)")
+    cmd.add_argument("--json", action="store_true", help="one JSON object per line: file, labels, scores")
+    cmd.add_argument("--workdir", default="", help="where a gs:// version is downloaded (default: a temporary folder)")
+    cmd = commands.add_parser(
+        "serve", help="serve an exported version with KServe's model server (V1 and V2 REST)", description=(
+            "Serves an exported version with KServe's ModelServer: V1 (GET /v1/models, POST /v1/models/NAME:predict "
+            '{"instances": [{"image_bytes": {"b64": ...}}]}) and the Open Inference Protocol V2 (/v2/health/ready, '
+            f"/v2/models/NAME/infer), at most {serving.MAX_BATCH} images a request. The chosen candidate is served: "
+            "the SavedModel, or the int8 TFLite file through LiteRT. This is also the command of kftune's KServe "
+            "custom predictor. " + where))
+    cmd.add_argument("model_uri", metavar="MODEL_URI")
+    cmd.add_argument("--port", type=int, default=8080, help="HTTP port (default: 8080, KServe's)")
+    cmd.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0; 127.0.0.1 for loopback only)")
+    cmd.add_argument("--name", default="kftune", help="the model's name in the URLs (default: kftune; KServe passes "
+                                                      "the InferenceService's name)")
+
+
+def _predict(args) -> int:
+    import tempfile
+
+    import numpy as np
+
+    from kftune import serving
+    from kftune.errors import InputError
+
+    if args.top_k < 1:
+        raise InputError(f"--top-k must be a whole number >= 1. Received: {args.top_k}")
+    missing = [f for f in args.images if not Path(f).is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} image file(s) do not exist: {', '.join(missing[:5])}: check the paths.")
+    with tempfile.TemporaryDirectory() as workdir:
+        served = serving.open_version(args.model_uri, args.workdir or workdir)
+        print(f"kftune: {serving.describe(served)}", file=sys.stderr)
+        decoded: dict[str, object] = {}
+        for path in args.images:
+            # A bad file is named on stderr, the others still answered, and the exit code says one failed.
+            try:
+                decoded[path] = serving.decode(Path(path).read_bytes(), served.spec, f"`{path}`")
+            except InputError as e:
+                print(f"kftune: error: {e}", file=sys.stderr)
+        files = list(decoded)
+        for start in range(0, len(files), serving.MAX_BATCH):
+            chunk = files[start:start + serving.MAX_BATCH]
+            images = np.stack([decoded[f] for f in chunk])
+            for path, prediction in zip(chunk, served.classify(images, top_k=args.top_k), strict=True):
+                if args.json:
+                    print(json.dumps({"file": path, **prediction.to_json()}))
+                else:
+                    answers = ", ".join(f"{label} {score:.4f}" for label, score in
+                                        zip(prediction.labels, prediction.scores, strict=True))
+                    print(f"{path}\t{answers}")
+        failed = len(args.images) - len(files)
+    return 1 if failed else 0
 
 
 def _submit(args) -> int:

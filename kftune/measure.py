@@ -19,7 +19,6 @@ import dataclasses
 import gzip
 import os
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +116,7 @@ class KerasRunner:
 
 
 class TFLiteRunner:
-    """A TFLite classifier run by the interpreter: uint8-range images in, float outputs out.
+    """A TFLite classifier run by LiteRT's interpreter: uint8-range images in, float outputs out.
 
     Full-integer models (int8/uint8 inputs and outputs) are fed quantized
     images and their outputs dequantized, with the scales stored in the file,
@@ -125,7 +124,9 @@ class TFLiteRunner:
     """
 
     def __init__(self, path: str | os.PathLike):
-        import tensorflow as tf
+        # LiteRT (ai-edge-litert), not tf.lite.Interpreter: TensorFlow deprecated its interpreter for
+        # this one, which reads the same files and gives the same tensors.
+        from ai_edge_litert.interpreter import Interpreter
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -133,14 +134,10 @@ class TFLiteRunner:
                 f"`{self.path}` does not exist: the prune step writes model_<mode>.tflite beside "
                 "model.keras for each mode in its `quantize` parameter; name one it wrote."
             )
-        with warnings.catch_warnings():
-            # TensorFlow 2.21 (pinned in kftune's image) still ships tf.lite.Interpreter;
-            # its notice about LiteRT would only bury the step's own log lines.
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-            try:
-                self.interpreter = tf.lite.Interpreter(model_path=str(self.path))
-            except ValueError as e:
-                raise InputError(f"`{self.path}` is not a loadable TFLite model ({str(e).splitlines()[0][:200]}).") from e
+        try:
+            self.interpreter = Interpreter(model_path=str(self.path))
+        except ValueError as e:
+            raise InputError(f"`{self.path}` is not a loadable TFLite model ({str(e).splitlines()[0][:200]}).") from e
         inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise InputError(
@@ -184,9 +181,10 @@ class TFLiteRunner:
 
     def parameters(self) -> int:
         """Elements of the constant tensors (weights and biases) stored in the file."""
-        from tensorflow.lite.tools import flatbuffer_utils
+        # LiteRT's generated reader of the TFLite schema (what tf.lite's flatbuffer_utils wraps).
+        from ai_edge_litert import schema_py_generated as schema
 
-        model = flatbuffer_utils.read_model(str(self.path))
+        model = schema.ModelT.InitFromPackedBuf(bytearray(self.path.read_bytes()), 0)
         count = 0
         for tensor in model.subgraphs[0].tensors:
             buffer = model.buffers[tensor.buffer]

@@ -11,7 +11,7 @@ Two modes, both tf.lite's own:
 Quantizing a pruned model keeps its zeros (weights are quantized symmetrically,
 so 0.0 maps to 0), which is why the two savings multiply once the file is
 compressed. The ``.tflite`` files are measured the way they are served: with
-the TFLite interpreter, on the validation split.
+LiteRT's interpreter (ai-edge-litert), on the validation split.
 """
 
 from __future__ import annotations

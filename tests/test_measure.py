@@ -31,6 +31,15 @@ def float_tflite(trained_model_dir, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def int8_tflite(trained_model_dir, digits_dir, tmp_path_factory):
+    """The trained model fully quantized by kftune (uint8 in and out), calibrated on the validation split."""
+    model, _ = models.load(trained_model_dir)
+    path = tmp_path_factory.mktemp("tflite") / quantize.file_name("int8")
+    path.write_bytes(quantize.convert(model, "int8", dataset.load_split(digits_dir, "validation")))
+    return path
+
+
 @pytest.fixture()
 def small_batches(monkeypatch, digits_dir):
     """A scoring budget of 40 images at the fixture's 16x16x3, so a split takes several batches."""
@@ -80,7 +89,6 @@ def test_evaluate_streamed_equals_evaluate_in_memory(trained_model_dir, digits_d
         assert getattr(result, key) == pytest.approx(value), key
 
 
-@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
 def test_keras_and_tflite_runners_answer_the_same_calls(trained_model_dir, digits_dir, float_tflite):
     model, _ = models.load(trained_model_dir)
     keras = measure.KerasRunner(model, trained_model_dir / models.MODEL_FILE)
@@ -95,6 +103,37 @@ def test_keras_and_tflite_runners_answer_the_same_calls(trained_model_dir, digit
             assert measure.latency_ms(runner, images[:3], batch_size=batch_size, repeats=3) > 0
     # The last, shorter batch of a split: both give one row per image.
     assert tflite.predict(images[:7]).shape == keras.predict(images[:7]).shape == (7, 10)
+
+
+def test_tflite_models_run_on_litert_and_an_int8_model_agrees_with_keras(trained_model_dir, digits_dir, int8_tflite):
+    # LiteRT (ai-edge-litert) runs the .tflite files: tf.lite.Interpreter is deprecated, warns on every
+    # construction and is a different class, so going back to it fails both checks below.
+    from ai_edge_litert.interpreter import Interpreter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner = measure.TFLiteRunner(int8_tflite)
+    assert type(runner.interpreter) is Interpreter
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+    assert runner.input["dtype"] == runner.output["dtype"] == np.uint8
+    assert runner.input["quantization"][0] > 0 and runner.output["quantization"][0] > 0
+
+    model, _ = models.load(trained_model_dir)
+    images, labels = dataset.load_arrays(digits_dir, "test")
+    images = images[:40]
+    outputs = runner.predict(images)
+    expected = model.predict(images.astype("float32"), verbose=0)
+    # Dequantized: probabilities again, in steps of the output scale.
+    assert outputs.dtype == np.float32 and outputs.shape == expected.shape
+    np.testing.assert_allclose(outputs.sum(-1), 1.0, atol=0.05)
+    np.testing.assert_allclose(outputs, expected, atol=0.1)
+    # Quantization may swap the top two of a near tie; on every other image the top-1 is the Keras one.
+    agree = outputs.argmax(-1) == expected.argmax(-1)
+    ties = np.sort(expected, -1)[:, -1] - np.sort(expected, -1)[:, -2] < 0.1
+    assert np.all(agree | ties), f"top-1 differs on {np.flatnonzero(~agree).tolist()}"
+    assert np.mean(agree) >= 0.95
+    keras_accuracy = np.mean(expected.argmax(-1) == labels[:40])
+    assert keras_accuracy > 0.6 and np.mean(outputs.argmax(-1) == labels[:40]) >= keras_accuracy - 0.05
 
 
 def test_int8_calibration_needs_images(trained_model_dir, digits_dir):

@@ -164,10 +164,10 @@ def test_report_tells_sizes_and_accuracy_as_measured(prune_once, trained_model_d
 
 def _interpreter_accuracy(path, digits_dir) -> tuple[float, np.ndarray, str]:
     """Accuracy of a .tflite file, one image at a time, written here independently of kftune.quantize."""
-    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
 
     x, y = dataset.load_arrays(digits_dir, "validation")
-    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     entry, exit_ = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     predicted = []
@@ -181,7 +181,6 @@ def _interpreter_accuracy(path, digits_dir) -> tuple[float, np.ndarray, str]:
     return float(np.mean(predicted == y)), predicted, np.dtype(entry["dtype"]).name
 
 
-@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
 def test_tflite_dynamic_and_int8_are_exported_and_measured(prune_once, digits_dir):
     report, out = prune_once(**CONSTANT_80)
     pruned, _ = models.load(out)

@@ -130,6 +130,11 @@ def version_exists(uri: str) -> bool:
     return storage.version_taken(uri)
 
 
+def version_taken(base: str, version: str) -> bool:
+    """Whether version ``version`` of ``base`` is claimed by an export or holds files: exporting it must be refused."""
+    return version_exists(version_uri(base, version)) or storage.exists(_claim_uri(base, int(version)))
+
+
 def resolve(uri: str) -> str:
     """The version ``uri`` names: itself when it is one (has a manifest), else its newest complete version.
 

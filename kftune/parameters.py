@@ -2,7 +2,7 @@
 
 Each pipeline parameter is a field of one of the steps' config dataclasses
 (``IngestConfig``, ``AugmentConfig``, ``SearchConfig``, ``FinetuneConfig``,
-``PruneConfig``, ``GateConfig``, ``ExportConfig``), under the same name: the
+``PruneConfig``, ``GateConfig``, ``ExportConfig``, ``DeployConfig``), under the same name: the
 field's type and default are the parameter's, and the line its class's
 docstring gives it under ``Attributes:`` is the parameter's description. A
 field that several steps share (``seed``) is one parameter feeding all of them.
@@ -25,6 +25,7 @@ from typing import Any
 from kftune import dataset, storage
 from kftune.augment import AugmentConfig
 from kftune.dataset import IngestConfig
+from kftune.deploy import DeployConfig
 from kftune.errors import InputError
 from kftune.evaluate import GateConfig
 from kftune.export import ExportConfig
@@ -49,6 +50,8 @@ STAGES: dict[str, tuple[type, tuple[str, ...]]] = {
                             "prune_sparsity_levels")),
     "gate": (GateConfig, ("min_accuracy", "max_accuracy_drop", "max_size_bytes")),
     "export": (ExportConfig, ("export_destination", "export_version")),
+    "deploy": (DeployConfig, ("serving_name", "serving_namespace", "serving_storage_uri", "canary_traffic_percent",
+                              "serving_timeout")),
 }
 # Fields every step that has them takes from one parameter.
 SHARED = ("seed",)
@@ -129,6 +132,7 @@ class Settings:
     prune: PruneConfig
     gate: GateConfig
     export: ExportConfig
+    deploy: DeployConfig
 
     def stage_json(self, stage: str) -> str:
         """One step's config as the JSON string the step receives."""
@@ -164,6 +168,9 @@ def validate(values: dict[str, Any]) -> Settings:
         built[stage] = cls(**{p.name: typed[p.name] for p in PARAMETERS if p.name in names and stage in p.stages})
     settings = Settings(**built)
     settings.search.check_workers()
+    if settings.deploy.serving_name and settings.export.export_destination:
+        # An empty destination is the pipeline root's, known only in the run: check_locations checks it there.
+        settings.deploy.storage_base(settings.export.export_destination)
     return settings
 
 
@@ -232,11 +239,14 @@ def check_locations(settings: Settings) -> list[str]:
             continue
         storage.check_writable(uri, name)
         lines.append(f"{name}: {uri} (writable)")
+    if settings.deploy.serving_name:
+        base = settings.deploy.storage_base(settings.export.export_destination)
+        lines.append(f"serving: InferenceService {settings.deploy.serving_name} will read the export from {base}")
     if settings.export.export_version and settings.export.export_destination:
-        uri = f"{settings.export.export_destination.rstrip('/')}/{settings.export.export_version}"
-        if export.version_exists(uri):
+        uri = export.version_uri(settings.export.export_destination, settings.export.export_version)
+        if export.version_taken(settings.export.export_destination, settings.export.export_version):
             raise InputError(f"`export_version` `{settings.export.export_version}` already exists at `{uri}` and kftune "
-                             "never overwrites an export: choose a new version, or leave it empty for a timestamp.")
+                             "never overwrites an export: choose a new version, or leave it empty for the next free number.")
     return lines
 
 

@@ -138,7 +138,7 @@ def _local_run_and_console(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("local-run")
     console = io.StringIO()
-    run_dir, table = cli.run_local({**SMALL, "export_destination": str(root / "exports"), "export_version": "v1"},
+    run_dir, table = cli.run_local({**SMALL, "export_destination": str(root / "exports"), "export_version": "1"},
                                    root / "runs", out=console)
     return (run_dir, table, root / "exports"), console.getvalue()
 

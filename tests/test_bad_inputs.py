@@ -209,7 +209,7 @@ def evaluate(ctx: Ctx, data: str | None = None, model: str | None = None, tflite
 
 
 def export(ctx: Ctx, model: str | None = None, **over):
-    fields = {"export_destination": str(ctx.tmp / "exports"), "export_version": "v1", **over}
+    fields = {"export_destination": str(ctx.tmp / "exports"), "export_version": "1", **over}
     return c_export.export.python_func, dict(model=Model(uri=model or str(ctx.fixture("trained_model_dir"))),
                                              dataset=Dataset(uri=str(ctx.fixture("digits_dir"))), run_name="run",
                                              config=_config(export_core.ExportConfig, **fields))
@@ -294,7 +294,7 @@ def _truncated_shard(ctx: Ctx) -> str:
 
 
 def _existing_version(ctx: Ctx) -> Path:
-    version = ctx.tmp / "exports" / "v1"
+    version = ctx.tmp / "exports" / "1"
     version.mkdir(parents=True)
     (version / "model.keras").write_text("someone's earlier export")
     return version
@@ -317,7 +317,7 @@ def _no_fold_trained(ctx: Ctx) -> None:
 
 
 def _existing_version_unchanged(ctx: Ctx) -> None:
-    assert (ctx.tmp / "exports" / "v1" / "model.keras").read_text() == "someone's earlier export"
+    assert (ctx.tmp / "exports" / "1" / "model.keras").read_text() == "someone's earlier export"
 
 
 def _nothing_exported(ctx: Ctx) -> None:
@@ -464,8 +464,11 @@ CASES = [
          r"`checkpoint_uri` `.*ck/run` is under"),
     Case("validate/weights-file-missing", lambda c: validate(c, backbone="mobilenet_v2", weights=str(c.tmp / "w.h5")),
          r"`weights` `.*w.h5` does not exist"),
-    Case("validate/export-version-taken", lambda c: (_existing_version(c), validate(c, export_destination=str(c.tmp / "exports"), export_version="v1"))[1],
-         r"`export_version` `v1` already exists"),
+    Case("validate/export-version-taken", lambda c: (_existing_version(c), validate(c, export_destination=str(c.tmp / "exports"), export_version="1"))[1],
+         r"`export_version` `1` already exists"),
+    Case("validate/export-version-not-a-number", lambda c: validate(c, export_version="v1"),
+         r"`export_version` must be a whole number >= 1 \(TF Serving and KServe load <base>/<N>/ with N an integer\), or "
+         r"empty for the next free number\. Received: export_version='v1'"),
     Case("validate/backbone-input-size-beyond-bound", lambda c: validate(c, backbone_input_size=100000),
          r"`backbone_input_size` must be at most 1024"),
     Case("validate/trials-beyond-bound", lambda c: validate(c, max_trials=100000), r"`max_trials` must be at most"),
@@ -478,13 +481,13 @@ CASES = [
     Case("evaluate/min-accuracy-above-1", lambda c: evaluate(c, min_accuracy=2.0), r"`min_accuracy` must be in \[0, 1\]"),
     # export
     Case("export/version-escaping-the-destination", lambda c: export(c, export_version="../v1"),
-         r"`export_version` must start with a letter or digit .* Received: export_version='\.\./v1'"),
+         r"`export_version` must be a whole number >= 1 .* Received: export_version='\.\./v1'"),
     Case("export/destination-without-bucket", lambda c: export(c, export_destination="gs:///models"),
          r"`gs:///models` names no bucket: write it as gs://BUCKET/PATH"),
     Case("export/destination-bucket-missing", lambda c: export(c, export_destination=f"{_missing_bucket(c)}/models"),
          rf"GCS bucket `{MISSING}` does not exist", code=3),
     Case("export/version-already-exists", lambda c: (_existing_version(c), export(c))[1],
-         r"`.*exports/v1` already exists and kftune never overwrites an export", after=_existing_version_unchanged),
+         r"`.*exports/1` already exists and kftune never overwrites an export", after=_existing_version_unchanged),
     Case("export/model-that-is-no-model", lambda c: export(c, model=_not_a_model(c)),
          r"`.*not-a-model/model\.keras` is not a loadable Keras model", after=_nothing_exported),
     # pipeline parameters, through kftune run-local

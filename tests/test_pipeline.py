@@ -84,10 +84,10 @@ def test_the_whole_pipeline_runs_locally_and_exports(local_run):
                    "evaluate/report_html"):
         assert (run_dir / report).read_text().startswith("<!doctype html>"), report
     # The export is complete and loadable by serving.
-    version = destination / "v1"
+    version = destination / "1"
     metadata = json.loads((version / "metadata.json").read_text())
     assert metadata["data_fingerprint"] and metadata["candidate"] in ("baseline", "finetuned", "pruned", "quantized")
-    assert (version / "saved_model" / "saved_model.pb").exists()
+    assert (version / "saved_model.pb").exists() and (version / "MANIFEST.json").exists()
 
 
 @pytest.mark.e2e

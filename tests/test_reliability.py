@@ -134,7 +134,7 @@ def test_an_outage_longer_than_the_retry_deadline_is_one_clear_storage_error(buc
         # Export looks at the destination before it reads the model: neither folder is needed.
         c_export.export.python_func(model=Model(uri=str(tmp_path / "model")), dataset=Dataset(uri=str(tmp_path / "data")),
                                     run_name="run", config=json.dumps({"export_destination": f"gs://{bucket}/models",
-                                                                       "export_version": "v1"}))
+                                                                       "export_version": "1"}))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kftune:")]
     assert stopped.value.code == 3
     assert len(lines) == 1 and lines[0].startswith("kftune: storage error: GCS kept failing"), lines

@@ -225,6 +225,47 @@ def run_local(ctx: Ctx, *parameters: str):
     return main, {}
 
 
+def serve(ctx: Ctx, uri: str, *flags: str):
+    """``kftune serve URI``: a version it cannot load, or a flag it cannot use, ends it before anything listens."""
+    from conftest import _free_port
+
+    from pipelines import cli
+
+    def main():
+        raise SystemExit(cli.main(["serve", uri, "--host", "127.0.0.1", "--port", str(_free_port()), *flags]))
+
+    return main, {}
+
+
+def serve_request(ctx: Ctx, images: list[bytes], keys: tuple[str, ...] = ()):
+    """One request's images as `kftune serve` answers them (kftune.serving.Servable.predict, whose one line the
+    server sends back in a 400: tests/test_server.py sends each of these over HTTP), at the component boundary."""
+    from kftune.errors import user_errors
+
+    servable = ctx.fixture("served_version")
+
+    def predict():
+        with user_errors():
+            servable.predict(images, keys)
+
+    return predict, {}
+
+
+def _jpeg() -> bytes:
+    import tensorflow as tf
+
+    return tf.io.encode_jpeg(np.full((16, 16, 3), 200, np.uint8)).numpy()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A real PNG whose header is rewritten to declare another canvas (a decompression bomb's trick)."""
+    import struct
+
+    data = bytearray(_png(np.random.default_rng(0), (4, 4, 3)))
+    data[16:24] = struct.pack(">II", width, height)
+    return bytes(data)
+
+
 # ---------------------------------------------------------------- inputs that are wrong in more than one place
 
 
@@ -498,6 +539,26 @@ CASES = [
     Case("pipeline/negative-epochs", lambda c: run_local(c, "trial_epochs=-1"), r"`trial_epochs` must be a whole number >= 1"),
     Case("pipeline/unknown-quantization", lambda c: run_local(c, "prune_quantize=fp16"),
          r"`prune_quantize` takes a comma-separated subset"),
+    # serve: what `kftune serve` loads, and the images of a request
+    Case("serve/no-such-version", lambda c: serve(c, str(c.tmp / "models" / "3")),
+         r"`.*models/3` is neither an exported version nor a model base holding one"),
+    Case("serve/a-model-folder-that-is-no-export", lambda c: serve(c, str(c.fixture("trained_model_dir"))),
+         r"is neither an exported version nor a model base holding one: give <base>/<N>"),
+    Case("serve/port-out-of-range", lambda c: serve(c, str(c.tmp), "--port", "70000"), r"--port must be 1-65535"),
+    Case("serve/name-that-is-no-url-part", lambda c: serve(c, str(c.tmp), "--name", "my/model"),
+         r"--name must be letters, digits.*Received: 'my/model'"),
+    Case("serve/request-with-no-images", lambda c: serve_request(c, []), r"the request holds no images: send at least one"),
+    Case("serve/request-over-the-batch-limit", lambda c: serve_request(c, [_jpeg()] * 65),
+         r"the request holds 65 images, over the limit of 64 a request: split it"),
+    Case("serve/image-that-is-no-image", lambda c: serve_request(c, [_jpeg(), b"plain text"]),
+         r"image 1 is not an image kftune can decode \(.*\): send a JPEG, PNG, GIF or BMP file"),
+    Case("serve/empty-image", lambda c: serve_request(c, [b""]), r"image 0 is empty: send the bytes of a JPEG"),
+    Case("serve/image-over-the-size-limit", lambda c: serve_request(c, [b"\xff\xd8" + bytes(16 * 2**20)]),
+         r"image 0 is 16777218 bytes, over the limit of 16777216: send a smaller file"),
+    Case("serve/decompression-bomb", lambda c: serve_request(c, [_png_declaring(10_000, 10_000)]),
+         r"image 0 declares 100000000 pixels, over the limit of 50000000: send a smaller image"),
+    Case("serve/keys-that-do-not-pair-with-the-images", lambda c: serve_request(c, [_jpeg(), _jpeg()], ("a",)),
+         r"the request has 1 keys for 2 images: give one key per image or none"),
 ]
 
 
@@ -508,6 +569,16 @@ def three_class_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("three")
     dataset.ingest(dataset.IngestConfig(source=str(source), image_size=16), folder, progress=lambda _: None)
     return folder
+
+
+@pytest.fixture(scope="module")
+def served_version(trained_model_dir, digits_dir, tmp_path_factory):
+    """The trained model exported and loaded as `kftune serve` loads it (kftune.serving.Servable)."""
+    from kftune import serving
+
+    uri, _ = export_core.export(trained_model_dir, str(tmp_path_factory.mktemp("served")), {"source_run": "matrix"},
+                                dataset_dir=digits_dir)
+    return serving.Servable(uri)
 
 
 @pytest.fixture(scope="module")
@@ -522,7 +593,8 @@ def test_the_matrix_covers_every_component_with_at_least_30_inputs():
     assert len(CASES) >= 30
     assert len({case.id for case in CASES}) == len(CASES)
     steps = {case.id.split("/")[0] for case in CASES}
-    assert steps >= {"validate", "ingest", "augment", "search", "finetune", "prune", "evaluate", "export", "pipeline"}
+    assert steps >= {"validate", "ingest", "augment", "search", "finetune", "prune", "evaluate", "export", "pipeline",
+                     "serve"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

@@ -14,10 +14,14 @@ def export(
     dataset: Input[Dataset],
     config: str,
     run_name: str,
-) -> NamedTuple("Published", [("exported_uri", str), ("chosen_candidate", str)]):
-    """Writes the chosen model to destination/version/: model.keras, a SavedModel, any TFLite files, metadata.json.
+    deploy_config: str = "{}",
+    serving_image: str = "",
+) -> NamedTuple("Published", [("exported_uri", str), ("chosen_candidate", str), ("Output", str)]):
+    """Writes the chosen model to <destination>/<N>/: a SavedModel, model.keras, any TFLite files, metadata.json.
 
-    An existing version is never overwritten; checksums are read back after upload.
+    An existing version is never overwritten; checksums are read back after
+    upload. With serving_name set, the version also holds the InferenceService
+    that serves it (inferenceservice.yaml, which the deploy step applies).
 
     Args:
         model: The chosen model (the compare step's output).
@@ -25,12 +29,19 @@ def export(
         config: The export settings (from the validation step): export_destination
             (resolved: the pipeline root's exports/ when left empty), export_version.
         run_name: The run's name (set by the pipeline), recorded as the source.
+        deploy_config: The deploy settings (from the validation step): serving_name,
+            serving_namespace, serving_storage_uri, canary_traffic_percent, serving_timeout.
+            The default deploys nothing.
+        serving_image: kftune's CPU image (set by the pipeline), the predictor's
+            container when the chosen candidate is a TFLite file.
 
     Returns:
-        The URI of the exported version, and the candidate it holds.
+        The URI of the exported version, the candidate it holds, and "deploy" when
+        serving_name is set (the deploy step runs then), else "none". The last is
+        named Output: the only output name kfp.local 2.17 resolves in a condition.
     """
+    from kftune import deploy, parameters
     from kftune import export as ex
-    from kftune import parameters
     from kftune.errors import user_errors
 
     metadata = {
@@ -41,7 +52,9 @@ def export(
     }
     with user_errors():
         settings = parameters.load(ex.ExportConfig, config)
+        serving = parameters.load(deploy.DeployConfig, deploy_config)
         uri, checksums = ex.export(model.path, settings.export_destination, metadata,
-                                   version=settings.export_version, dataset_dir=dataset.path)
+                                   version=settings.export_version, dataset_dir=dataset.path,
+                                   extra_files=deploy.manifest_files(serving, serving_image))
     print(f"export: wrote {len(checksums)} files to {uri}, checksums read back and verified")
-    return uri, metadata["candidate"]
+    return uri, metadata["candidate"], "deploy" if serving.serving_name else "none"

@@ -65,12 +65,17 @@ def validate(
     max_size_bytes: int,
     export_destination: str,
     export_version: str,
+    serving_name: str,
+    serving_namespace: str,
+    serving_storage_uri: str,
+    canary_traffic_percent: int,
+    serving_timeout: int,
     pipeline_root: str,
     run_id: str,
     search_config: Output[Artifact],
     settings: Output[Markdown],
 ) -> NamedTuple("Validated", [("Output", list), ("ingest", str), ("augment", str), ("finetune", str),
-                               ("prune", str), ("gate", str), ("export", str)]):
+                               ("prune", str), ("gate", str), ("export", str), ("deploy", str)]):
     """Checks every pipeline parameter and location; hands each step its settings.
 
     Args:
@@ -102,4 +107,5 @@ def validate(
         f.write(parameters.settings_markdown(checked, locations))
     print("validate: every setting checked; " + "; ".join(locations or ["no location to check"]))
     workers = [str(i) for i in range(checked.search.parallel_trials)]
-    return (workers, *(checked.stage_json(s) for s in ("ingest", "augment", "finetune", "prune", "gate", "export")))
+    return (workers, *(checked.stage_json(s) for s in ("ingest", "augment", "finetune", "prune", "gate", "export",
+                                                        "deploy")))

@@ -26,6 +26,14 @@ class ExistsError(KftuneError, FileExistsError):
     """A destination already holds what kftune would write; kftune never overwrites it."""
 
 
+class DeployError(KftuneError, RuntimeError):
+    """The cluster did not serve a version: KServe missing, access denied, or not Ready in time.
+
+    The message says what the cluster answered and what to do; the exported
+    version itself is stored and unchanged.
+    """
+
+
 def check_numbers(config, names: tuple[str, ...]) -> None:
     """Refuses a value of ``config`` that is not a number, naming the field.
 
@@ -58,6 +66,7 @@ def check_whole_numbers(config, minimums: dict[str, int | None]) -> None:
 # Exit codes at the component boundary: a user's mistake is not worth a retry.
 EXIT_INPUT = 2
 EXIT_STORAGE = 3
+EXIT_DEPLOY = 4
 
 
 class user_errors:  # noqa: N801 - used as a context manager, reads like one
@@ -80,4 +89,7 @@ class user_errors:  # noqa: N801 - used as a context manager, reads like one
         if isinstance(error, StorageError):
             print(f"kftune: storage error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_STORAGE)
+        if isinstance(error, DeployError):
+            print(f"kftune: deploy error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_DEPLOY)
         return False

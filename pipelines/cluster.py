@@ -29,7 +29,7 @@ _STEP_KEYS = {"image", "resources", "accelerator", "node_selector", "tolerations
               "security_context"}
 # The pipeline's steps, named after their components.
 STEPS = ("validate", "ingest", "augment", "search_worker", "search_result", "finetune", "prune", "evaluate",
-         "export", "gate_failed")
+         "export", "deploy", "gate_failed")
 IMAGES = ("gpu", "cpu")
 _CREDENTIAL_KEYS = {"secret", "key_file", "mount_path"}
 _RETRY_KEYS = {"max_retries", "backoff", "backoff_factor", "max_duration"}

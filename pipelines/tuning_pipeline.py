@@ -1,4 +1,4 @@
-"""The kftune pipeline: validate -> ingest -> augment -> search -> fine-tune -> prune -> evaluate -> export.
+"""The kftune pipeline: validate -> ingest -> augment -> search -> fine-tune -> prune -> evaluate -> export -> deploy.
 
 Wiring only. The parameters, their defaults and their descriptions come from
 ``kftune.parameters`` (the steps' config dataclasses); the validation step
@@ -10,7 +10,10 @@ one unnamed ParallelFor over a task's list output whose results a sibling task
 outside the loop reads with ``dsl.Collected`` (critical/collected_parameters);
 an If/Else on a string task output inside a nested pipeline that returns its
 branches' outputs through ``dsl.OneOf`` (critical/parameter_oneof); the root
-returning a nested pipeline's outputs (critical/pipeline_with_importer_workspace).
+returning a nested pipeline's outputs (critical/pipeline_with_importer_workspace);
+an If nested in a condition's branch on a string output of a task in that
+branch (critical/flip_coin: its inner If on random_num, run in the heads
+branch), which runs the deploy step only when serving_name is set.
 """
 
 import inspect
@@ -19,7 +22,9 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
+from components import KFTUNE_CPU_IMAGE
 from components.augment import augment
+from components.deploy import deploy
 from components.evaluate import evaluate, gate_failed
 from components.export import export
 from components.finetune import finetune
@@ -69,7 +74,8 @@ def _tuning_pipeline(publish, *args, **kwargs) -> Outputs:
     pruned.set_display_name("prune")
     published = publish(dataset=data.outputs["dataset"], baseline=searched.outputs["model"],
                         finetuned=tuned.outputs["model"], pruned=pruned.outputs["pruned"],
-                        gate_config=checked.outputs["gate"], export_config=checked.outputs["export"])
+                        gate_config=checked.outputs["gate"], export_config=checked.outputs["export"],
+                        deploy_config=checked.outputs["deploy"])
     # No display name on a DAG task (nested pipeline, loop, condition): older backends record those
     # under their display name while consumers look them up by key (kubeflow/pipelines#13239).
 
@@ -78,17 +84,24 @@ def _tuning_pipeline(publish, *args, **kwargs) -> Outputs:
 
 
 def _publish(dataset: Input[Dataset], baseline: Input[Model], finetuned: Input[Model], pruned: Input[Model],
-            gate_config: str, export_config: str) -> Outputs:
-    """Evaluates, gates and exports: the If/Else and OneOf shape of the backend suite's parameter_oneof."""
+            gate_config: str, export_config: str, deploy_config: str = "{}") -> Outputs:
+    """Evaluates, gates, exports and deploys: the If/Else and OneOf shape of the backend suite's parameter_oneof,
+    with flip_coin's nested If in the pass branch."""
     evaluated = evaluate(dataset=dataset, baseline=baseline, finetuned=finetuned, pruned=pruned,
                          gate_config=gate_config).set_display_name("evaluate and gate")
     with dsl.If(evaluated.outputs["Output"] == "pass"):
         exported = export(model=evaluated.outputs["chosen"], dataset=dataset, config=export_config,
+                          deploy_config=deploy_config, serving_image=KFTUNE_CPU_IMAGE,
                           run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name("export")
+        # Only with serving_name set: export says so in its Output ("deploy"), which this If reads
+        # as flip_coin's inner If reads random_num's output.
+        with dsl.If(exported.outputs["Output"] == "deploy"):
+            deployed = deploy(exported_uri=exported.outputs["exported_uri"], config=deploy_config)
+            deployed.set_display_name("deploy")
     with dsl.Else():
         failed = gate_failed(evaluations=evaluated.outputs["evaluations"], gate_config=gate_config)
         failed.set_display_name("not exported: gate failed")
-    cluster.apply(evaluated, exported, failed)
+    cluster.apply(evaluated, exported, deployed, failed)
     return Outputs(dsl.OneOf(exported.outputs["exported_uri"], failed.outputs["exported_uri"]),
                    dsl.OneOf(exported.outputs["chosen_candidate"], failed.outputs["chosen_candidate"]))
 

@@ -133,9 +133,43 @@ def test_conditions_compare_a_string_output_with_a_string_literal(compiled):
     # compiles to `== 'true'` and never matches Python's "True".
     _, spec, _ = compiled
     conditions = [t["triggerPolicy"]["condition"] for _, _, t in _tasks(spec) if "triggerPolicy" in t]
-    assert len(conditions) == 2, conditions  # the gate's If and Else
+    assert len(conditions) == 3, conditions  # the gate's If and Else, and the deploy step's If
     for condition in conditions:
-        assert re.fullmatch(r"!?\(?inputs\.parameter_values\['[\w-]+'\] == 'pass'\)?", condition), condition
+        assert re.fullmatch(r"!?\(?inputs\.parameter_values\['[\w-]+-Output'\] == '(pass|deploy)'\)?", condition), condition
+    assert sum(c.endswith("== 'deploy'") for c in conditions) == 1
+
+
+def _condition_holding(spec, step: str) -> tuple[str, str, dict]:
+    """(DAG it sits in, key, task) of the one condition task whose own DAG runs ``step`` directly."""
+    (found,) = [(dag, key, task) for dag, key, task in _tasks(spec) if "triggerPolicy" in task
+                and any(_step(t) == step for t in spec["components"][task["componentRef"]["name"]]["dag"]["tasks"].values())]
+    return found
+
+
+def test_the_deploy_step_runs_in_an_if_nested_in_the_gates_pass_branch_on_the_exports_output(compiled):
+    # critical/flip_coin is the backend suite's nested condition: in the heads branch, random_num runs and an
+    # inner If reads its `Output` (a taskOutputParameter of a sibling in the branch; the branch's own inputs
+    # pass through as componentInputParameter). The deploy If is that shape inside the gate's pass branch:
+    # one level of nesting, no deeper, and nothing but the deploy step in it.
+    _, spec, _ = compiled
+    deploys = [(dag, key) for dag, key, task in _tasks(spec) if _step(task) == "deploy"]
+    assert len(deploys) == 1, deploys
+    outer_dag, inner_key, inner = _condition_holding(spec, "deploy")
+    inner_component = spec["components"][inner["componentRef"]["name"]]["dag"]["tasks"]
+    assert [_step(t) for t in inner_component.values()] == ["deploy"]
+    assert not any("triggerPolicy" in t for t in inner_component.values())
+    # The If sits in the gate's pass branch, beside the export it reads...
+    branches_dag, pass_key, pass_branch = _condition_holding(spec, "export")
+    assert pass_branch["componentRef"]["name"] == outer_dag
+    assert pass_branch["triggerPolicy"]["condition"].endswith("== 'pass'")
+    assert spec["components"][branches_dag]["dag"]["tasks"][pass_key] is pass_branch
+    # ...and its condition reads the export task's Output, produced in that branch.
+    channel = re.fullmatch(r"inputs\.parameter_values\['([\w-]+)'\] == 'deploy'", inner["triggerPolicy"]["condition"]).group(1)
+    assert inner["inputs"]["parameters"][channel] == {
+        "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "export"}}
+    for name, value in inner["inputs"]["parameters"].items():
+        assert "taskOutputParameter" in value and value["taskOutputParameter"]["producerTask"] == "export" or \
+            "componentInputParameter" in value, name
 
 
 def test_if_else_and_one_of_only_inside_a_nested_pipeline(compiled):
@@ -199,7 +233,7 @@ def test_one_evaluate_task_and_light_steps_on_the_cpu_image(compiled):
         gpu = "accelerator" in resources
         if profile == "cpu":
             assert image.endswith("/kftune-cpu:0.1.0") and not gpu, key
-        elif _step(task) in ("validate", "ingest", "augment", "evaluate", "export", "gate_failed"):
+        elif _step(task) in ("validate", "ingest", "augment", "evaluate", "export", "deploy", "gate_failed"):
             assert image.endswith("/kftune-cpu:0.1.0") and not gpu, key
         else:
             assert image.endswith("/kftune:0.1.0") and gpu, key

@@ -21,7 +21,7 @@ GPU_STEPS = {"search_worker", "search_result", "finetune", "prune"}
 # Retried for preemption; not the search worker, whose retries the backend ignores inside a ParallelFor (#13897).
 RETRIED_STEPS = {"search_result", "finetune", "prune"}
 CACHED_STEPS = {"ingest", "augment", "evaluate"}
-CPU_IMAGE_STEPS = {"validate", "ingest", "augment", "evaluate", "export", "gate_failed"}
+CPU_IMAGE_STEPS = {"validate", "ingest", "augment", "evaluate", "export", "deploy", "gate_failed"}
 # The newest Kubeflow Pipelines backend release of kfp 2.17's line (kubeflow/pipelines tag 2.17.0).
 KFP_BACKEND_RELEASE = "2.17.0"
 GKE_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}

@@ -45,7 +45,8 @@ MANIFEST_FILE = "inferenceservice.yaml"
 VERBS = ("get", "list", "create", "update")
 # A pod's own namespace, mounted with its service account's token.
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-POLL_SECONDS = 5.0
+# Seconds between status reads while waiting for Ready; KFTUNE_DEPLOY_POLL_SECONDS, read at each deploy, changes it.
+POLL_ENV, POLL_SECONDS = "KFTUNE_DEPLOY_POLL_SECONDS", 5.0
 # KServe checks the name against [a-z]([-a-z0-9]*[a-z0-9])? only, but names objects after it:
 # in Knative mode the predictor's revision service is <name>-predictor-00001-private, a
 # Service name Kubernetes holds to 63 characters, which leaves 39 for the name.
@@ -374,7 +375,7 @@ def apply(manifest: dict, *, timeout: float, progress: Callable[[str], None] = p
         manifest: The InferenceService (:func:`inference_service`).
         timeout: Seconds to wait for Ready.
         progress: Receives the progress lines.
-        poll: Seconds between status reads; default POLL_SECONDS.
+        poll: Seconds between status reads; default KFTUNE_DEPLOY_POLL_SECONDS, else POLL_SECONDS.
         client: A kubernetes ``ApiClient``; default :func:`api_client`.
 
     Returns:
@@ -434,7 +435,7 @@ def apply(manifest: dict, *, timeout: float, progress: Callable[[str], None] = p
         progress(f"deploy: {'created' if existing is None else 'updated'} InferenceService {namespace}/{name}; "
                  f"waiting up to {timeout:g} s for Ready")
         verb = "get"
-        return _wait(api, where, name, before, timeout=timeout, poll=POLL_SECONDS if poll is None else poll,
+        return _wait(api, where, name, before, timeout=timeout, poll=_poll_seconds() if poll is None else poll,
                      progress=progress, calls=calls)
     except ApiException as e:
         raise _refused(e, verb, name, namespace) from None
@@ -442,6 +443,13 @@ def apply(manifest: dict, *, timeout: float, progress: Callable[[str], None] = p
         host = getattr(api.api_client.configuration, "host", "")
         raise DeployError(f"the Kubernetes API at {host} did not answer ({type(e).__name__}: {e}): check the "
                           "cluster, then deploy again.") from None
+
+
+def _poll_seconds() -> float:
+    try:
+        return max(0.01, float(os.environ.get(POLL_ENV) or POLL_SECONDS))
+    except ValueError:
+        raise InputError(f"{POLL_ENV} must be a number of seconds. Received: {os.environ.get(POLL_ENV)!r}") from None
 
 
 def _replacing(existing: dict, manifest: dict) -> dict:

@@ -8,8 +8,6 @@ fails the test. Applying and waiting run against tests/kube_server.py, a
 Kubernetes API server on loopback (no cluster can run here).
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import json
@@ -433,7 +431,7 @@ def test_the_component_deploys_as_the_kubeconfigs_user_and_writes_its_report(tmp
         monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         arguments = _component_arguments(tmp_path, uri)
-        monkeypatch.setattr(deploy, "POLL_SECONDS", 0.01)
+        monkeypatch.setenv(deploy.POLL_ENV, "0.01")
         component.python_func(**arguments)
     assert "## Serving `digits`: Ready" in Path(arguments["report"].path).read_text()
     assert Path(arguments["manifest"].path).read_text() == Path(uri, deploy.MANIFEST_FILE).read_text()
@@ -448,7 +446,7 @@ def test_the_component_exits_non_zero_with_one_line_when_the_model_is_not_ready(
         (tmp_path / "kubeconfig").write_text(server.kubeconfig())
         monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        monkeypatch.setattr(deploy, "POLL_SECONDS", 0.01)
+        monkeypatch.setenv(deploy.POLL_ENV, "0.01")
         arguments = _component_arguments(tmp_path, uri, serving_timeout=1)
         with pytest.raises(SystemExit) as stopped:
             component.python_func(**arguments)
@@ -457,3 +455,72 @@ def test_the_component_exits_non_zero_with_one_line_when_the_model_is_not_ready(
     assert len(lines) == 1 and lines[0].startswith("kftune: deploy error: InferenceService `kubeflow/digits` was not "
                                                    "Ready after 1 s"), lines
     assert "NOT ready" in Path(arguments["report"].path).read_text()
+
+
+# ---------------------------------------------------------------- the pipeline: gate, export, then deploy
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(digits_dir, tmp_path_factory):
+    """A small real model for the digits, saved as the steps save models."""
+    import tensorflow as tf
+
+    from kftune import dataset, models
+
+    info = dataset.DatasetInfo.load(digits_dir)
+    tf.keras.utils.set_random_seed(0)
+    model = models.small_cnn(info.shape, info.num_classes, filters=4, num_layers=1, dense_units=8)
+    return models.save(model, tmp_path_factory.mktemp("chosen"), models.ModelMeta(
+        family="small_cnn", class_names=info.class_names, input_shape=list(info.shape), stage="baseline"))
+
+
+@pytest.mark.filterwarnings("ignore:.*non-Python base image")  # the image's packages are this venv's
+def test_kfp_runs_the_deploy_step_after_the_export_only_with_serving_name_set(
+        small_model_dir, digits_dir, tmp_path, monkeypatch):
+    """The pipeline's nested `publish` pipeline as the pipeline wires it (evaluate, the gate's If, export, the nested
+    If, deploy), run by KFP's local runner; the deploy step's process talks to the loopback API server through
+    the kubeconfig, as it would to a cluster from outside one."""
+    from kfp import dsl, local
+    from kfp.dsl import Dataset, Model
+
+    from pipelines.tuning_pipeline import _publish
+
+    publish = dsl.pipeline(name="publish", description=_publish.__doc__)(_publish)
+    destination = tmp_path / "exports"
+
+    @dsl.pipeline
+    def gate_export_deploy(serving: str) -> str:
+        model = dsl.importer(artifact_uri=str(small_model_dir), artifact_class=Model).output
+        data = dsl.importer(artifact_uri=str(digits_dir), artifact_class=Dataset).output
+        published = publish(dataset=data, baseline=model, finetuned=model, pruned=model,
+                            gate_config=json.dumps({"min_accuracy": 0.0, "max_accuracy_drop": 0.01, "max_size_bytes": 0}),
+                            export_config=json.dumps({"export_destination": str(destination), "export_version": ""}),
+                            deploy_config=serving)
+        return published.outputs["exported_uri"]
+
+    with KubeServer(ready_after=2) as server:
+        (tmp_path / "kubeconfig").write_text(server.kubeconfig(namespace="kubeflow"))
+        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.setenv(deploy.POLL_ENV, "0.05")
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "runs"),
+                   raise_on_error=True)
+        # serving_namespace empty: the kubeconfig context's namespace, as a pod's own in a cluster.
+        settings = deploy.DeployConfig(serving_name="digits", serving_storage_uri="pvc://kftune-shared/exports")
+        served = gate_export_deploy(serving=json.dumps(dataclasses.asdict(settings)))
+        skipped = gate_export_deploy(serving=json.dumps(dataclasses.asdict(deploy.DeployConfig())))
+
+    assert served.output == str(destination / "1") and skipped.output == str(destination / "2")
+    # The version holds its InferenceService, covered by its manifest; that file is what was applied.
+    stored = Path(served.output, deploy.MANIFEST_FILE).read_text()
+    assert deploy.MANIFEST_FILE in storage.verify_version(served.output)
+    (created,) = server.calls("POST")
+    assert created.body == yaml.safe_load(stored)
+    check_inference_service(created.body)
+    assert created.body["metadata"]["namespace"] == "kubeflow"
+    assert created.body["spec"]["predictor"]["model"]["storageUri"] == "pvc://kftune-shared/exports"
+    report = next((tmp_path / "runs").glob("gate-export-deploy-*/deploy/report")).read_text()
+    assert "## Serving `digits`: Ready" in report and "http://digits-kubeflow.example.com" in report
+    # Without serving_name: no manifest in the version, and no deploy task.
+    assert not Path(skipped.output, deploy.MANIFEST_FILE).exists()
+    assert len(list((tmp_path / "runs").glob("gate-export-deploy-*/deploy"))) == 1

@@ -13,6 +13,10 @@ export KFTUNE_IMAGE KFTUNE_CPU_IMAGE
 # Kubeflow Pipelines backend release for `make kind-up`. Backend releases are tagged apart
 # from the SDK's (kfp 2.17.3 is tag sdk-2.17.3); 2.17.0 is the backend of the SDK's 2.17 line.
 KFP_VERSION ?= 2.17.0
+# KServe release for `make kind-up` (kserve/kserve tag; its charts at oci://ghcr.io/kserve/charts), and the
+# cert-manager release that release's quick install pins (kserve-deps.env at the tag).
+KSERVE_VERSION ?= v0.20.0
+CERT_MANAGER_VERSION ?= v1.17.0
 KIND_CLUSTER ?= kftune
 # Extra pipeline parameters for `make run`, e.g. make run ARGS="max_trials=4 target_sparsity=0.8"
 ARGS ?=
@@ -64,9 +68,10 @@ constraints: $(STAMP)
 	   echo "# Regenerate with \`make constraints\` after changing dependencies in pyproject.toml."; \
 	   $(BIN)/pip freeze --exclude-editable; } > images/constraints.txt
 
-# A local kind cluster with Kubeflow Pipelines (deploy/kind/kind.sh); skipped
+# A local kind cluster with Kubeflow Pipelines and KServe (deploy/kind/kind.sh); skipped
 # with a message where docker, kind or kubectl are missing.
-KIND_ENV = KFP_VERSION=$(KFP_VERSION) KIND_CLUSTER=$(KIND_CLUSTER) KFTUNE=$(BIN)/kftune
+KIND_ENV = KFP_VERSION=$(KFP_VERSION) KSERVE_VERSION=$(KSERVE_VERSION) CERT_MANAGER_VERSION=$(CERT_MANAGER_VERSION) \
+  KIND_CLUSTER=$(KIND_CLUSTER) KFTUNE=$(BIN)/kftune
 
 kind-up:
 	@$(KIND_ENV) deploy/kind/kind.sh up

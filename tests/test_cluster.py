@@ -24,6 +24,8 @@ CACHED_STEPS = {"ingest", "augment", "evaluate"}
 CPU_IMAGE_STEPS = {"validate", "ingest", "augment", "evaluate", "export", "deploy", "gate_failed"}
 # The newest Kubeflow Pipelines backend release of kfp 2.17's line (kubeflow/pipelines tag 2.17.0).
 KFP_BACKEND_RELEASE = "2.17.0"
+# kserve/kserve's newest release tag in its repository (v0.20.0), and the cert-manager its quick install pins.
+KSERVE_RELEASE, CERT_MANAGER_RELEASE = "v0.20.0", "v1.17.0"
 GKE_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 GKE_RETRY = {"maxRetryCount": 3, "backoffDuration": "60s", "backoffFactor": 2.0, "backoffMaxDuration": "3600s"}
 # Planted in the compiling process's environment: none of it may reach a compiled YAML.
@@ -247,7 +249,7 @@ def test_kind_targets_skip_with_a_message_where_docker_or_kind_are_missing(targe
                           cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     assert re.fullmatch(rf"make {target}: skipped: (docker is not installed|no Docker engine is running .*|kind is not "
-                        rf"installed .*|kubectl is not installed)\.\n", done.stdout), done.stdout
+                        rf"installed .*|kubectl is not installed|helm is not installed .*)\.\n", done.stdout), done.stdout
 
 
 def test_kind_installs_the_standalone_manifests_of_the_pinned_release():
@@ -275,3 +277,39 @@ def test_the_kind_run_passes_only_parameters_the_pipeline_takes():
     command = script.split('"$KFTUNE" submit', 1)[1].split("\n}", 1)[0]
     given = dict(re.findall(r"(?<![-\w])([a-z_]+)=(\S+)", command))
     assert "max_trials" in given and set(given) <= set(parameters.BY_NAME), sorted(set(given) - set(parameters.BY_NAME))
+
+
+def test_kind_installs_kserve_of_a_pinned_release_in_raw_deployment_mode_and_lets_the_runs_deploy():
+    from kftune import deploy
+
+    script = (ROOT / "deploy" / "kind" / "kind.sh").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^KSERVE_VERSION \?= (\S+)", makefile, re.M).group(1) == KSERVE_RELEASE
+    assert re.search(r"^CERT_MANAGER_VERSION \?= (\S+)", makefile, re.M).group(1) == CERT_MANAGER_RELEASE
+    # KServe's released charts at the pinned tag, as its quick install uses them, in Standard (raw) mode.
+    for chart in ("kserve-crd", "kserve-resources", "kserve-runtime-configs"):
+        assert re.search(rf"helm upgrade -i {chart} oci://ghcr\.io/kserve/charts/{chart} .*\n?.*--version "
+                         rf'"\$KSERVE_VERSION"', script), chart
+    assert "--set kserve.controller.deploymentMode=Standard" in script
+    assert "--set kserve.servingruntime.enabled=true" in script
+    assert '--version "$CERT_MANAGER_VERSION" --set crds.enabled=true' in script
+    assert script.index("kserve\n}") > script.index("Kubeflow Pipelines is up")  # after KFP
+    # The pipeline's service account gets exactly what the deploy step calls, in its namespace.
+    role, binding = yaml.safe_load_all((ROOT / "deploy" / "kind" / "serving-rbac.yaml").read_text())
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "kubeflow"
+    assert role["rules"] == [{"apiGroups": [deploy.GROUP], "resources": [deploy.PLURAL], "verbs": list(deploy.VERBS)}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert 'apply -f "$here/serving-rbac.yaml"' in script
+
+
+def test_the_kind_run_deploys_and_queries_the_model_with_a_jpeg():
+    script = (ROOT / "deploy" / "kind" / "kind.sh").read_text()
+    command = script.split('"$KFTUNE" submit', 1)[1].split("\n}", 1)[0]
+    assert 'serving_name="$serving"' in command and "serving_storage_uri=pvc://kftune-shared/exports" in command
+    assert "export_version" not in command  # the next free number: a rerun never collides with an earlier one
+    assert command.rstrip().endswith('query "$serving"')
+    query = script.split("\nquery() {", 1)[1]
+    assert 'port-forward "svc/$name-predictor" "$SERVING_PORT:80"' in query
+    assert "/v1/models/$name:predict" in query and '{"image_bytes": {"b64":' in query
+    assert 'cv2.imencode(".jpg"' in query and "sys.exit(" in query

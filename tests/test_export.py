@@ -145,8 +145,8 @@ def test_export_component_records_the_run_and_maps_a_taken_version_to_a_user_err
     arguments = dict(model=chosen, dataset=data, run_name="run-7",
                      config=json.dumps({"export_destination": f"{tmp_path}/exports", "export_version": "3"}))
 
-    uri, candidate = export.python_func(**arguments)
-    assert candidate == "quantized"
+    uri, candidate, deploys = export.python_func(**arguments)
+    assert (candidate, deploys) == ("quantized", "none")  # no serving_name: nothing to deploy
 
     assert uri == f"{tmp_path}/exports/3"
     metadata = json.loads(Path(uri, "metadata.json").read_text())
@@ -155,7 +155,7 @@ def test_export_component_records_the_run_and_maps_a_taken_version_to_a_user_err
     assert "checksums read back and verified" in capsys.readouterr().out
 
     # A KFP retry of the task (same run, same model) gets its version back; another run's export of 3 is refused.
-    assert export.python_func(**arguments) == (uri, "quantized")
+    assert export.python_func(**arguments) == (uri, "quantized", "none")
     with pytest.raises(SystemExit) as exit_info:
         export.python_func(**{**arguments, "run_name": "run-8"})
     assert exit_info.value.code == EXIT_INPUT

@@ -249,6 +249,8 @@ BAD_REQUESTS = [
     ("v1/not-an-image", V1, lambda j: v1_body([b"plain text, not a picture"]), None, 400,
      r"^image 0 is not an image kftune can decode \(.*\): send a JPEG, PNG, GIF or BMP file\.$"),
     ("v2/not-an-image", V2, lambda j: v2_body([j, b"GIF89a broken"]), None, 400, r"^image 1 is not an image kftune"),
+    ("v1/empty-image", V1, lambda j: {"instances": [{"image_bytes": {"b64": ""}}]}, None, 400,
+     r"^image 0 is empty: send the bytes of a JPEG, PNG, GIF or BMP file\.$"),
     ("v1/empty-instances", V1, lambda j: {"instances": []}, None, 400, r"^the request holds no images: send at least one"),
     ("v2/no-images", V2, lambda j: v2_body([]), None, 400, r"the request holds no images"),
     ("v1/batch-over-the-limit", V1, lambda j: v1_body([j] * (serving.MAX_BATCH + 1)), None, 400,

@@ -13,7 +13,8 @@ V1 (TF Serving's JSON, what KServe's V1 predictor takes)::
     {"instances": [{"image_bytes": {"b64": "<base64 JPEG>"}, "key": "optional"}, ...]}
     -> {"predictions": [{"labels": ["7", "1", ...], "scores": [0.98, 0.01, ...], "key": "..."}, ...]}
 
-V2 (Open Inference Protocol; JSON carries BYTES as strings, so each image is a base64 string)::
+V2 (Open Inference Protocol). JSON carries BYTES as strings, so each image is a base64 string; in the
+binary tensor extension too, since KServe 0.21 hands BYTES on to the model only as UTF-8 text::
 
     POST /v2/models/NAME/infer
     {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [N], "data": ["<base64>", ...]},

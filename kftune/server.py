@@ -37,7 +37,6 @@ import contextlib
 import math
 import re
 import socket
-import sys
 import tempfile
 import threading
 import uuid
@@ -47,20 +46,13 @@ import numpy as np
 
 from kftune import export, serving
 from kftune.errors import InputError
+from kftune.kserve_compat import V1_EXAMPLE as _V1_EXAMPLE
+from kftune.kserve_compat import V2_EXAMPLE as _V2_EXAMPLE
+from kftune.kserve_compat import InvalidInput, ModelServer, import_kserve
 
-# KServe 0.21's kserve.model_server parses sys.argv with its own flags when first imported and keeps
-# them as ModelServer's defaults: the command line of `kftune serve` (or of pytest) is not KServe's,
-# and an abbreviation of one of its flags there would end the import with an argparse error.
-_argv, sys.argv = sys.argv, sys.argv[:1]
-try:
-    import kserve
-    from kserve import model_server
-    from kserve.constants.constants import PredictorProtocol
-    from kserve.errors import InferenceError, InvalidInput
-    from kserve.protocol.dataplane import DataPlane
-    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
-finally:
-    sys.argv = _argv
+kserve = import_kserve()
+from kserve import model_server  # noqa: E402 - kserve_compat imported it with sys.argv hidden
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse  # noqa: E402
 
 # A request body's limit: a batch of MAX_BATCH photos of about 0.7 MiB each once base64'd, or two
 # photos at MAX_IMAGE_BYTES (base64 makes 16 MiB 21.3). The body is read whole before it is parsed,
@@ -69,9 +61,6 @@ MAX_BODY_BYTES = 64 * 2**20
 IMAGE_INPUT = "image_bytes"
 KEY_INPUT = "key"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_V1_EXAMPLE = '{"instances": [{"image_bytes": {"b64": "<base64 of a JPEG>"}, "key": "optional"}]}'
-_V2_EXAMPLE = ('{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
-               '"data": ["<base64 of a JPEG>"]}]}')
 
 
 class VersionModel(kserve.Model):
@@ -324,49 +313,6 @@ def _prepare_app(app) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation_error)
 
 
-class _DataPlane(DataPlane):
-    """KServe's DataPlane, with a body it cannot decode answered 400 in one line that says what to send.
-
-    KServe 0.21 turns a BYTES tensor sent in the binary extension back into UTF-8 text
-    (InferRequest.from_bytes), so raw image bytes fail there as an InferenceError (500, with the
-    bytes in the message). Decoding only reads what the client sent: its errors are the client's.
-    """
-
-    def decode(self, body, headers, protocol_version: str = PredictorProtocol.REST_V1.value, model_name: str = None):
-        try:
-            return super().decode(body, headers, protocol_version, model_name)
-        except InvalidInput as e:
-            if not str(e).startswith("Unrecognized request format"):
-                raise
-            example = _V2_EXAMPLE if protocol_version == PredictorProtocol.REST_V2.value else _V1_EXAMPLE
-            raise InvalidInput(f"the request body is not JSON ({str(e).split(': ', 1)[-1]}): send {example}") from None
-        except InferenceError as e:
-            reason = ("its binary data holds bytes that are not UTF-8 text, which KServe hands on only as text"
-                      if "UTF-8" in str(e) else str(e).splitlines()[0][:200])
-            raise InvalidInput(f"the request's tensors cannot be decoded ({reason}): send each image as a base64 "
-                               f"string, as in {_V2_EXAMPLE}") from None
-
-
-class _ModelServer(kserve.ModelServer):
-    """KServe's ModelServer listening on ``host`` instead of every address, with :class:`_DataPlane`.
-
-    The one place kftune reaches into KServe's workings; both are attributes start() reads.
-    """
-
-    def __init__(self, host: str, **kwargs):
-        self.host = host
-        super().__init__(**kwargs)
-        # start() hands self.dataplane to the REST server it builds.
-        self.dataplane = _DataPlane(model_registry=self.registered_models)
-
-    def setup_event_loop(self):
-        # 0.21's RESTServer hard-codes uvicorn's host to 0.0.0.0 and ModelServer takes no host
-        # (kserve/kserve#4558). start() builds the RESTServer, then calls this hook before uvicorn
-        # binds, so the host is set on that server's uvicorn config here.
-        self._rest_server.config.host = self.host
-        super().setup_event_loop()
-
-
 def _check_listen(host: str, port: int) -> None:
     """Refuses a port that cannot be listened on, before the model is loaded (uvicorn binds as this does)."""
     if not 1 <= port <= 65535:
@@ -401,6 +347,6 @@ def serve(uri: str, *, port: int = 8080, name: str = "kftune", host: str = "0.0.
         _prepare_app(model_server.app)
         # gRPC off: kftune's clients speak REST, and a second port is one more thing to expose and secure.
         # Per-request latency lines off: uvicorn's access log already says every request.
-        server = _ModelServer(host, http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False)
+        server = ModelServer(host, http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False)
         server.start([model])
     return 0

@@ -48,6 +48,43 @@ def compile_pipeline(output: str | Path = COMPILED, profile: str | Path = "gke-g
     return output
 
 
+def check_compiled(compiled: str | Path = COMPILED, profile: str | Path = "gke-gpu", *, shown: int = 12) -> str:
+    """'' when ``compiled`` is what compiling with ``profile`` writes now; else a short summary of the difference.
+
+    Compiles to a temporary folder and compares, so ``compiled`` itself is never written: CI fails on a
+    stale checked-in YAML instead of quietly submitting or shipping one that the code no longer makes.
+    """
+    import difflib
+    import tempfile
+
+    from pipelines import cluster
+
+    compiled = Path(compiled)
+    with tempfile.TemporaryDirectory(prefix="kftune-check-") as folder:
+        fresh = compile_pipeline(Path(folder) / compiled.name, profile).read_text()
+    fix = ("run `make compile` and commit the result" if compiled.resolve() == COMPILED.resolve()
+           and str(profile) == cluster.DEFAULT_PROFILE else f"run `kftune compile --profile {profile} --output {compiled}`")
+    if not compiled.exists():
+        return f"`{compiled}` does not exist: {fix}."
+    current = compiled.read_text()
+    if fresh == current:
+        return ""
+    diff = list(difflib.unified_diff(current.splitlines(), fresh.splitlines(), f"{compiled} (as it is)",
+                                     f"{compiled} (compiled now)", n=0, lineterm=""))[2:]
+    removed = sum(line.startswith("-") for line in diff)
+    added = sum(line.startswith("+") for line in diff)
+    lines = [f"`{compiled}` is stale: `kftune compile --profile {profile}` writes it now with {removed} line(s) "
+             f"removed and {added} added; the first changes:", *diff[:shown]]
+    if len(diff) > shown:
+        lines.append(f"... and {len(diff) - shown} more diff line(s)")
+    if any("image:" in line for line in diff if line[:1] in "+-"):
+        # The one input that is not in the repository: the images come from the environment.
+        lines.append("(the images come from KFTUNE_REGISTRY, KFTUNE_TAG, KFTUNE_IMAGE and KFTUNE_CPU_IMAGE; "
+                     "the checked-in YAML is compiled with none of them set: unset them to check it)")
+    lines.append(f"{fix[0].upper()}{fix[1:]}.")
+    return "\n".join(lines)
+
+
 def default_output(profile: str) -> Path:
     """The checked-in YAML for the default profile; build/ for the others, so the checked-in one stays current."""
     from pipelines import cluster
@@ -217,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                              help="cluster profile: gke-gpu (default), cpu, or a profile YAML file (pipelines/profiles/)")
     compile_cmd.add_argument("--output", help=f"default: {COMPILED.relative_to(PACKAGE_DIR.parent)} for gke-gpu, "
                                               "build/tuning_pipeline-<profile>.yaml for the others")
+    compile_cmd.add_argument("--check", action="store_true",
+                             help="write nothing: exit 0 when the YAML at --output is what compiling writes now, "
+                                  "1 with a summary of the difference when it is stale (CI runs this)")
     run_cmd = commands.add_parser(
         "run-local", help="run the compiled pipeline on this machine with kfp.local",
         # Raw, for the parameter table below; so the description is wrapped here.
@@ -251,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
             from kftune import server
 
             return server.serve(args.model_uri, port=args.port, name=args.name, host=args.host)
+        if args.command == "compile" and args.check:
+            output = args.output or default_output(args.profile)
+            stale = check_compiled(output, args.profile)
+            print(f"kftune: {stale}" if stale else f"kftune: {output} is current (cluster profile {args.profile})",
+                  file=sys.stderr if stale else sys.stdout)
+            return 1 if stale else 0
         if args.command == "compile":
             output = compile_pipeline(args.output or default_output(args.profile), args.profile)
             print(f"kftune: compiled {output} (cluster profile {args.profile})")

@@ -20,14 +20,17 @@ CERT_MANAGER_VERSION ?= v1.17.0
 KIND_CLUSTER ?= kftune
 # Extra pipeline parameters for `make run`, e.g. make run ARGS="max_trials=4 target_sparsity=0.8"
 ARGS ?=
+# pyproject's extras `make install` installs; CI adds actionlint (EXTRAS=dev,actionlint), whose build
+# downloads its binary from GitHub, so it is not in dev (machines that reach only PyPI install dev).
+EXTRAS ?= dev
 
-.PHONY: install run compile test test-fast lint bench images push constraints kind-up kind-load kind-e2e clean
+.PHONY: install run compile check-compiled test test-fast lint bench images push constraints kind-up kind-load kind-e2e clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "kftune needs Python 3.11 (TensorFlow 2.21 wheels): set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -35,6 +38,10 @@ install: $(STAMP)
 # PROFILE=cpu (or a profile file) writes build/tuning_pipeline-<profile>.yaml instead of the checked-in YAML.
 compile: $(STAMP)
 	$(BIN)/kftune compile $(if $(PROFILE),--profile $(PROFILE))
+
+# Exit 1 with the difference when the checked-in YAML is not what the code compiles to now (CI runs it).
+check-compiled: $(STAMP)
+	$(BIN)/kftune compile --check
 
 run: compile
 	$(BIN)/kftune run-local $(ARGS)

@@ -77,7 +77,7 @@ def check_compiled(compiled: str | Path = COMPILED, profile: str | Path = "gke-g
              f"removed and {added} added; the first changes:", *diff[:shown]]
     if len(diff) > shown:
         lines.append(f"... and {len(diff) - shown} more diff line(s)")
-    if any("image:" in line for line in diff if line[:1] in "+-"):
+    if any(line[1:].lstrip().startswith("image:") for line in diff if line[:1] in "+-"):
         # The one input that is not in the repository: the images come from the environment.
         lines.append("(the images come from KFTUNE_REGISTRY, KFTUNE_TAG, KFTUNE_IMAGE and KFTUNE_CPU_IMAGE; "
                      "the checked-in YAML is compiled with none of them set: unset them to check it)")

@@ -75,7 +75,8 @@ def validate(
     search_config: Output[Artifact],
     settings: Output[Markdown],
 ) -> NamedTuple("Validated", [("Output", list), ("ingest", str), ("augment", str), ("finetune", str),
-                               ("prune", str), ("gate", str), ("export", str), ("deploy", str)]):
+                               ("prune", str), ("gate", str), ("export", str), ("deploy", str),
+                               ("parameters", str)]):
     """Checks every pipeline parameter and location; hands each step its settings.
 
     Args:
@@ -92,8 +93,11 @@ def validate(
     Returns:
         The search workers' indices as strings (the pipeline's loop items: named
         `Output`, the only name kfp.local 2.17 resolves as a loop's items), then
-        each later step's settings as JSON.
+        each later step's settings as JSON, then every pipeline parameter as the run
+        received it (JSON; the export records it, so `kftune reproduce` can run it again).
     """
+    import json
+
     from kftune import parameters
     from kftune.errors import user_errors
 
@@ -108,4 +112,4 @@ def validate(
     print("validate: every setting checked; " + "; ".join(locations or ["no location to check"]))
     workers = [str(i) for i in range(checked.search.parallel_trials)]
     return (workers, *(checked.stage_json(s) for s in ("ingest", "augment", "finetune", "prune", "gate", "export",
-                                                        "deploy")))
+                                                        "deploy")), json.dumps(values, sort_keys=True))

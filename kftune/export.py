@@ -6,7 +6,8 @@ top holds a SavedModel (``saved_model.pb``, ``variables/``, ``assets/``: what TF
 Serving and KServe's ``tensorflow`` runtime load from ``<base>/<N>/``, with
 kftune.serving's signatures), and beside it kftune's own files: ``model.keras``
 and ``model.json`` (the version loads back with :func:`kftune.models.load`),
-every TFLite file the prune step wrote, ``metadata.json`` (metrics,
+every TFLite file the prune step wrote, ``README.md`` (the model card,
+kftune.model_card), ``metadata.json`` (metrics,
 hyperparameters, source run, data fingerprint, and under ``serving`` which
 candidate each file holds and which runtime serves the chosen one) and
 ``MANIFEST.json`` (every file's path, size and MD5, written last).
@@ -38,10 +39,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import dataset, models, storage
+from kftune import dataset, model_card, models, storage
 from kftune.errors import ExistsError, InputError
 
 METADATA_FILE = "metadata.json"
+CARD_FILE = "README.md"  # the model card (kftune.model_card), from metadata.json
 MANIFEST_FILE = storage.MANIFEST_FILE
 SAVED_MODEL_FILE = "saved_model.pb"
 # Under the base, beside the numbered versions: a name no model server takes for a version.
@@ -172,6 +174,47 @@ def read_version(uri: str, workdir: str | Path) -> Path:
         StorageError: The copy differs from the manifest (it changed while it was read).
     """
     return storage.fetch_version(uri, workdir)
+
+
+def read_card(uri: str) -> str:
+    """The model card of the version at ``uri`` (local or gs://)."""
+    data = storage.read_bytes(f"{uri.rstrip('/')}/{CARD_FILE}")
+    if data is None:
+        raise InputError(f"`{uri}` has no {CARD_FILE}: it was exported before kftune wrote model cards.")
+    return data.decode()
+
+
+def code_version() -> dict:
+    """Which code made an export: kftune's version, the git commit when known, the image, the libraries.
+
+    The commit is read from the checkout kftune runs from (an editable install, `make run`), or from
+    KFTUNE_GIT_COMMIT, which kftune's images set at build time; the image from KFTUNE_IMAGE_REF, set
+    the same way (``make images``). Unknown values are empty, never guessed.
+    """
+    import os
+    import platform
+    import subprocess
+
+    import tensorflow as tf
+
+    commit, dirty = os.environ.get("KFTUNE_GIT_COMMIT", ""), None
+    root = Path(kftune.__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        try:
+            run = {"cwd": root, "capture_output": True, "text": True, "timeout": 10, "check": True}
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+            # Tracked files changed since that commit: the commit alone does not name this code.
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {
+        "kftune": kftune.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "image": os.environ.get("KFTUNE_IMAGE_REF", ""),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+    }
 
 
 def read_metadata(folder: str | Path) -> dict:
@@ -309,10 +352,12 @@ def export(
         "hyperparameters": meta.hyperparameters if meta else {},
         "files": {"keras": models.MODEL_FILE, "saved_model": SAVED_MODEL_FILE, "tflite": [p.name for p in tflite_files]},
         "serving": serving_facts(model_dir, meta, metadata),
+        "code_version": code_version(),
     }
     if dataset_dir is not None:
         info = dataset.DatasetInfo.load(dataset_dir)
-        facts.update(data_fingerprint=info.fingerprint, class_names=info.class_names, data_source=info.source)
+        facts.update(data_fingerprint=info.fingerprint, class_names=info.class_names, data_source=info.source,
+                     splits=dict(info.splits))
         facts["serving"]["class_names"] = list(info.class_names)
     document = {**metadata, **facts}
     spec = serving.ServingSpec(document["serving"]["class_names"], document["serving"]["image_size"],
@@ -327,6 +372,7 @@ def export(
         for name, data in (extra_files(uri, document) if extra_files else {}).items():
             storage.safe_join(staging, name).write_bytes(data)
         (staging / METADATA_FILE).write_text(json.dumps(document, indent=2, default=str))
+        (staging / CARD_FILE).write_text(model_card.render(json.loads((staging / METADATA_FILE).read_text())))
         if not storage.is_gcs(uri):
             return uri, storage.publish_dir(staging, uri, manifest=True)
         staged = _staging_uri(base, number)

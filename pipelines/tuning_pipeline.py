@@ -75,7 +75,7 @@ def _tuning_pipeline(publish, *args, **kwargs) -> Outputs:
     published = publish(dataset=data.outputs["dataset"], baseline=searched.outputs["model"],
                         finetuned=tuned.outputs["model"], pruned=pruned.outputs["pruned"],
                         gate_config=checked.outputs["gate"], export_config=checked.outputs["export"],
-                        deploy_config=checked.outputs["deploy"])
+                        deploy_config=checked.outputs["deploy"], run_parameters=checked.outputs["parameters"])
     # No display name on a DAG task (nested pipeline, loop, condition): older backends record those
     # under their display name while consumers look them up by key (kubeflow/pipelines#13239).
 
@@ -84,14 +84,15 @@ def _tuning_pipeline(publish, *args, **kwargs) -> Outputs:
 
 
 def _publish(dataset: Input[Dataset], baseline: Input[Model], finetuned: Input[Model], pruned: Input[Model],
-            gate_config: str, export_config: str, deploy_config: str = "{}") -> Outputs:
+            gate_config: str, export_config: str, deploy_config: str = "{}", run_parameters: str = "{}") -> Outputs:
     """Evaluates, gates, exports and deploys: the If/Else and OneOf shape of the backend suite's parameter_oneof,
     with flip_coin's nested If in the pass branch."""
     evaluated = evaluate(dataset=dataset, baseline=baseline, finetuned=finetuned, pruned=pruned,
                          gate_config=gate_config).set_display_name("evaluate and gate")
     with dsl.If(evaluated.outputs["Output"] == "pass"):
         exported = export(model=evaluated.outputs["chosen"], dataset=dataset, config=export_config,
-                          deploy_config=deploy_config, serving_image=KFTUNE_CPU_IMAGE,
+                          evaluations=evaluated.outputs["evaluations"], gate_config=gate_config,
+                          run_parameters=run_parameters, deploy_config=deploy_config, serving_image=KFTUNE_CPU_IMAGE,
                           run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name("export")
         # Only with serving_name set: export says so in its Output ("deploy"), which this If reads
         # as flip_coin's inner If reads random_num's output.

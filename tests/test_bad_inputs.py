@@ -210,8 +210,13 @@ def evaluate(ctx: Ctx, data: str | None = None, model: str | None = None, tflite
 
 def export(ctx: Ctx, model: str | None = None, **over):
     fields = {"export_destination": str(ctx.tmp / "exports"), "export_version": "1", **over}
+    measured = ctx.out / "evaluations"
+    measured.parent.mkdir(parents=True, exist_ok=True)
+    measured.write_text("[]")
     return c_export.export.python_func, dict(model=Model(uri=model or str(ctx.fixture("trained_model_dir"))),
                                              dataset=Dataset(uri=str(ctx.fixture("digits_dir"))), run_name="run",
+                                             evaluations=Artifact(uri=str(measured)),
+                                             model_card=Markdown(uri=str(ctx.out / "model_card.md")),
                                              config=_config(export_core.ExportConfig, **fields))
 
 

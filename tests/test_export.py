@@ -135,14 +135,23 @@ def test_empty_destination_is_refused():
 def test_export_component_records_the_run_and_maps_a_taken_version_to_a_user_error(
     model_dir, digits_dir, tmp_path, capsys
 ):
-    from kfp.dsl import Dataset, Model
+    from kfp.dsl import Artifact, Dataset, Markdown, Model
 
     from components.export import export
+    from kftune import evaluate
 
     chosen = Model(uri=str(model_dir), metadata={"candidate": "quantized", "model_file": "model_dynamic.tflite",
                                                  "metrics": {"accuracy": 0.9, "gzip_bytes": 1234}})
     data = Dataset(uri=str(digits_dir))
-    arguments = dict(model=chosen, dataset=data, run_name="run-7",
+    # Real measurements of the two candidates in the folder, as the evaluate step writes them.
+    measured = [evaluate.evaluate("pruned", model_dir, digits_dir),
+                evaluate.evaluate_tflite("quantized", model_dir / "model_dynamic.tflite", digits_dir)]
+    (tmp_path / "evaluations").write_text(json.dumps([json.loads(e.to_json()) for e in measured]))
+    parameters = {"image_size": 16, "max_trials": 3, "seed": 0}
+    arguments = dict(model=chosen, dataset=data, run_name="run-7", evaluations=Artifact(uri=str(tmp_path / "evaluations")),
+                     model_card=Markdown(uri=str(tmp_path / "card.md")),
+                     gate_config=json.dumps({"min_accuracy": 0.5, "max_accuracy_drop": 0.02, "max_size_bytes": 0}),
+                     run_parameters=json.dumps(parameters),
                      config=json.dumps({"export_destination": f"{tmp_path}/exports", "export_version": "3"}))
 
     uri, candidate, deploys = export.python_func(**arguments)
@@ -152,6 +161,22 @@ def test_export_component_records_the_run_and_maps_a_taken_version_to_a_user_err
     metadata = json.loads(Path(uri, "metadata.json").read_text())
     assert (metadata["source_run"], metadata["candidate"], metadata["model_file"]) == ("run-7", "quantized", "model_dynamic.tflite")
     assert metadata["metrics"] == {"accuracy": 0.9, "gzip_bytes": 1234}
+    assert metadata["parameters"] == parameters and metadata["gate"]["max_accuracy_drop"] == 0.02
+    assert [e["name"] for e in metadata["evaluations"]] == ["pruned", "quantized"]
+    assert metadata["splits"] == dataset.DatasetInfo.load(digits_dir).splits
+    code = metadata["code_version"]
+    assert code["kftune"] == "0.1.0" and len(code["git_commit"]) == 40 and code["tensorflow"].startswith("2.21")
+    # The model card is in the version (covered by its manifest) and is the Run UI's Markdown artifact.
+    card = Path(uri, "README.md").read_text()
+    assert Path(tmp_path / "card.md").read_text() == card and "README.md" in ex.verify(uri)
+    assert card.startswith("# Model card: version 3\n")
+    for expected in ("Exported candidate: **quantized**", f"`{metadata['data_fingerprint']}`",
+                     f"| test images | {metadata['splits']['test']} |", "| **quantized** (exported) | model_dynamic.tflite |",
+                     f"| pruned | model.keras | {measured[0].accuracy:.4f} |", "Test accuracy at least 0.5, at most 0.02",
+                     "kftune serve", "## Known limits", f"`{code['git_commit']}`", "kftune reproduce"):
+        assert expected in card, expected
+    weak = [n for n, r in zip(measured[1].class_names, measured[1].recall, strict=True) if r < 0.9]
+    assert (f"`{weak[0]}`" in card.split("## Known limits")[1]) if weak else "Every class has test recall" in card
     assert "checksums read back and verified" in capsys.readouterr().out
 
     # A KFP retry of the task (same run, same model) gets its version back; another run's export of 3 is refused.

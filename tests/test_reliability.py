@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from faultproxy import FAULTS, FaultProxy
-from kfp.dsl import Dataset, Model
+from kfp.dsl import Artifact, Dataset, Markdown, Model
 
 from kftune import search, storage
 from kftune.errors import StorageError
@@ -130,9 +130,12 @@ def test_an_outage_longer_than_the_retry_deadline_is_one_clear_storage_error(buc
                                            rf"to 2 s: the service or the network is unavailable. Run the step again"):
         storage.exists(f"gs://{bucket}/models/v1")
 
+    (tmp_path / "evaluations").write_text("[]")
     with pytest.raises(SystemExit) as stopped:
         # Export looks at the destination before it reads the model: neither folder is needed.
         c_export.export.python_func(model=Model(uri=str(tmp_path / "model")), dataset=Dataset(uri=str(tmp_path / "data")),
+                                    evaluations=Artifact(uri=str(tmp_path / "evaluations")),
+                                    model_card=Markdown(uri=str(tmp_path / "card.md")),
                                     run_name="run", config=json.dumps({"export_destination": f"gs://{bucket}/models",
                                                                        "export_version": "1"}))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kftune:")]

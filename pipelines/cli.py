@@ -6,6 +6,7 @@
     kftune params                                lists every pipeline parameter: type, default, description
     kftune predict MODEL_URI IMAGE...            classifies images with an exported version (offline)
     kftune serve MODEL_URI [--port N]            serves an exported version over KServe's V1 and V2 REST
+    kftune runs [open [RUN] | compare RUN RUN...]  lists local runs; opens a run's page; compares runs
 
 run-local checks every parameter before anything runs, runs the very pipeline
 a cluster runs (the compiled YAML) with kfp.local's SubprocessRunner, prints
@@ -222,7 +223,7 @@ def run_local(arguments: dict, pipeline_root: str | Path = "runs", compiled: str
     """
     from kfp import components, local
 
-    from pipelines import local_runner
+    from pipelines import local_runner, runs
 
     check_arguments(arguments, compiled)
     pipeline_root = Path(pipeline_root).resolve()
@@ -234,11 +235,17 @@ def run_local(arguments: dict, pipeline_root: str | Path = "runs", compiled: str
     before = set(pipeline_root.iterdir())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     pipeline = components.load_component_from_file(str(compiled))
+    started = time.time()
     with local_runner.console(verbose, out) as console:
-        pipeline(**arguments)
+        try:
+            pipeline(**arguments)
+        except BaseException as error:
+            runs.record(console, arguments, started=started, error=error)  # the page names the failed step
+            raise
     new = sorted((p for p in pipeline_root.iterdir() if p not in before and p.is_dir()), key=lambda p: p.stat().st_mtime)
     run_dir = console.run_dir or (new[-1] if new else pipeline_root)
-    return run_dir, summary(run_dir, console)
+    page = runs.record(console, arguments, started=started, run_dir=run_dir)
+    return run_dir, summary(run_dir, console) + (f"\nrun page: {page}" if page else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="kftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kftune {kftune.__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{compile,run-local,submit,params,predict,serve}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{compile,run-local,submit,params,predict,serve,runs}")
     compile_cmd = commands.add_parser("compile", help="compile the pipeline to KFP IR YAML",
                                       description="Compiles the pipeline to KFP IR YAML with a cluster profile's settings.")
     compile_cmd.add_argument("--profile", default="gke-gpu",
@@ -276,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("params", help="list every pipeline parameter with its type, default and description",
                         description="Lists every pipeline parameter with its type, default and description.")
     _add_serving_parsers(commands)
+    from pipelines import runs
+
+    runs.add_parser(commands)
     args = parser.parse_args(argv)
 
     from kftune.errors import KftuneError
@@ -285,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "params":
             print(parameters.help_table())
             return 0
+        if args.command == "runs":
+            return runs.command(args)
         if args.command == "predict":
             return _predict(args)
         if args.command == "serve":

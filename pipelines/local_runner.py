@@ -69,6 +69,19 @@ class Task:
     epoch: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One task as it ended: what the run's page and run.json (pipelines/runs.py) list."""
+
+    label: str
+    name: str
+    ok: bool
+    started: float
+    seconds: float
+    headline: str
+    log: Path
+
+
 def _headline(task: Task, outputs: dict) -> str:
     """The figure a person looks for when this task ends, from its outputs."""
     def meta(key):
@@ -114,6 +127,7 @@ class Console:
         self.spans: dict[str, list[tuple[float, float]]] = {}
         self.run_dir: Path | None = None
         self.running: dict[str, Task] = {}
+        self.results: list[Result] = []
         self.tty = hasattr(self.out, "isatty") and self.out.isatty()
         self._status_shown = False
 
@@ -187,10 +201,11 @@ class Console:
         with self.lock:
             self.running.pop(task.label, None)
             self.spans.setdefault(task.name, []).append((task.started, ended))
+            headline = _headline(task, outputs) if ok else ""
+            self.results.append(Result(task.label, task.name, ok, task.started, seconds, headline, task.log))
             if self.verbose:
                 return
             if ok:
-                headline = _headline(task, outputs)
                 self._write(f"  done   {task.label:<17} {seconds:6.1f} s" + (f"  {headline}" if headline else ""))
                 return
             lines = [f"  FAILED {task.label} after {seconds:.1f} s; its log: {task.log}",

@@ -10,6 +10,8 @@ TAG ?= 0.1.0
 KFTUNE_IMAGE ?= $(IMAGE_REGISTRY)/kftune:$(TAG)
 KFTUNE_CPU_IMAGE ?= $(IMAGE_REGISTRY)/kftune-cpu:$(TAG)
 export KFTUNE_IMAGE KFTUNE_CPU_IMAGE
+# Recorded in the images, then in every export (empty outside a git checkout; "-dirty" with uncommitted changes).
+GIT_COMMIT ?= $(shell git describe --always --dirty --abbrev=40 --match=NeVeRmAtCh 2>/dev/null)
 # Kubeflow Pipelines backend release for `make kind-up`. Backend releases are tagged apart
 # from the SDK's (kfp 2.17.3 is tag sdk-2.17.3); 2.17.0 is the backend of the SDK's 2.17 line.
 KFP_VERSION ?= 2.17.0
@@ -62,8 +64,8 @@ bench: $(STAMP)
 
 images:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a running Docker engine; none found here."; exit 1; }
-	docker build -f images/Dockerfile -t $(KFTUNE_IMAGE) .
-	docker build -f images/Dockerfile.cpu -t $(KFTUNE_CPU_IMAGE) .
+	docker build -f images/Dockerfile --build-arg KFTUNE_IMAGE_REF=$(KFTUNE_IMAGE) --build-arg KFTUNE_GIT_COMMIT=$(GIT_COMMIT) -t $(KFTUNE_IMAGE) .
+	docker build -f images/Dockerfile.cpu --build-arg KFTUNE_IMAGE_REF=$(KFTUNE_CPU_IMAGE) --build-arg KFTUNE_GIT_COMMIT=$(GIT_COMMIT) -t $(KFTUNE_CPU_IMAGE) .
 
 push: images
 	docker push $(KFTUNE_IMAGE)

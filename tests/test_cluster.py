@@ -208,8 +208,11 @@ def test_one_registry_setting_retargets_both_images_as_make_images_tags_them(tmp
     env = {k: v for k, v in os.environ.items() if k not in ("KFTUNE_IMAGE", "KFTUNE_CPU_IMAGE")}
     make = subprocess.run(["make", "-n", "images", "IMAGE_REGISTRY=r.example/team", "TAG=9.9"],
                           capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout
-    built = set(re.findall(r"docker build -f \S+ -t (\S+) \.", make))
-    assert built == {"r.example/team/kftune:9.9", "r.example/team/kftune-cpu:9.9"}
+    built = re.findall(r"docker build -f \S+ --build-arg KFTUNE_IMAGE_REF=(\S+) --build-arg KFTUNE_GIT_COMMIT=\S* "
+                       r"-t (\S+) \.", make)
+    # Each image is told its own name, which every export it makes records.
+    assert all(ref == tag for ref, tag in built), built
+    assert {tag for _, tag in built} == {"r.example/team/kftune:9.9", "r.example/team/kftune-cpu:9.9"}
     subprocess.run([sys.executable, "-m", "pipelines.cli", "compile", "--output", str(tmp_path / "p.yaml")], check=True,
                    cwd=ROOT, env={**env, "KFTUNE_REGISTRY": "r.example/team", "KFTUNE_TAG": "9.9"}, capture_output=True)
     executors = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))["deploymentSpec"]["executors"]

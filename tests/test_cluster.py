@@ -212,7 +212,8 @@ def test_one_registry_setting_retargets_both_images_as_make_images_tags_them(tmp
                        r"-t (\S+) \.", make)
     # Each image is told its own name, which every export it makes records.
     assert all(ref == tag for ref, tag in built), built
-    assert {tag for _, tag in built} == {"r.example/team/kftune:9.9", "r.example/team/kftune-cpu:9.9"}
+    built = {tag for _, tag in built}
+    assert built == {"r.example/team/kftune:9.9", "r.example/team/kftune-cpu:9.9"}
     subprocess.run([sys.executable, "-m", "pipelines.cli", "compile", "--output", str(tmp_path / "p.yaml")], check=True,
                    cwd=ROOT, env={**env, "KFTUNE_REGISTRY": "r.example/team", "KFTUNE_TAG": "9.9"}, capture_output=True)
     executors = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))["deploymentSpec"]["executors"]

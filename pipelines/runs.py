@@ -54,7 +54,7 @@ _STYLE = (
     ".ok{background:#137333}.bad{background:#b00020}.other{background:#777}"
     "td.text,th.text{text-align:left;white-space:normal;min-width:12em}"
     "td.nowrap{white-space:nowrap}tr.diff td{background:#fff4e0}tr.failed td{background:#fdecee}"
-    ".left,table.settings td{text-align:left}table.cm td,table.cm thead th{text-align:center;min-width:1.6em}table.cm td.zero{color:#bbb}"
+    ".left,table.settings td,table.settings th{text-align:left}table.cm td,table.cm thead th{text-align:center;min-width:1.6em}table.cm td.zero{color:#bbb}"
     ".muted{color:#666}code{overflow-wrap:anywhere}"
     ".pics{display:flex;flex-wrap:wrap;gap:1em}.pics figure{flex:1 1 340px;min-width:0;margin:0}"
     "figcaption{color:#555;font-size:90%;margin-bottom:.3em}"
@@ -180,7 +180,8 @@ def _figures(run_dir: Path, outputs: dict[str, dict], tasks: Sequence[TaskRecord
     if "passed" in chosen:
         put("evaluate", "gate", "passes" if chosen["passed"] else "fails")
     exported = _exported_uri(outputs)
-    put("export", "version", exported.rstrip("/").rsplit("/", 1)[-1] if exported else None)
+    if exported or "gate-failed" in outputs:
+        put("export", "version", exported.rstrip("/").rsplit("/", 1)[-1] if exported else "not exported")
     seconds: dict[str, float] = {}
     for task in tasks:
         if task.seconds is not None:
@@ -560,7 +561,7 @@ def index_html(summary: RunSummary) -> str:
         css = " class='failed'" if task.status in ("failed", "interrupted") else ""
         rows.append(f"<tr{css}><td class='nowrap'>{_esc(task.label)}</td><td class='left'>{_badge(task.status)}</td>"
                     f"<td class='nowrap'>{_seconds(task.seconds)}</td><td class='text'>{_esc(task.headline)}</td>"
-                    f"<td class='left'>{_link(run_dir, task.log)}</td></tr>")
+                    f"<td class='left nowrap'>{_link(run_dir, task.log)}</td></tr>")
     steps = ("<div class='scroll'><table><thead><tr><th>step</th><th class='left'>status</th><th>time</th>"
              "<th class='text'>headline</th><th class='left'>log</th></tr></thead>"
              f"<tbody>{''.join(rows)}</tbody></table></div>")
@@ -758,12 +759,13 @@ def compare_html(summaries: Sequence[RunSummary], labels: list[str], differing: 
     body = []
     previous = None
     for stage, name, values in figure_rows:
-        css = " class='diff'" if len(set(values)) > 1 else ""
+        # Times always differ a little: shading them would hide the rows that matter.
+        css = " class='diff'" if len(set(values)) > 1 and name != "time s" else ""
         shown_stage = stage if stage != previous else ""
         previous = stage
         body.append(f"<tr{css}><td>{_esc(shown_stage)}</td><td class='text'>{_esc(name)}</td>"
                     + "".join(f"<td>{_esc(v)}</td>" for v in values) + "</tr>")
-    parts.append(f"<p class='muted'>Rows that differ between the runs are shaded.</p><div class='scroll'><table>"
+    parts.append(f"<p class='muted'>Rows that differ between the runs, times aside, are shaded.</p><div class='scroll'><table>"
                  f"<thead><tr>{head('stage', 'figure')}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
     for task, name, title in (("search-result", "trials_plot", "Search: objective per trial"),
                               ("finetune", "curves", "Fine-tuning: learning curves"),

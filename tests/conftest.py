@@ -151,6 +151,18 @@ def local_run(_local_run_and_console):
 
 
 @pytest.fixture(scope="session")
+def gate_failed_run(tmp_path_factory):
+    """The suite's second real run: SMALL with min_accuracy=1.0, so nothing passes the gate;
+    (run folder, summary table, export destination). Shared so that reading it costs no other run."""
+    from pipelines import cli
+
+    root = tmp_path_factory.mktemp("gate-failed")
+    run_dir, table = cli.run_local({**SMALL, "min_accuracy": 1.0, "export_destination": str(root / "exports")},
+                                   root / "runs")
+    return run_dir, table, root / "exports"
+
+
+@pytest.fixture(scope="session")
 def local_run_console(_local_run_and_console):
     """What that run printed while it ran (the summary table aside)."""
     return _local_run_and_console[1]

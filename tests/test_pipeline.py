@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SMALL
 
 from kftune import search
 from pipelines import cli
@@ -106,10 +105,8 @@ def test_the_console_is_one_line_per_task_and_each_task_log_is_a_file(local_run,
 
 
 @pytest.mark.e2e
-def test_a_failed_gate_exports_nothing_and_says_why(tmp_path):
-    destination = tmp_path / "exports"
-    run_dir, table = cli.run_local({**SMALL, "min_accuracy": 1.0, "export_destination": str(destination)},
-                             tmp_path / "runs")
+def test_a_failed_gate_exports_nothing_and_says_why(gate_failed_run):
+    run_dir, table, destination = gate_failed_run
     assert "NOT exported" in table and "min_accuracy" in table
     assert not destination.exists()
     # The else branch recorded, per candidate, the thresholds it missed.

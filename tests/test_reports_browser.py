@@ -1,6 +1,7 @@
 """Every HTML artifact of a real local run, as the Kubeflow UI's side pane shows it: headless Chromium.
 
-The run is the suite's one end-to-end run (conftest's ``local_run``). Each page
+The run is the suite's end-to-end run (conftest's ``local_run``), with its own page (index.html) and a
+page comparing it with the suite's second run (pipelines/runs.py). Each page
 is opened at 800 px (about the Run UI's side pane) and 1280 px; the page must
 not scroll sideways (a wide table scrolls inside its own box), every picture
 must be decoded and embedded (the UI's frame can load nothing else), and a
@@ -63,3 +64,26 @@ def test_a_compare_table_too_wide_for_the_pane_scrolls_in_its_box_and_keeps_the_
     right = chromium.driver.execute_script(
         "return document.querySelector('table.compare th:nth-child(2)').getBoundingClientRect().right")
     assert right <= seen["viewport"]
+
+
+@pytest.mark.e2e
+def test_the_run_page_and_the_compare_page_fit_the_pane_with_every_picture_shown(local_run, gate_failed_run,
+                                                                                 chromium, tmp_path):
+    # pipelines/runs.py's pages: the run's index.html (written by the run) and a comparison of the suite's two runs.
+    from pipelines import runs
+
+    run_dir = local_run[0]
+    compare_page, _ = runs.compare([run_dir, gate_failed_run[0]], tmp_path / "compare.html")
+    problems = []
+    for page, name, pictures in ((run_dir / "index.html", "index", 4), (compare_page, "compare", 6)):
+        for width in browser.WIDTHS:
+            shot = run_dir / "screenshots" / f"runs-{name}-{width}.png"
+            seen = chromium.render(page, width, shot)
+            where = f"{name} at {width} px"
+            if seen["scroll_width"] > seen["viewport"]:
+                problems.append(f"{where}: the page is {seen['scroll_width']} px wide")
+            if seen["broken"] or seen["external"] or seen["images"] < pictures:
+                problems.append(f"{where}: {seen['images']} pictures, broken {seen['broken']}, "
+                                f"not embedded {seen['external']}")
+            assert shot.stat().st_size > 1000, shot
+    assert not problems, "\n".join(problems)

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="kftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kftune {kftune.__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{compile,run-local,submit,params,predict,serve,runs}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{compile,run-local,submit,params,predict,serve,reproduce,runs}")
     compile_cmd = commands.add_parser("compile", help="compile the pipeline to KFP IR YAML",
                                       description="Compiles the pipeline to KFP IR YAML with a cluster profile's settings.")
     compile_cmd.add_argument("--profile", default="gke-gpu",
@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("params", help="list every pipeline parameter with its type, default and description",
                         description="Lists every pipeline parameter with its type, default and description.")
     _add_serving_parsers(commands)
+    _add_reproduce_parser(commands)
     from pipelines import runs
 
     runs.add_parser(commands)
@@ -299,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             return runs.command(args)
         if args.command == "predict":
             return _predict(args)
+        if args.command == "reproduce":
+            from pipelines import reproduce
+
+            return reproduce.reproduce(args.export_uri, pipeline_root=args.pipeline_root,
+                                       export_destination=args.export_destination, tolerance=args.tolerance,
+                                       compiled=args.compiled, verbose=args.verbose)
         if args.command == "serve":
             from kftune import server
 
@@ -362,6 +369,23 @@ def _add_submit_parser(commands) -> None:
     cmd.add_argument("--wait", action="store_true", help="follow the run until it ends; non-zero exit unless it SUCCEEDED")
     cmd.add_argument("--timeout", type=float, default=0, help="with --wait: give up after this many seconds (0: never)")
     cmd.add_argument("--poll", type=float, default=10, help="with --wait: seconds between status checks (default: 10)")
+
+
+def _add_reproduce_parser(commands) -> None:
+    from pipelines import reproduce
+
+    cmd = commands.add_parser(
+        "reproduce", help="run the pipeline again with an export's recorded parameters and compare the figures",
+        description=reproduce.__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("export_uri", metavar="EXPORT_URI", help="a version (<base>/<N>), a base (its newest), or gs://")
+    cmd.add_argument("--pipeline-root", default="runs", help="where the rerun's folder goes (default: runs)")
+    cmd.add_argument("--export-destination", default=reproduce.DEFAULT_DESTINATION,
+                     help=f"the rerun's model base, never the original's (default: {reproduce.DEFAULT_DESTINATION})")
+    cmd.add_argument("--tolerance", type=float, default=reproduce.DEFAULT_TOLERANCE,
+                     help="largest accuracy difference per candidate that still counts as reproduced "
+                          f"(default: {reproduce.DEFAULT_TOLERANCE}, 2 points)")
+    cmd.add_argument("--compiled", default=str(COMPILED), help="the compiled pipeline to run")
+    cmd.add_argument("--verbose", action="store_true", help="stream every task's output")
 
 
 def _add_serving_parsers(commands) -> None:

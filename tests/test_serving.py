@@ -151,3 +151,23 @@ def test_predict_prints_a_line_per_image_and_names_a_bad_file(jpeg_photos, tmp_p
 
     assert cli.main(["predict", str(tmp_path / "nothing-here"), images[0]]) == 2
     assert "is neither an exported version nor a model base holding one" in capsys.readouterr().err
+
+
+def test_predict_reads_a_gcs_base_and_refuses_a_version_changed_after_export(jpeg_photos, bucket, tmp_path, capsys):
+    """gs:// as a user gives it: the base (newest complete version), downloaded and checked against its manifest."""
+    from kftune import storage
+    from pipelines import cli
+
+    data_dir, model_dir, files = jpeg_photos
+    base = f"gs://{bucket}/models/photos"
+    ex.export(model_dir, base, {"source_run": "run-1"}, dataset_dir=data_dir)
+    image = str(files[0][0])
+    expected = serving.Servable(ex.read_version(f"{base}/1", tmp_path / "local")).predict([files[0][0].read_bytes()])[0]
+
+    assert cli.main(["predict", base, image, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"file": image, "labels": expected.labels[:1],
+                                                   "scores": expected.scores[:1]}
+    # Someone replaces a file of the version: predict refuses it rather than answering with another model.
+    storage._client().bucket(bucket).blob("models/photos/1/model.keras").upload_from_string(b"not the model")
+    assert cli.main(["predict", base, image]) == 2
+    assert "does not match its MANIFEST.json (size or MD5 differs ['model.keras'])" in capsys.readouterr().err

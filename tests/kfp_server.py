@@ -12,10 +12,9 @@ import email.parser
 import email.policy
 import itertools
 import json
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+
+from loopback import LoopbackApi
 
 API = "/apis/v2beta1"
 
@@ -41,30 +40,19 @@ def _matches(item: dict, raw_filter: str | None) -> bool:
     return True
 
 
-class KfpServer:
+class KfpServer(LoopbackApi):
     """``with KfpServer(run_states=[...]) as server:`` then point kfp.Client at ``server.url``."""
 
     def __init__(self, run_states: list[str] | None = None, run_error: str = ""):
         self.run_states = run_states or ["PENDING", "RUNNING", "SUCCEEDED"]
         self.run_error = run_error
-        self.requests: list[Request] = []
         self.pipelines: dict[str, dict] = {}
         self.versions: dict[str, list[dict]] = {}
         self.experiments: dict[str, dict] = {}
         self.runs: dict[str, dict] = {}
         self.polls: dict[str, int] = {}
         self._ids = (f"id-{n}" for n in itertools.count(1))
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__()
 
     def calls(self, method: str, path: str) -> list[Request]:
         return [r for r in self.requests if r.method == method and r.path == API + path]
@@ -132,36 +120,14 @@ class KfpServer:
             return 200, run
         return 404, {"message": f"no route for {request.method} {request.path}"}
 
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self):
-                url = urlparse(self.path)
-                query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                request = Request(self.command, url.path, query)
-                content_type = self.headers.get("Content-Type", "")
-                if content_type.startswith("multipart/form-data"):
-                    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-                        f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
-                    request.files = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-                                     for part in message.iter_parts()}
-                elif raw:
-                    request.body = json.loads(raw)
-                with server._lock:
-                    server.requests.append(request)
-                    status, payload = server.handle(request)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
+    def parse(self, method: str, path: str, query: dict[str, str], raw: bytes, headers) -> Request:
+        request = Request(method, path, query)
+        content_type = headers.get("Content-Type", "")
+        if content_type.startswith("multipart/form-data"):
+            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+            request.files = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                             for part in message.iter_parts()}
+        elif raw:
+            request.body = json.loads(raw)
+        return request

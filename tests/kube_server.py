@@ -19,10 +19,9 @@ import copy
 import itertools
 import json
 import re
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+
+from loopback import LoopbackApi
 
 PREFIX = "/apis/serving.kserve.io/v1beta1/namespaces/"
 _PATH = re.compile(r"^/apis/serving\.kserve\.io/v1beta1/namespaces/([^/]+)/inferenceservices(?:/([^/]+))?$")
@@ -49,7 +48,7 @@ def _status(code: int, reason: str, message: str, **details) -> tuple[int, dict]
                   "reason": reason, "code": code, **({"details": details} if details else {})}
 
 
-class KubeServer:
+class KubeServer(LoopbackApi):
     """``with KubeServer() as server:`` then ``server.client()`` is a kubernetes ApiClient pointed at it.
 
     Args:
@@ -73,19 +72,8 @@ class KubeServer:
         self.stale_reads, self.deployment_mode, self.reject = stale_reads, deployment_mode, reject
         self.namespaces = set(namespaces)
         self.objects: dict[tuple[str, str], Stored] = {}
-        self.requests: list[Request] = []
         self._versions = itertools.count(100)
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__()
 
     def client(self):
         """The real kubernetes ApiClient, configured at this server (no credentials, as kind's admin context over HTTP)."""
@@ -216,29 +204,5 @@ class KubeServer:
             return 200, obj
         return _status(405, "MethodNotAllowed", f"{verb} is not served here")
 
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self):
-                url = urlparse(self.path)
-                query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                request = Request(self.command, url.path, query, json.loads(raw) if raw else None)
-                with server._lock:
-                    server.requests.append(request)
-                    status, payload = server.handle(request)
-                text = isinstance(payload, str)
-                data = (payload if text else json.dumps(payload)).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
+    def parse(self, method: str, path: str, query: dict[str, str], raw: bytes, headers) -> Request:
+        return Request(method, path, query, json.loads(raw) if raw else None)

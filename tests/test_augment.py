@@ -189,6 +189,18 @@ def test_opencv_and_tensorflow_paths_agree(photos, fill_mode):
             assert diff.mean() < 0.4 and np.percentile(diff, 99) <= 1.0 and diff.max() <= 4.0
 
 
+def test_opencv_warps_uint8_images_as_their_float32_copies(photos):
+    """uint8 images are converted to float32 before OpenCV's warp: no rounding, and the TF op's result to 0.01."""
+    for fill_mode in augment.FILL_MODES:
+        spec = augment.AugmentSpec(**augment.CLASSIC.to_dict() | {"fill_mode": fill_mode, "cval": 50})
+        from_uint8 = augment.augment_batch(photos, spec, [9, 10], "opencv").numpy()
+        from_float = augment.augment_batch(photos.astype(np.float32), spec, [9, 10], "opencv").numpy()
+        np.testing.assert_array_equal(from_uint8, from_float)
+        assert not np.array_equal(from_uint8, np.round(from_uint8)), "a uint8 warp would give whole numbers"
+        tf_op = augment.augment_batch(photos, spec, [9, 10], "tf").numpy()
+        np.testing.assert_allclose(from_uint8, tf_op, atol=0.01)
+
+
 def test_auto_backend_and_bad_backend():
     expected = "tf" if tf.config.list_physical_devices("GPU") else "opencv"
     assert augment.resolve_backend("auto") == expected

@@ -242,6 +242,25 @@ def test_training_batches_repeat_with_a_seed_and_change_each_epoch(photos):
     assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, other, strict=True))
 
 
+def test_grouped_batches_are_the_batches_augmented_one_at_a_time():
+    """Small images are augmented several batches per call: each batch keeps its own seed pair and size."""
+    images = np.random.default_rng(0).integers(0, 256, (100, 16, 16, 3), dtype=np.uint8)
+    data = tf.data.Dataset.from_tensor_slices((images, np.arange(len(images))))
+    assert augment.batches_per_call((16, 16, 3), 8) == augment.GROUP_MAX
+    assert augment.batches_per_call((224, 224, 3), 32) == 1  # 19 MB a batch: splitting would copy it
+    # One batch at a time, as augment_batch draws: the same shuffle, then each batch with the next seed pair.
+    shuffled = data.shuffle(augment.shuffle_buffer(data), seed=5, reshuffle_each_iteration=True).batch(8)
+    seeds = tf.data.Dataset.random(seed=5, rerandomize_each_iteration=True).batch(2)
+    expected = tf.data.Dataset.zip((shuffled, seeds)).map(
+        lambda xy, s: (augment.augment_batch(xy[0], augment.CLASSIC, s, "opencv"), xy[1]))
+    got = list(augment.training_batches(data, augment.CLASSIC, 8, 5, backend="opencv").as_numpy_iterator())
+    want = list(expected.as_numpy_iterator())
+    assert [len(y) for _, y in got] == [8] * 12 + [4]  # 100 images: the last batch is short, as batch() leaves it
+    for (x, y), (wx, wy) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(y, wy)
+        np.testing.assert_array_equal(x, wx)
+
+
 def test_training_batches_without_a_spec_are_not_augmented(photos):
     data = tf.data.Dataset.from_tensor_slices((photos, np.arange(len(photos))))
     for spec in (None, augment.AugmentSpec()):

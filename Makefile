@@ -26,7 +26,7 @@ ARGS ?=
 # downloads its binary from GitHub, so it is not in dev (machines that reach only PyPI install dev).
 EXTRAS ?= dev
 
-.PHONY: install run compile check-compiled test test-fast lint bench bench-gpu images push constraints kind-up kind-load kind-e2e clean
+.PHONY: install run compile check-compiled test test-fast lint bench bench-gpu record images push constraints kind-up kind-load kind-e2e clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "kftune needs Python 3.11 (TensorFlow 2.21 wheels): set PYTHON=python3.11")'
@@ -66,6 +66,12 @@ bench: $(STAMP)
 # search's trials per hour, in one table, in under 10 minutes; says it skipped, and exits 0, without a GPU.
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu.py
+
+# Runs one benchmark and writes its output, date, machine and commit between its markers in docs/benchmarks.md,
+# e.g. make record NAME=bench_prune CMD="$(BIN)/python bench/bench_prune.py"
+record: $(STAMP)
+	@test -n "$(NAME)" -a -n "$(CMD)" || { echo 'make record needs NAME and CMD, e.g. make record NAME=bench_prune CMD=".venv/bin/python bench/bench_prune.py"'; exit 2; }
+	$(BIN)/python bench/record.py $(NAME) -- $(CMD)
 
 images:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a running Docker engine; none found here."; exit 1; }

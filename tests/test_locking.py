@@ -67,10 +67,14 @@ def test_on_gcs_a_held_lock_blocks_the_next_holder_until_released(bucket, fault_
     proxy = fault_proxy({"api": ["ok"], "upload": ["ok"], "download": ["ok"]})
     uri = f"gs://{bucket}/state/oracle.lock"
     second_in = threading.Event()
+    failed = []
 
     def second():
-        with locking.lock(uri, poll=0.02, stale_after=60):
-            second_in.set()
+        try:
+            with locking.lock(uri, poll=0.02, stale_after=60):
+                second_in.set()
+        except Exception as e:  # noqa: BLE001 - a thread's exception is otherwise only printed: carry it to the assert
+            failed.append(e)
 
     with locking.lock(uri, poll=0.02):
         thread = threading.Thread(target=second)
@@ -79,8 +83,9 @@ def test_on_gcs_a_held_lock_blocks_the_next_holder_until_released(bucket, fault_
         assert not second_in.is_set(), "two holders of one lock"
         assert proxy.preconditions_refused >= 1
     thread.join(timeout=30)
-    assert second_in.is_set()
-    assert storage._client().bucket(bucket).get_blob("state/oracle.lock") is None
+    left = storage._client().bucket(bucket).get_blob("state/oracle.lock")
+    assert second_in.is_set(), (failed, left and left.download_as_text(), proxy.log[-6:])
+    assert left is None
 
 
 def test_on_gcs_a_dead_holders_lock_is_taken_over_once_stale(bucket):

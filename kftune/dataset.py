@@ -54,6 +54,9 @@ class IngestConfig:
         shard_size: Examples per TFRecord shard.
         max_corrupt_fraction: Undecodable images are skipped and counted;
             ingest fails when more than this share of the images are bad.
+        folds: The search's k-fold cross-validation (the search's parameter):
+            ingest, the first step that counts each class's training images,
+            refuses a split with fewer of them than folds, before any search worker starts.
     """
 
     source: str = BUNDLED
@@ -64,12 +67,13 @@ class IngestConfig:
     seed: int = 0
     shard_size: int = 4096
     max_corrupt_fraction: float = 0.05
+    folds: int = 1
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source.strip():
             raise InputError(f"`source` is empty: give bundled:digits, a folder, or a gs:// prefix. Received: {self.source!r}")
         storage.check_location(self.source, "source")
-        check_whole_numbers(self, {"image_size": None, "channels": None, "seed": 0, "shard_size": None})
+        check_whole_numbers(self, {"image_size": None, "channels": None, "seed": 0, "shard_size": None, "folds": 1})
         check_numbers(self, ("validation_fraction", "test_fraction", "max_corrupt_fraction"))
         if not 8 <= self.image_size <= 1024:
             raise InputError(f"`image_size` must be between 8 and 1024. Received: image_size={self.image_size}")
@@ -406,6 +410,21 @@ def _refuse_emptied_classes(per_class: dict[str, list[int]], class_names: list[s
         )
 
 
+def _refuse_too_few_for_folds(train_counts: list[int], class_names: list[str], folds: int) -> None:
+    """Refuses a training split in which a class has fewer images than the search's folds.
+
+    The search's stratified k-fold needs each class in every fold; found here, in
+    ingest, the run stops before any search worker asks for a GPU.
+    """
+    if folds <= 1 or min(train_counts) >= folds:
+        return
+    smallest = min(range(len(class_names)), key=lambda label: train_counts[label])
+    raise InputError(
+        f"`folds`={folds} needs at least {folds} training images of every class, but class "
+        f"`{class_names[smallest]}` has {train_counts[smallest]} in the training split: lower `folds` or add images."
+    )
+
+
 def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str], None] = log.info) -> DatasetInfo:
     """Reads ``config.source``, splits it, and writes a kftune dataset to ``output_dir``."""
     output_dir = Path(output_dir)
@@ -420,6 +439,11 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
         if len(class_names) < 2:
             raise InputError(f"dataset source `{config.source}` has {len(class_names)} class: a classifier needs at least 2.")
         splits = split_indices([label for _, label in records], config, class_names)
+        # Before any image is decoded; checked again below on what was written (skipped images count out).
+        train_counts = [0] * len(class_names)
+        for index in splits["train"]:
+            train_counts[records[index][1]] += 1
+        _refuse_too_few_for_folds(train_counts, class_names, config.folds)
         progress(f"ingest: {len(records)} images, {len(class_names)} classes from {config.source}")
         total, bad = len(records) + skipped, []
         if skipped > config.max_corrupt_fraction * total:
@@ -456,6 +480,7 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
             counts[split] = writer.count
             progress(f"ingest: wrote {writer.count} {split} images")
         _refuse_emptied_classes(per_class, class_names, config.source)
+        _refuse_too_few_for_folds(per_class["train"], class_names, config.folds)
     if skipped:
         progress(f"ingest: skipped {skipped} undecodable image(s) of {total}")
     info = DatasetInfo(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -132,6 +133,10 @@ def resolve_builder(name: str) -> Callable:
     return getattr(module, attr)
 
 
+class BuilderError(RuntimeError):
+    """The model-building function raised: a failed trial, or (on the search's first call) a function that is no builder."""
+
+
 def build(name: str, input_shape, num_classes: int, **hyperparameters):
     """Builds a model with the family or the user's ``module:function`` ``name``, and checks what came back.
 
@@ -142,10 +147,23 @@ def build(name: str, input_shape, num_classes: int, **hyperparameters):
     """
     builder = resolve_builder(name)
     try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):  # a builtin without one: the call itself tells
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(tuple(input_shape), num_classes, **hyperparameters)
+        except TypeError as e:
+            # Not a failed trial: every trial would fail the same way before the function's body ran.
+            raise InputError(
+                f"model function `{name}` cannot be called as fn(input_shape, num_classes"
+                f"{''.join(f', {k}=...' for k in hyperparameters)}): {e}. A model builder takes the input shape, "
+                "the number of classes and the search space's hyperparameters as keywords.") from e
+    try:
         model = builder(tuple(input_shape), num_classes, **hyperparameters)
     except Exception as e:  # noqa: BLE001 - the user's own code: named, then recorded as the trial's failure
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise RuntimeError(f"model function `{name}` raised {type(e).__name__}: {first}") from e
+        raise BuilderError(f"model function `{name}` raised {type(e).__name__}: {first}") from e
     k = keras()
     if not isinstance(model, k.Model):
         kind = type(model).__module__.split(".")[0] if model is not None else ""

@@ -53,8 +53,8 @@ STAGES: dict[str, tuple[type, tuple[str, ...]]] = {
     "deploy": (DeployConfig, ("serving_name", "serving_namespace", "serving_storage_uri", "canary_traffic_percent",
                               "serving_timeout")),
 }
-# Fields every step that has them takes from one parameter.
-SHARED = ("seed",)
+# Fields every step that has them takes from one parameter (ingest refuses too few images for the folds).
+SHARED = ("seed", "folds")
 
 _TYPES = {int: "int", float: "float", str: "str", bool: "bool"}
 _KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
@@ -108,7 +108,10 @@ def _table() -> tuple[Parameter, ...]:
                 raise AssertionError(f"{cls.__name__}.{name} has no line under Attributes: in its docstring")
             params[name] = Parameter(name, kind, field.default, docs[name], (stage,))
     for name in SHARED:
-        feeds = tuple(stage for stage, (cls, _) in STAGES.items() if name in {f.name for f in dataclasses.fields(cls)})
+        # The stage that exposes it first: the settings table lists it there.
+        feeds = params[name].stages + tuple(stage for stage, (cls, _) in STAGES.items()
+                                            if stage not in params[name].stages
+                                            and name in {f.name for f in dataclasses.fields(cls)})
         params[name] = dataclasses.replace(params[name], stages=feeds)
     return tuple(params.values())
 

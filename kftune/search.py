@@ -194,6 +194,26 @@ class SearchSpace:
                     hp.Fixed(p.name, p.value)
         return hp
 
+    def corner(self, last: bool = False) -> dict:
+        """A point of the space: each active parameter's default (else its first value or ``min``, False for a
+        bool), or with ``last`` its last value or ``max`` (True for a bool)."""
+        out: dict = {}
+        for p in self.params:
+            if p.when and out.get(p.when[0]) not in p.when[1]:
+                continue
+            if p.type == "fixed":
+                out[p.name] = p.value
+            elif p.default is not None and not last:
+                out[p.name] = p.default
+            elif p.type == "choice":
+                out[p.name] = p.values[-1 if last else 0]
+            elif p.type == "bool":
+                out[p.name] = last
+            else:
+                bound = p.max if last else p.min
+                out[p.name] = int(bound) if p.type == "int" else bound
+        return out
+
     def grid_size(self) -> int:
         size = 1
         for p in self.params:
@@ -402,7 +422,9 @@ def ask(config: SearchConfig, oracle_dir: str | Path, worker: str = "worker0") -
     trial = oracle.create_trial(worker)
     oracle.save()
     if trial.status == kt.engine.trial.TrialStatus.RUNNING:
-        return RUNNING, {"trial_id": trial.trial_id, "values": dict(trial.hyperparameters.values)}
+        # "first": no trial has completed yet, so a model function that fails here may be no builder at all.
+        first = not any(r.status == "COMPLETED" for r in results(oracle_dir))
+        return RUNNING, {"trial_id": trial.trial_id, "values": dict(trial.hyperparameters.values), "first": first}
     return (STOPPED, None) if trial.status == kt.engine.trial.TrialStatus.STOPPED else (IDLE, None)
 
 
@@ -496,14 +518,19 @@ def _trial_data(dataset_dir, info: dataset.DatasetInfo, in_validation):
     return members(False), members(True)
 
 
-def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfig, *, compile: bool = True):
-    """Builds (and compiles) the model a trial's hyperparameters describe."""
+def model_arguments(values: dict, config: SearchConfig) -> dict:
+    """The hyperparameters a trial passes to the model function (not the optimizer's or the batch size)."""
     hyper = own_values(values)
     model_args = {k: v for k, v in hyper.items() if k not in ("learning_rate", "batch_size", "optimizer", "momentum")}
     # An int hyperparameter reaches the user's function as an int, whatever JSON made of it on the way.
     ints = {p.name for p in config.space.params if p.type == "int"}
-    model_args = {k: int(v) if k in ints else v for k, v in model_args.items()}
-    model = models.build(config.model, info.shape, info.num_classes, **model_args)
+    return {k: int(v) if k in ints else v for k, v in model_args.items()}
+
+
+def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfig, *, compile: bool = True):
+    """Builds (and compiles) the model a trial's hyperparameters describe."""
+    hyper = own_values(values)
+    model = models.build(config.model, info.shape, info.num_classes, **model_arguments(values, config))
     if not compile:
         return model
     return models.compile_model(
@@ -513,6 +540,37 @@ def build_for_trial(values: dict, info: dataset.DatasetInfo, config: SearchConfi
         learning_rate=hyper.get("learning_rate", config.learning_rate),
         momentum=hyper.get("momentum", 0.0),
     )
+
+
+def _build_first(trial: dict, info: dataset.DatasetInfo, config: SearchConfig):
+    """Builds a trial's model; a function that fails the same way for the search's first trial and for another
+    point of the space is no model builder (a typo'd name, the wrong function): one line, and the search stops.
+
+    When the space gives the model function no arguments, every trial builds the same model, so a first
+    failure is every trial's. A function that fails for some values only is a failed trial and the search goes on.
+    """
+    try:
+        return build_for_trial(trial["values"], info, config)
+    except models.BuilderError as e:
+        if not trial.get("first"):
+            raise
+        tried = model_arguments(trial["values"], config)
+        others = [point for point in (config.space.corner(), config.space.corner(last=True))
+                  if model_arguments(point, config) != tried]
+        if others:
+            try:
+                build_for_trial(others[0], info, config, compile=False)
+                same = False  # it builds for other values: this trial's failure is its own
+            except models.BuilderError as again:
+                same = type(again.__cause__) is type(e.__cause__)
+            if not same:
+                raise
+        said = str(e).split(" raised ", 1)[-1]
+        again = "and again for another point of the search space" if others else "and every trial builds the same model"
+        raise InputError(
+            f"`model` `{config.model}` is no model builder kftune can call: it raised {said} for the first trial "
+            f"{again}. It must be fn(input_shape, num_classes, **hyperparameters) returning an uncompiled tf-keras "
+            "model: fix it and run again.") from e
 
 
 def run_trial(
@@ -564,7 +622,7 @@ def run_trial(
             if history is None:
                 tf.keras.backend.clear_session()
                 tf.keras.utils.set_random_seed(config.seed + fold)
-                model = build_for_trial(values, info, config)
+                model = _build_first(trial, info, config)
                 if parent:
                     model.load_weights(parent_weights)
                 train_data, val_data = _trial_data(dataset_dir, info, in_validation)

@@ -146,6 +146,16 @@ def test_a_user_model_function_that_raises_is_named_in_the_error(tmp_path, monke
         models.build("raising:build", (8, 8, 3), 10)
 
 
+def test_a_function_that_cannot_take_a_builders_arguments_is_one_line_before_it_runs(tmp_path, monkeypatch):
+    (tmp_path / "not_builders.py").write_text("def render(template):\n    open('called', 'w')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"model function `not_builders:render` cannot be called as "
+                                         r"fn\(input_shape, num_classes, units=\.\.\.\): too many positional"):
+        models.build("not_builders:render", (8, 8, 3), 10, units=4)
+    assert not (tmp_path / "called").exists()
+
+
 def test_user_model_function_is_resolved(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(textwrap.dedent("""
         import tf_keras as keras

@@ -42,6 +42,12 @@ def test_one_seed_feeds_every_step_and_each_value_reaches_its_step():
     assert parameters.load(SearchConfig, settings.stage_json("search")) == settings.search
 
 
+def test_folds_reach_ingest_which_counts_each_class_first():
+    settings = parameters.validate({"folds": 3})
+    assert settings.ingest.folds == settings.search.folds == 3
+    assert parameters.BY_NAME["folds"].stages == ("search", "ingest")  # listed under the search in the settings table
+
+
 @pytest.mark.parametrize("values, message", [
     ({"finetune_epochs": "4"}, r"`finetune_epochs` must be a whole number. Received: finetune_epochs='4'"),
     ({"target_sparsity": float("inf")}, r"`target_sparsity` must be a finite number"),

@@ -160,6 +160,27 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(digits_dir, tmp_pat
     assert best.values["dense_units"] == 32
 
 
+@pytest.mark.parametrize("space", [search.CLASSIC_SPACE_YAML, "dense_units: {type: choice, values: [8, 16, 24]}"])
+def test_a_model_function_that_fails_on_its_first_call_stops_the_search_at_once(digits_dir, tmp_path, monkeypatch,
+                                                                                 space):
+    # Takes a builder's arguments, then fails on every call as a function that is no model builder does: one
+    # line after the first trial (and one more call with other values when the space has model arguments).
+    (tmp_path / "no_builder.py").write_text(textwrap.dedent(f"""
+        def build(input_shape, num_classes, **kw):
+            with open({str(tmp_path / "calls")!r}, "a") as f:
+                f.write("call\\n")
+            return sorted(input_shape, key=num_classes)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = search.SearchConfig(search_algorithm="grid", max_trials=3, parallel_trials=1, trial_epochs=1,
+                                 model="no_builder:build", search_space=space, search_state_uri=str(tmp_path / "state"))
+    with pytest.raises(InputError, match=r"`model` `no_builder:build` is no model builder kftune can call: it raised "
+                                         r"TypeError: 'int' object is not callable for the first trial"):
+        search.work(digits_dir, config, progress=lambda _: None)
+    assert len((tmp_path / "calls").read_text().split()) == (1 if space == search.CLASSIC_SPACE_YAML else 2)
+    assert not list((tmp_path / "state").rglob("*.epochs.json"))
+
+
 def test_trials_share_a_child_process_and_one_that_kills_it_is_recorded_and_replaced(digits_dir, tmp_path,
                                                                                     monkeypatch):
     # A worker's trials run in one child process (its start-up, seconds of TensorFlow, is paid once), not in

@@ -1,21 +1,41 @@
-"""Structured pruning: remove whole filters and units, and rebuild a smaller dense model.
+"""Structured pruning of whole models: remove groups of channels, rebuild a smaller dense model.
 
 tfmot's magnitude pruning sets weights to zero and keeps them: the file is as
-large as before and runs as fast. Here the lowest-importance filters of Conv2D
-layers and units of Dense layers (importance: the L1 norm of each one's
-kernel slice) are removed, the layers that read them lose the matching inputs
-(through BatchNormalization, DepthwiseConv2D with depth_multiplier 1,
-pooling, padding, dropout, activations and Flatten), and the model is rebuilt
-from its own config with the surviving weights. What comes out is an ordinary
-Keras model, smaller and faster in any runtime, which :mod:`kftune.prune`
-then fine-tunes.
+large as before and runs as fast. Here whole channels go, and the model is
+rebuilt from its own config with the surviving weights: an ordinary Keras
+model, smaller and faster in any runtime, which :mod:`kftune.prune` then
+fine-tunes.
 
-A layer is left whole, and named with the reason, where removing its outputs
-would change what another layer computes in a way kftune does not rewrite:
-the model's output layer, layers feeding Add, Concatenate, Multiply, a nested
-model, a custom layer or several layers' shared inputs. A nested model (a
-frozen pretrained backbone) is kept whole, so for a backbone classifier only
-the trainable head shrinks.
+Channels cannot be removed one layer at a time where layers share them: the
+two inputs of an Add, a depthwise convolution and the BatchNormalization around
+it, the squeeze-excite product of EfficientNet. As Torch-Pruning's dependency
+graph (DepGraph, CVPR 2023) does for PyTorch, kftune reads the model's graph
+once, with nested models (a keras.applications base) flattened into it, and
+finds the *groups*: sets of channels that must go together. A group has
+
+- producers, the Conv2D and Dense layers whose outputs are its channels (the
+  block's expand convolution and its squeeze-excite expand convolution are one
+  group, as are every convolution feeding one chain of residual Adds);
+- per-channel layers that are sliced with it (BatchNormalization,
+  DepthwiseConv2D with depth_multiplier 1, the target shape of a Reshape);
+- readers, the Conv2D and Dense layers that lose the matching input rows
+  (through Concatenate and Flatten by index mapping).
+
+Activations, pooling, padding, cropping, resizing, dropout, scalar Rescaling,
+GlobalPooling and channel-preserving Reshape pass channels through; Add,
+Subtract, Multiply, Average, Maximum and Minimum join their inputs' groups.
+
+Importance (stated, one criterion): where the group holds BatchNormalization
+layers, each channel's |gamma| (Network Slimming's BN scale); otherwise the L1
+norm of each producer's kernel slice. Each layer's scores are divided by their
+mean so that no layer dominates by its scale, then summed over the group. The
+lowest-scoring ``fraction`` of each group's channels is removed.
+
+A group is left whole, with the reason in the plan, where it reaches the
+model's output or input, where a producer is excluded by ``prune_layer_types``,
+or where it touches a layer whose channel semantics kftune does not know
+(a custom layer, LayerNormalization, a softmax over channels, a grouped
+convolution, ...). Such a layer is named; the rest of the model still shrinks.
 """
 
 from __future__ import annotations
@@ -29,200 +49,521 @@ import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import models
 from kftune.errors import InputError
 
-# Layers whose output channels are their input channels, weights untouched: a removed channel passes through.
-PASSTHROUGH = ("Activation", "ReLU", "LeakyReLU", "ELU", "Dropout", "SpatialDropout2D", "GaussianNoise",
-               "GaussianDropout", "MaxPooling2D", "AveragePooling2D", "ZeroPadding2D", "Cropping2D", "UpSampling2D",
-               "GlobalAveragePooling2D", "GlobalMaxPooling2D")
-# Layers with one weight slice per channel, sliced with it.
-PER_CHANNEL = ("BatchNormalization", "DepthwiseConv2D")
-# Layers that read the channels and produce their own: they lose the matching inputs.
-READERS = ("Conv2D", "Dense")
-# Layers whose outputs can be removed.
-SHRINKABLE = ("Conv2D", "Dense")
+# Layers whose output channels are their input channels, without weights: a removed channel passes through.
+PASSTHROUGH = ("Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "ThresholdedReLU", "Dropout", "SpatialDropout2D",
+               "GaussianNoise", "GaussianDropout", "AlphaDropout", "MaxPooling2D", "AveragePooling2D", "ZeroPadding2D",
+               "Cropping2D", "UpSampling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Resizing",
+               "ActivityRegularization")
+# Layers with a constant per channel in their config (input preprocessing): channels pass, but stay whole.
+PINNED = ("CaffePreprocess", "Normalization")
+# Layers joining their inputs channel by channel: their inputs' channels are one group.
+ELEMENTWISE = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
+# Layers that produce channels of their own and read their inputs' channels.
+PRODUCERS = ("Conv2D", "Dense")
+# Activations that mix channels: a producer with one cannot lose outputs without changing the others.
+MIXING = ("softmax", "log_softmax")
+IMPORTANCE = ("BatchNormalization |gamma| where the group has one, else the L1 norm of each producer's kernel "
+              "slice; each layer's scores divided by their mean, summed over the group")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where a tensor's last-axis channels come from: segments (space, width) in order, repeated ``repeat``
+    times (``repeat`` > 1 after Flatten: the channels of each spatial position in turn)."""
+
+    segments: tuple[tuple[int, int], ...]
+    repeat: int = 1
+
+    @property
+    def width(self) -> int:
+        return sum(w for _, w in self.segments) * self.repeat
+
+    @property
+    def simple(self) -> bool:
+        return len(self.segments) == 1 and self.repeat == 1
+
+
+class _Spaces:
+    """Channel spaces joined into groups (union-find), each with its producers and reasons to stay whole."""
+
+    def __init__(self):
+        self.parent: list[int] = []
+        self.width: list[int] = []
+        self.reasons: list[list[str]] = []
+        self.producers: list[list[str]] = []
+
+    def new(self, width: int, producer: str | None = None, reason: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.width.append(int(width))
+        self.reasons.append([reason] if reason else [])
+        self.producers.append([producer] if producer else [])
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[b] = a
+            self.reasons[a] += self.reasons[b]
+            self.producers[a] += self.producers[b]
+        return a
+
+    def block(self, layout: _Layout, reason: str) -> None:
+        for s, _ in layout.segments:
+            root = self.find(s)
+            if reason not in self.reasons[root]:
+                self.reasons[root].append(reason)
+
+
+@dataclasses.dataclass
+class Group:
+    """Channels that go together: ``keep`` (indices kept) or None where the group stays whole (``why``)."""
+
+    producers: list[str]
+    members: list[str]  # per-channel layers sliced with the group
+    readers: list[str]
+    width: int
+    keep: np.ndarray | None
+    why: str
+
+    @property
+    def block(self) -> str:
+        """The name the group's producers share up to their last ``_`` part (MobileNetV2's ``block_3``,
+        EfficientNet's ``block2a``), or the first producer's name."""
+        names = sorted(self.producers)
+        common = names[0]
+        for name in names[1:]:
+            while not name.startswith(common):
+                common = common[:-1]
+        common = common.rstrip("_")
+        return common if len(common) >= 3 else names[0]
 
 
 @dataclasses.dataclass
 class Plan:
-    """What shrinking does to each layer with a kernel: ``keep`` (indices kept) or ``whole`` (reason)."""
+    """The groups the graph holds, what each keeps, and the layers the analysis does not know."""
 
-    keep: dict[str, np.ndarray]
-    widths: dict[str, int]
-    units: dict[str, str]  # "filters" or "units"
-    whole: dict[str, str]
-    # Per shrunk layer: the per-channel layers and the (reader, Flatten between or "") its outputs reach.
-    reach: dict[str, tuple[list[str], list[tuple[str, str]]]]
+    groups: list[Group]
+    unknown: dict[str, str]  # layer -> why it is left whole
+    units: dict[str, str]  # producer -> "filters" or "units"
+
+    @property
+    def keep(self) -> dict[str, np.ndarray]:
+        """Per producer of a shrunk group: the output indices kept."""
+        return {p: g.keep for g in self.groups if g.keep is not None for p in g.producers}
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {p: g.width for g in self.groups for p in g.producers}
+
+    @property
+    def whole(self) -> dict[str, str]:
+        """Per producer of a group left whole, and per unknown layer: why."""
+        out = {p: g.why for g in self.groups if g.keep is None for p in g.producers}
+        out.update(self.unknown)
+        return out
 
     def describe(self) -> dict[str, str]:
-        """One line per layer: what it got."""
-        out = {name: f"structured: {self.widths[name]} -> {len(kept)} {self.units[name]}"
-               for name, kept in self.keep.items()}
-        out.update({name: f"left whole: {reason}" for name, reason in self.whole.items()})
+        """One line per layer with a kernel or left whole: what it got."""
+        out = {}
+        for g in self.groups:
+            for p in g.producers:
+                out[p] = (f"structured: {g.width} -> {len(g.keep)} {self.units[p]}" if g.keep is not None
+                          else f"left whole: {g.why}")
+        out.update({name: f"left whole: {reason}" for name, reason in self.unknown.items()})
         return out
+
+    def blocks(self) -> list[list]:
+        """Per group, in graph order: [block, producers, channels kept, why]: the prune report's table."""
+        rows = []
+        for g in self.groups:
+            kept = f"{len(g.keep)} of {g.width}" if g.keep is not None else f"{g.width} of {g.width}"
+            rows.append([g.block, ", ".join(g.producers), kept, g.why])
+        return rows
 
 
 @dataclasses.dataclass
-class _Graph:
-    """A model's top-level layers as its config wires them (Sequential or functional alike)."""
+class Graph:
+    """A model as one flat functional config (nested functional models inlined) and its leaf layers by name."""
 
     config: dict
-    entries: dict[str, dict]  # layer name -> its dict in config["layers"]
-    order: list[str]
-    consumers: dict[str, list[str]]
-    outputs: set[str]
-    shared: set[str]  # layers called more than once
+    layers: dict[str, object]  # flat name -> the original layer object (weights, shapes)
+    sequential: bool = False
 
 
-def _graph(model) -> _Graph:
+def _refs(node) -> list[list]:
+    """The [name, node, tensor, kwargs] entries of a config node (tf-keras' list format)."""
+    return [item for item in node if isinstance(item, list | tuple) and item and isinstance(item[0], str)]
+
+
+def _flatten(config: dict, model) -> tuple[dict, dict[str, object]]:
+    """``config`` with every nested functional model called once replaced by its own layers."""
+    k = models.keras()
+    layers: dict[str, object] = {}
+    out_layers = []
+    taken = {e["name"] for e in config["layers"]}
+    remap: dict[str, list] = {}  # nested model name -> its output refs in the flat graph
+
+    def fix(ref):
+        if ref[0] in remap:
+            name, node, tensor = remap[ref[0]][ref[2]]
+            return [name, node, tensor, *ref[3:]] if len(ref) > 3 else [name, node, tensor]
+        return ref
+
+    for entry in config["layers"]:
+        layer = model.get_layer(entry["name"])
+        for node in entry.get("inbound_nodes") or []:
+            node[:] = [fix(r) if isinstance(r, list) and r and isinstance(r[0], str) else r for r in node]
+        nested = isinstance(layer, k.Model) and "layers" in entry["config"] and "input_layers" in entry["config"] \
+            and not isinstance(layer, k.Sequential) and len(entry.get("inbound_nodes") or []) == 1
+        if not nested:
+            out_layers.append(entry)
+            layers[entry["name"]] = layer
+            continue
+        inner, inner_layers = _flatten(copy.deepcopy(entry["config"]), layer)
+        sources = [r[:3] for r in _refs(entry["inbound_nodes"][0])]
+        inputs = {ref[0]: sources[i] for i, ref in enumerate(inner["input_layers"])}
+        rename = {}
+        for e in inner["layers"]:
+            if e["name"] in inputs:
+                continue
+            new = e["name"] if e["name"] not in taken else f"{entry['name']}_{e['name']}"
+            taken.add(new)
+            rename[e["name"]] = new
+        for e in inner["layers"]:
+            if e["name"] in inputs:
+                continue
+            for node in e.get("inbound_nodes") or []:
+                for i, r in enumerate(node):
+                    if isinstance(r, list) and r and isinstance(r[0], str):
+                        node[i] = [*inputs[r[0]], {}] if r[0] in inputs else [rename[r[0]], *r[1:]]
+            old = e["name"]
+            e["name"] = e["config"]["name"] = rename[old]
+            out_layers.append(e)
+            layers[rename[old]] = inner_layers[old]
+        remap[entry["name"]] = [[rename.get(n, n), node, t] if n not in inputs else inputs[n]
+                                for n, node, t in (r[:3] for r in inner["output_layers"])]
+    config["layers"] = out_layers
+    config["output_layers"] = [fix(r) for r in config["output_layers"]]
+    return config, layers
+
+
+def graph(model) -> Graph:
+    """The model's flat graph (Sequential, functional, nested functional bases inlined)."""
     k = models.keras()
     if isinstance(model, k.Sequential):
         config = copy.deepcopy(model.get_config())
-        entries = {e["config"]["name"]: e for e in config["layers"]}
-        order = list(entries)
-        consumers = {a: [b] for a, b in zip(order, order[1:], strict=False)}
-        return _Graph(config, entries, order, consumers, {order[-1]}, set())
+        entries = config["layers"]
+        names = [e["config"]["name"] for e in entries]
+        layers = {name: layer for name, layer in zip(names[1:], model.layers, strict=False)} \
+            if entries and entries[0]["class_name"] == "InputLayer" else dict(zip(names, model.layers, strict=False))
+        if len(layers) != len(model.layers):
+            raise InputError(f"Sequential model `{model.name}` has no Input layer: build it with keras.Input(shape) "
+                             "first, so that structured pruning can read its shapes.")
+        flat = {"name": model.name, "layers": [], "input_layers": [[names[0], 0, 0]],
+                "output_layers": [[names[-1], 0, 0]]}
+        for i, e in enumerate(entries):
+            flat["layers"].append({"class_name": e["class_name"], "config": e["config"], "name": names[i],
+                                   "inbound_nodes": [[[names[i - 1], 0, 0, {}]]] if i else []})
+        layers[names[0]] = None
+        return Graph(flat, layers, sequential=True)
     if not getattr(model, "_is_graph_network", False):
         raise InputError(
             f"model `{model.name}` ({type(model).__name__}) is a subclassed Keras model, which structured pruning "
             "cannot rebuild from its config: build it as a Sequential or functional model, or use "
             "prune_method=magnitude.")
-    config = copy.deepcopy(model.get_config())
-    entries = {e["name"]: e for e in config["layers"]}
-    consumers: dict[str, list[str]] = {name: [] for name in entries}
-    shared = set()
-    for name, entry in entries.items():
-        nodes = entry.get("inbound_nodes") or []
-        if len(nodes) > 1:
-            shared.add(name)
-        for node in nodes:
-            for source in _sources(node):
-                consumers.setdefault(source, []).append(name)
-    outputs = {out[0] for out in config["output_layers"]}
-    return _Graph(config, entries, list(entries), consumers, outputs, shared)
+    config, layers = _flatten(copy.deepcopy(model.get_config()), model)
+    return Graph(config, layers)
 
 
 def consumers(model) -> dict[str, list[str]]:
     """The layers that read each top-level layer's output, by name (Sequential or functional)."""
-    return _graph(model).consumers
-
-
-def _sources(node) -> list[str]:
-    """The layer names a config node reads (tf-keras' ``[[name, node, tensor, kwargs], ...]``)."""
-    return [item[0] for item in node if isinstance(item, list | tuple) and item and isinstance(item[0], str)]
-
-
-def _trace(graph: _Graph, layers: dict, start: str) -> tuple[list[str], list[tuple[str, str]], str | None]:
-    """Follows ``start``'s outputs forward: (per-channel layers, (reader, via Flatten or "") pairs, blocker)."""
-    per_channel, readers = [], []
-    stack = [(c, "") for c in graph.consumers.get(start, [])]
-    if start in graph.outputs:
-        return [], [], "it is the model's output"
-    while stack:
-        name, via = stack.pop()
-        kind = type(layers[name]).__name__
-        if name in graph.shared:
-            return [], [], f"it feeds `{name}`, which is called more than once"
-        if kind in READERS:
-            readers.append((name, via))
-            continue
-        if name in graph.outputs:
-            return [], [], f"its channels reach the model's output through `{name}`"
-        if kind == "Flatten":
-            if via:
-                return [], [], f"it is flattened twice before `{name}`"
-            via = name
-        elif kind in PER_CHANNEL:
-            layer = layers[name]
-            if via or (kind == "DepthwiseConv2D" and layer.depth_multiplier != 1) or \
-                    (kind == "BatchNormalization" and layer.axis not in ([-1], [3], [len(layer.input_shape) - 1])):
-                return [], [], f"it feeds `{name}` ({kind}), whose channels kftune does not slice"
-            per_channel.append(name)
-        elif kind not in PASSTHROUGH:
-            return [], [], f"it feeds `{name}` ({kind}), which structured pruning does not rewrite"
-        stack.extend((c, via) for c in graph.consumers.get(name, []))
-    return per_channel, readers, None
-
-
-def _importance(layer) -> np.ndarray:
-    """L1 norm of each output's kernel slice."""
-    kernel = layer.kernel.numpy()
-    return np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
-
-
-def plan(model, fraction: float, layer_types: list[str] | None = None) -> tuple[Plan, _Graph]:
-    """Which outputs of which layers to keep when removing ``fraction`` of each shrinkable layer's outputs."""
     k = models.keras()
-    graph = _graph(model)
-    layers = {layer.name: layer for layer in model.layers}
-    if isinstance(model, k.Sequential) and graph.order[0] not in layers:
-        layers[graph.order[0]] = None  # the InputLayer entry of a Sequential config
-    keep, widths, units, whole, reach = {}, {}, {}, {}, {}
-    for name in graph.order:
-        layer = layers.get(name)
-        if layer is None or not layer.weights:
+    if isinstance(model, k.Sequential):
+        names = [layer.name for layer in model.layers]
+        return {a: [b] for a, b in zip(names, names[1:], strict=False)}
+    if not getattr(model, "_is_graph_network", False):
+        raise InputError(f"model `{model.name}` ({type(model).__name__}) is a subclassed Keras model: "
+                         "build it as a Sequential or functional model.")
+    out: dict[str, list[str]] = {e["name"]: [] for e in model.get_config()["layers"]}
+    for e in model.get_config()["layers"]:
+        for node in e.get("inbound_nodes") or []:
+            for ref in _refs(node):
+                out.setdefault(ref[0], []).append(e["name"])
+    return out
+
+
+def _channels_last(layer) -> bool:
+    axis = getattr(layer, "axis", -1)
+    axis = axis[0] if isinstance(axis, list | tuple) and len(axis) == 1 else axis
+    rank = len(layer.input_shape) if not isinstance(layer.input_shape, list) else 0
+    return axis == -1 or (rank and axis == rank - 1)
+
+
+@dataclasses.dataclass
+class _Analysis:
+    spaces: _Spaces
+    producers: dict[str, int]  # producer -> its output space
+    members: dict[str, _Layout]  # per-channel layer -> the layout it is sliced by
+    readers: dict[str, _Layout]  # reader -> its input layout
+    reshapes: dict[str, _Layout]
+    unknown: dict[str, str]
+    order: list[str]
+
+
+def _analyse(g: Graph, layer_types: list[str] | None) -> _Analysis:
+    spaces = _Spaces()
+    outputs: dict[str, list[_Layout]] = {}
+    producers, members, readers, reshapes, unknown, order = {}, {}, {}, {}, {}, []
+    model_outputs = {r[0] for r in g.config["output_layers"]}
+    model_inputs = {r[0] for r in g.config["input_layers"]}
+    for entry in g.config["layers"]:
+        name, kind = entry["name"], entry["class_name"]
+        layer = g.layers.get(name)
+        order.append(name)
+        nodes = entry.get("inbound_nodes") or []
+        ins = [outputs[r[0]][r[2]] for r in _refs(nodes[0])] if nodes else []
+        widths = _output_widths(layer) if layer is not None else [int(entry["config"]["batch_input_shape"][-1])]
+        if kind == "InputLayer" or name in model_inputs:
+            outputs[name] = [_Layout(((spaces.new(w, reason="they are the model's input"), w),)) for w in widths]
             continue
-        kind = type(layer).__name__
-        if isinstance(layer, k.Model):
-            whole[name] = "a nested model (pretrained base): kept whole"
+
+        def unknown_layer(why: str, name=name, ins=ins, widths=widths):
+            unknown[name] = why
+            for layout in ins:
+                spaces.block(layout, f"they reach `{name}`, which is left whole ({why})")
+            return [_Layout(((spaces.new(w, reason=f"`{name}` is left whole ({why})"), w),)) for w in widths]
+
+        out = None
+        if len(nodes) > 1:
+            out = unknown_layer("it is called more than once")
+        elif kind in PRODUCERS:
+            if kind == "Conv2D" and (layer.groups != 1 or layer.data_format != "channels_last"):
+                out = unknown_layer("a grouped or channels_first Conv2D")
+            else:
+                for layout in ins:
+                    readers[name] = layout
+                reason = None
+                if layer_types and kind not in layer_types:
+                    reason = f"{kind} is not in prune_layer_types"
+                elif name not in model_outputs and getattr(layer, "activation", None) is not None \
+                        and layer.activation.__name__ in MIXING:
+                    reason = f"`{name}`'s {layer.activation.__name__} mixes its outputs"
+                producers[name] = spaces.new(widths[0], name, reason)
+                out = [_Layout(((producers[name], widths[0]),))]
+        elif kind == "DepthwiseConv2D":
+            if layer.depth_multiplier != 1 or layer.data_format != "channels_last":
+                out = unknown_layer("a DepthwiseConv2D with depth_multiplier > 1 or channels_first")
+            else:
+                members[name], out = ins[0], [ins[0]]
+        elif kind == "BatchNormalization":
+            if not _channels_last(layer):
+                out = unknown_layer("BatchNormalization over another axis than the channels")
+            else:
+                members[name], out = ins[0], [ins[0]]
+        elif kind in PASSTHROUGH:
+            activation = entry["config"].get("activation")
+            if kind == "Activation" and activation in MIXING:
+                out = unknown_layer(f"a {activation} over the channels")
+            else:
+                out = [ins[0]]
+        elif kind in PINNED or kind == "Rescaling":
+            scalar = kind == "Rescaling" and all(np.ndim(entry["config"].get(key, 0.0)) == 0 for key in ("scale", "offset"))
+            if not scalar:
+                spaces.block(ins[0], f"`{name}` ({kind}) holds a constant per channel")
+            out = [ins[0]]
+        elif kind == "Reshape":
+            target = entry["config"]["target_shape"]
+            if ins[0].repeat == 1 and target and target[-1] == ins[0].width:
+                reshapes[name], out = ins[0], [ins[0]]
+            else:
+                out = unknown_layer("a Reshape that moves the channel axis")
+        elif kind == "Flatten":
+            layout = ins[0]
+            if layout.repeat != 1:
+                out = unknown_layer("flattened twice")
+            else:
+                positions = int(np.prod(layer.input_shape[1:-1])) if len(layer.input_shape) > 2 else 1
+                out = [_Layout(layout.segments, positions)]
+        elif kind in ELEMENTWISE:
+            if all(layout.simple for layout in ins) and len({layout.width for layout in ins}) == 1:
+                root = ins[0].segments[0][0]
+                for layout in ins[1:]:
+                    root = spaces.union(root, layout.segments[0][0])
+                out = [ins[0]]
+            elif len(set(ins)) == 1:
+                out = [ins[0]]
+            else:
+                out = unknown_layer(f"{kind} of inputs of different widths or concatenated inputs")
+        elif kind == "Concatenate":
+            rank = len(layer.output_shape)
+            if entry["config"].get("axis", -1) not in (-1, rank - 1) or any(layout.repeat != 1 for layout in ins):
+                out = unknown_layer("a Concatenate along another axis than the channels")
+            else:
+                out = [_Layout(tuple(s for layout in ins for s in layout.segments))]
+        else:
+            out = unknown_layer(f"{kind} is not a layer kind structured pruning knows")
+        outputs[name] = out
+        if name in model_outputs:
+            for layout in out:
+                spaces.block(layout, f"they are the model's output (`{name}`)")
+    return _Analysis(spaces, producers, members, readers, reshapes, unknown, order)
+
+
+def _output_widths(layer) -> list[int]:
+    shape = layer.output_shape
+    shapes = shape if isinstance(shape, list) else [shape]
+    return [int(s[-1]) if s and s[-1] is not None else 0 for s in shapes]
+
+
+def _scores(values: np.ndarray) -> np.ndarray:
+    return values / max(float(values.mean()), 1e-12)
+
+
+def _importance(g: Graph, producers: list[str], bns: list[str]) -> np.ndarray:
+    if bns:
+        return sum(_scores(np.abs(g.layers[b].gamma.numpy())) for b in bns)
+    total = 0
+    for p in producers:
+        kernel = g.layers[p].kernel.numpy()
+        total = total + _scores(np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0))
+    return total
+
+
+def plan(model, fraction: float, layer_types: list[str] | None = None) -> tuple[Plan, Graph]:
+    """The groups of ``model`` and which channels of each to keep when removing ``fraction`` of every group."""
+    g = graph(model)
+    return _plan(g, _analyse(g, layer_types), fraction), g
+
+
+def _plan(g: Graph, a: _Analysis, fraction: float) -> Plan:
+    spaces = a.spaces
+    by_root: dict[int, list[str]] = {}
+    for name in a.order:
+        if name in a.producers:
+            by_root.setdefault(spaces.find(a.producers[name]), []).append(name)
+
+    def in_group(layouts: dict[str, _Layout], root: int) -> list[str]:
+        return [n for n, layout in layouts.items() if any(spaces.find(s) == root for s, _ in layout.segments)]
+
+    groups, units = [], {}
+    for root, names in by_root.items():
+        width = spaces.width[root]
+        members = in_group(a.members, root)
+        group_readers = in_group(a.readers, root)
+        reasons = spaces.reasons[root]
+        for p in names:
+            units[p] = "filters" if type(g.layers[p]).__name__ == "Conv2D" else "units"
+        if not reasons and not group_readers:
+            reasons = ["no Conv2D or Dense reads them"]
+        if reasons:
+            groups.append(Group(names, members, group_readers, width, None, "; ".join(reasons)))
             continue
-        if kind not in SHRINKABLE:
-            if kind not in PER_CHANNEL:
-                whole[name] = f"{kind} is not a layer kind structured pruning shrinks"
-            continue
-        if layer_types and kind not in layer_types:
-            whole[name] = f"{kind} is not in prune_layer_types"
-            continue
-        if kind == "Conv2D" and (layer.groups != 1 or layer.data_format != "channels_last"):
-            whole[name] = "a grouped or channels_first Conv2D"
-            continue
-        per_channel, readers, blocker = _trace(graph, layers, name)
-        if blocker is None and not readers:
-            blocker = "no Conv2D or Dense reads its outputs"
-        if blocker:
-            whole[name] = blocker
-            continue
-        width = int(layer.kernel.shape[-1])
+        bns = [m for m in members if type(g.layers[m]).__name__ == "BatchNormalization" and g.layers[m].scale]
         count = max(1, int(round(width * (1.0 - fraction))))
-        keep[name] = np.sort(np.argsort(-_importance(layer), kind="stable")[:count])
-        widths[name] = width
-        units[name] = "filters" if kind == "Conv2D" else "units"
-        reach[name] = (per_channel, readers)
-    return Plan(keep, widths, units, whole, reach), graph
+        keep = np.sort(np.argsort(-_importance(g, names, bns), kind="stable")[:count])
+        why = f"lowest {width - count} by {'BN |gamma|' if bns else 'kernel L1'} removed" if count < width \
+            else "nothing removed at this fraction"
+        groups.append(Group(names, members, group_readers, width, keep, why))
+    return Plan(groups, a.unknown, units)
+
+
+def _rows(layout: _Layout, kept: dict[int, np.ndarray], spaces: _Spaces) -> np.ndarray:
+    """The input indices a reader keeps of ``layout``."""
+    channels = sum(w for _, w in layout.segments)
+    per_position, offset = [], 0
+    for s, w in layout.segments:
+        per_position.append(offset + kept.get(spaces.find(s), np.arange(w)))
+        offset += w
+    one = np.concatenate(per_position)
+    return (np.arange(layout.repeat)[:, None] * channels + one[None, :]).ravel()
 
 
 def shrink(model, fraction: float, layer_types: list[str] | None = None):
-    """A new, smaller model without ``fraction`` of each shrinkable layer's outputs. Returns (model, plan)."""
+    """A new, smaller model without ``fraction`` of every prunable group's channels. Returns (model, plan)."""
     k = models.keras()
-    the_plan, graph = plan(model, fraction, layer_types)
-    layers = {layer.name: layer for layer in model.layers}
-    weights = {name: layer.get_weights() for name, layer in layers.items()}
-    for name, kept in the_plan.keep.items():
-        per_channel, readers = the_plan.reach[name]
-        entry = graph.entries[name]["config"]
-        entry["filters" if "filters" in entry else "units"] = len(kept)
-        weights[name] = _slice_outputs(weights[name], kept)
-        for other in per_channel:
-            weights[other] = [w[..., kept, :] if w.ndim == 4 else w[kept] for w in weights[other]]
-        for reader, via in readers:
-            rows = kept
-            if via:
-                height_width = int(np.prod(layers[via].input_shape[1:-1]))
-                channels = int(layers[via].input_shape[-1])
-                rows = (np.arange(height_width)[:, None] * channels + kept[None, :]).ravel()
-            kernel, *rest = weights[reader]
-            weights[reader] = [kernel[..., rows, :], *rest]
-    for entry in graph.config["layers"]:
+    g = graph(model)
+    a = _analyse(g, layer_types)
+    the_plan = _plan(g, a, fraction)
+    kept = {a.spaces.find(a.producers[grp.producers[0]]): grp.keep for grp in the_plan.groups if grp.keep is not None}
+    config = copy.deepcopy(g.config)
+    entries = {e["name"]: e for e in config["layers"]}
+    weights = {name: layer.get_weights() for name, layer in g.layers.items() if layer is not None}
+    for name, space in a.producers.items():
+        root = a.spaces.find(space)
+        if root in kept:
+            entries[name]["config"]["filters" if "filters" in entries[name]["config"] else "units"] = len(kept[root])
+            kernel, *rest = weights[name]
+            weights[name] = [kernel[..., kept[root]], *[w[kept[root]] for w in rest]]
+    for name, layout in a.readers.items():
+        rows = _rows(layout, kept, a.spaces)
+        kernel, *rest = weights[name]
+        weights[name] = [kernel[..., rows, :], *rest]
+    for name, layout in a.members.items():
+        rows = _rows(layout, kept, a.spaces)
+        if type(g.layers[name]).__name__ == "DepthwiseConv2D":
+            kernel, *rest = weights[name]
+            weights[name] = [kernel[:, :, rows, :], *[w[rows] for w in rest]]
+        else:
+            weights[name] = [w[rows] for w in weights[name]]
+    for name, layout in a.reshapes.items():
+        target = list(entries[name]["config"]["target_shape"])
+        target[-1] = len(_rows(layout, kept, a.spaces))
+        entries[name]["config"]["target_shape"] = target
+    for entry in config["layers"]:
         entry.pop("build_config", None)  # input shapes change; every layer is built when called again
-    custom = {type(layer).__name__: type(layer) for layer in model.layers}
+    custom = {type(layer).__name__: type(layer) for layer in g.layers.values() if layer is not None}
     with k.utils.custom_object_scope(custom):
-        rebuilt = type(model).from_config(graph.config) if isinstance(model, k.Sequential) else \
-            k.Model.from_config(graph.config)
+        if g.sequential:
+            seq = copy.deepcopy(model.get_config())
+            seq["layers"] = [{**e, "config": entries[e["config"]["name"]]["config"]} for e in seq["layers"]]
+            for e in seq["layers"]:
+                e.pop("build_config", None)
+            rebuilt = type(model).from_config(seq)
+        else:
+            rebuilt = k.Model.from_config(config)
     for layer in rebuilt.layers:
-        if layer.name in weights and weights[layer.name]:
+        if weights.get(layer.name):
             layer.set_weights(weights[layer.name])
-        layer.trainable = layers[layer.name].trainable if layer.name in layers else layer.trainable
+        if g.layers.get(layer.name) is not None:
+            layer.trainable = g.layers[layer.name].trainable
     return rebuilt, the_plan
 
 
-def _slice_outputs(values: list, kept: np.ndarray) -> list:
-    kernel, *rest = values
-    return [kernel[..., kept], *[w[kept] for w in rest]]
+def masked(model, the_plan: Plan):
+    """The original model, flat, with every removed channel's input rows zeroed in the layers that read it.
+
+    It computes what the shrunk model computes: every kept channel is computed by
+    channel-wise operations from kept channels only, and a removed channel
+    reaches nothing but its readers' zeroed rows. The contract the tests hold
+    :func:`shrink` to.
+    """
+    k = models.keras()
+    g = graph(model)
+    a = _analyse(g, None)
+    full = {}
+    for grp in the_plan.groups:
+        if grp.keep is not None:
+            full[a.spaces.find(a.producers[grp.producers[0]])] = grp
+    custom = {type(layer).__name__: type(layer) for layer in g.layers.values() if layer is not None}
+    with k.utils.custom_object_scope(custom):
+        flat = k.Model.from_config(copy.deepcopy(g.config)) if not g.sequential else k.models.clone_model(model)
+    for layer in flat.layers:
+        if g.layers.get(layer.name) is not None and g.layers[layer.name].weights:
+            layer.set_weights(g.layers[layer.name].get_weights())
+    kept = {root: grp.keep for root, grp in full.items()}
+    for name, layout in a.readers.items():
+        rows = _rows(layout, kept, a.spaces)
+        width = layout.width
+        if len(rows) == width:
+            continue
+        kernel, *rest = flat.get_layer(name).get_weights()
+        dropped = np.setdiff1d(np.arange(width), rows)
+        kernel[..., dropped, :] = 0
+        flat.get_layer(name).set_weights([kernel, *rest])
+    return flat

@@ -1,6 +1,7 @@
-"""Structured pruning: the rebuilt model computes what the original computes with the removed filters and
-units silenced, is smaller, names every layer it leaves whole, and goes through prune() to a dense Keras
-model and an int8 TFLite file."""
+"""Structured pruning: the rebuilt model computes what the original computes with the removed channels
+zeroed where they are read (for small models and for every keras.applications backbone, base included),
+is smaller, names every layer it leaves whole, and goes through prune() to a dense Keras model and an int8
+TFLite file."""
 
 import numpy as np
 import pytest
@@ -24,34 +25,11 @@ class Gain(tf_keras.layers.Layer):
         return inputs * self.gain
 
 
-def _randomize_statistics(model):
+def _randomize_statistics(layers):
     rng = np.random.default_rng(0)
-    for layer in model.layers:
+    for layer in layers:
         if isinstance(layer, k.layers.BatchNormalization):
             layer.set_weights([w + rng.uniform(0.1, 1.0, w.shape).astype("float32") for w in layer.get_weights()])
-
-
-def _silenced(model, plan):
-    """A copy of ``model`` whose removed filters and units output exactly 0: what the shrunk model must equal."""
-    copy = k.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    for name, kept in plan.keep.items():
-        dropped = np.setdiff1d(np.arange(plan.widths[name]), kept)
-        layer = copy.get_layer(name)
-        kernel, *rest = layer.get_weights()
-        kernel[..., dropped] = 0
-        layer.set_weights([kernel, *[np.where(np.isin(np.arange(w.shape[0]), dropped), 0, w) for w in rest]])
-        for other in plan.reach[name][0]:
-            layer = copy.get_layer(other)
-            values = layer.get_weights()
-            if isinstance(layer, k.layers.BatchNormalization):  # gamma and beta 0: the channel outputs 0
-                values[0][dropped] = 0
-                values[1][dropped] = 0
-            else:  # DepthwiseConv2D: kernel and bias of the channel
-                values[0][..., dropped, :] = 0
-                values[1][dropped] = 0
-            layer.set_weights(values)
-    return copy
 
 
 def sequential():
@@ -85,9 +63,9 @@ def functional():
 
 
 @pytest.mark.parametrize("build", [sequential, functional], ids=["sequential", "functional"])
-def test_the_shrunk_model_equals_the_original_with_the_removed_outputs_silenced(build):
+def test_the_shrunk_model_equals_the_original_with_the_removed_channels_zeroed(build):
     model = build()
-    _randomize_statistics(model)
+    _randomize_statistics(model.layers)
     shrunk, plan = structured.shrink(model, 0.5)
     assert type(shrunk) is type(model)
     assert plan.keep, "something must shrink"
@@ -95,42 +73,102 @@ def test_the_shrunk_model_equals_the_original_with_the_removed_outputs_silenced(
         assert len(kept) == round(plan.widths[name] * 0.5)
         assert shrunk.get_layer(name).kernel.shape[-1] == len(kept)
     x = np.random.default_rng(1).uniform(-1, 1, (5, 12, 12, 3)).astype("float32")
-    np.testing.assert_allclose(shrunk(x).numpy(), _silenced(model, plan)(x).numpy(), rtol=1e-5, atol=1e-6)
+    masked = structured.masked(model, plan)
+    assert np.abs(masked(x).numpy() - model(x).numpy()).max() > 1e-4, "the removed channels must matter"
+    np.testing.assert_allclose(shrunk(x).numpy(), masked(x).numpy(), rtol=1e-5, atol=1e-6)
     assert shrunk.count_params() < model.count_params()
 
 
-def test_the_weakest_filters_go():
+def _backbone(name):
+    model, base = models.backbone_classifier(name, (32, 32, 3), 4, dense_units=16)
+    _randomize_statistics(base.layers)  # statistics away from 0 and 1, so that a mis-sliced BN shows
+    return model, base
+
+
+# One contract for every backbone kftune builds (at 32 px; MobileNetV2 at alpha 0.35), base flattened and shrunk.
+@pytest.mark.parametrize("name", ["mobilenet_v2_035", "resnet50", "efficientnet_b0", "vgg16"])
+def test_every_backbone_shrinks_through_its_base_and_equals_the_original_with_the_removed_channels_zeroed(name):
+    model, base = _backbone(name)
+    shrunk, plan = structured.shrink(model, 0.5)
+    x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    # The flat graph computes what the nested model computes: nothing removed, nothing zeroed.
+    np.testing.assert_allclose(structured.masked(model, structured.Plan([], {}, {}))(x).numpy(), model(x).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    masked = structured.masked(model, plan)(x).numpy()
+    assert np.abs(masked - model(x).numpy()).max() > 1e-4, "the removed channels must matter"
+    np.testing.assert_allclose(shrunk(x).numpy(), masked, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(layer, k.Model) for layer in shrunk.layers), "the base is flattened"
+    assert shrunk.count_params() < 0.35 * model.count_params()
+    # Every group but the output's shrinks: these four bases hold no layer the analysis does not know.
+    assert [g.producers for g in plan.groups if g.keep is None] == [["predictions"]]
+    assert plan.unknown == {}
+
+
+def test_residual_and_squeeze_excite_channels_go_together():
+    model, _ = _backbone("mobilenet_v2_035")
+    plan, _ = structured.plan(model, 0.5)
+    groups = {p: g for g in plan.groups for p in g.producers}
+    # block_1's projection feeds block_2's Add: one group with block_2's projection.
+    assert groups["block_1_project"] is groups["block_2_project"]
+    assert "block_2_add" not in groups and "block_2_depthwise" in groups["block_2_expand"].members
+    model, _ = _backbone("efficientnet_b0")
+    shrunk, plan = structured.shrink(model, 0.5)
+    groups = {p: g for g in plan.groups for p in g.producers}
+    # The SE expand conv's outputs multiply the block's channels: one group; its reduce conv shrinks alone.
+    assert groups["block2a_expand_conv"] is groups["block2a_se_expand"]
+    assert groups["block2a_se_reduce"].producers == ["block2a_se_reduce"]
+    assert shrunk.get_layer("block2a_se_reshape").target_shape[-1] == len(groups["block2a_se_expand"].keep)
+    assert "block2a_bn" in groups["block2a_expand_conv"].members
+
+
+def test_the_report_rows_name_each_block_and_why():
+    model, _ = _backbone("mobilenet_v2_035")
+    plan, _ = structured.plan(model, 0.5)
+    rows = {row[0]: row for row in plan.blocks()}
+    assert rows["block_3_expand"][2] == "24 of 48" and "BN |gamma|" in rows["block_3_expand"][3]
+    assert rows["predictions"][2] == "4 of 4" and "model's output" in rows["predictions"][3]
+
+
+def test_the_weakest_channels_go_by_bn_scale_else_by_kernel_l1():
     model = sequential()
-    kernel, bias = model.get_layer("c1").get_weights()
-    kernel[..., [1, 4, 6]] *= 100.0  # by far the largest L1 norms
-    model.get_layer("c1").set_weights([kernel, bias])
+    gamma, *rest = model.get_layer("bn1").get_weights()
+    gamma[[1, 4, 6]] *= 100.0  # c1's group holds bn1: its |gamma| ranks the channels, not c1's kernel
+    model.get_layer("bn1").set_weights([gamma, *rest])
+    kernel, bias = model.get_layer("d1").get_weights()
+    kernel[..., [0, 7]] *= 100.0  # d1's group has no BatchNormalization: the L1 norm of its kernel slices
+    model.get_layer("d1").set_weights([kernel, bias])
     _, plan = structured.shrink(model, 5 / 8)
     assert list(plan.keep["c1"]) == [1, 4, 6]
+    assert {0, 7} <= set(plan.keep["d1"])
 
 
-def test_layers_that_cannot_shrink_are_left_whole_and_named():
+def test_a_layer_the_analysis_does_not_know_is_named_and_the_rest_shrinks():
     model = functional()
+    _randomize_statistics(model.layers)
     shrunk, plan = structured.shrink(model, 0.5)
     described = plan.describe()
-    assert "feeds `add` (Add)" in described["c1"] and "feeds `add` (Add)" in described["c2"]
-    assert "feeds `gain` (Gain)" in described["c3"]
-    assert described["gain"] == "left whole: Gain is not a layer kind structured pruning shrinks"
-    assert described["out"] == "left whole: it is the model's output"
+    assert described["gain"] == "left whole: Gain is not a layer kind structured pruning knows"
+    assert "reach `gain`, which is left whole" in described["c3"]
+    assert "the model's output (`out`)" in described["out"]
+    # c1 and c2 meet in `add`: one group of 8 channels, shrunk together.
+    assert described["c1"] == described["c2"] == "structured: 8 -> 4 filters"
     assert described["c4"] == "structured: 6 -> 3 filters" and described["d1"] == "structured: 9 -> 4 units"
-    for name in ("c1", "c2", "c3", "out"):  # their outputs stay; `out` reads the 4 units d1 kept
-        assert shrunk.get_layer(name).kernel.shape[-1] == model.get_layer(name).kernel.shape[-1]
+    assert shrunk.get_layer("c3").kernel.shape == (3, 3, 4, 16)  # reads the 4 kept, keeps its 16 (gain's)
     assert shrunk.get_layer("out").kernel.shape == (4, 3)
+    x = np.random.default_rng(1).uniform(-1, 1, (5, 12, 12, 3)).astype("float32")
+    np.testing.assert_allclose(shrunk(x).numpy(), structured.masked(model, plan)(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_frozen_backbone_classifier_shrinks_its_head_and_keeps_the_base_whole():
+def test_prune_layer_types_dense_shrinks_only_the_head():
     model, base = models.backbone_classifier("mobilenet_v2_035", (32, 32, 3), 4, dense_units=32)
-    shrunk, plan = structured.shrink(model, 0.75)
+    shrunk, plan = structured.shrink(model, 0.75, ["Dense"])
     assert plan.describe()["dense"] == "structured: 32 -> 8 units"
-    assert "nested model" in plan.describe()[base.name]
-    new_base = shrunk.get_layer(base.name)
-    assert not new_base.trainable
-    for expected, kept in zip(base.get_weights(), new_base.get_weights(), strict=True):
-        np.testing.assert_array_equal(expected, kept)
+    assert plan.describe()["Conv_1"] == "left whole: Conv2D is not in prune_layer_types"
+    for layer in base.layers:
+        if layer.weights:
+            for expected, kept in zip(layer.get_weights(), shrunk.get_layer(layer.name).get_weights(), strict=True):
+                np.testing.assert_array_equal(expected, kept)
+            assert not shrunk.get_layer(layer.name).trainable  # the frozen base stays frozen
     assert shrunk.get_layer("predictions").kernel.shape == (8, 4)
 
 
@@ -177,5 +215,5 @@ def test_prune_structured_hands_on_a_smaller_faster_dense_model_and_its_int8_fil
     text = report.markdown()
     assert text.startswith("# Structured pruning: 50% of filters and units removed")
     assert "| conv1 | structured: 64 -> 32 filters |" in text
-    assert "| predictions | left whole: it is the model's output |" in text
+    assert "| predictions | left whole: they are the model's output (`predictions`) |" in text
     assert report.metrics()["size_ratio"] > 2

@@ -257,12 +257,23 @@ def _kib(n: int) -> str:
     return f"{n / 1024:.1f}"
 
 
+def _change(baseline: float, value: float) -> str:
+    """The factor against the baseline, on its own line ("" for the baseline itself or no figure):
+    what structured pruning gains in parameters and batch-32 latency, seen in the table itself."""
+    if not baseline or not value or value == baseline:
+        return ""
+    return f"<br><small>{baseline / value:.2f}x {'fewer' if baseline > value else 'more'}</small>" \
+        if isinstance(baseline, int) else \
+        f"<br><small>{baseline / value:.2f}x {'faster' if baseline > value else 'slower'}</small>"
+
+
 def comparison_html(candidates: list[Evaluation], gate: GateConfig, decision: Decision) -> str:
     """The comparison report for the Kubeflow UI: the verdict, every candidate side by side, and accuracy
     against size. Per-class figures are the evaluate step's ``per_class`` table (:func:`per_class_markdown`).
 
     Laid out for the Run UI's side pane (about 800 px wide): the gate's verdict is the second column and
     wraps within its cell; two-number cells (raw / gzip size, batch 1 / 32 latency) keep the table narrow.
+    Parameters and batch-32 latency show their factor against the baseline (the first candidate) beneath.
     """
     from kftune import report
 
@@ -281,8 +292,9 @@ def comparison_html(candidates: list[Evaluation], gate: GateConfig, decision: De
         cells.append([
             f"<b>{html.escape(c.name)}</b><br><small>{html.escape(c.model_file)}</small>", verdict,
             f"{c.accuracy:.4f}", f"{c.top_k_accuracy:.4f}", f"{c.loss:.4f}",
-            f"{_kib(c.size_bytes)} / {_kib(c.gzip_bytes)}", f"{c.parameters:,}",
-            f"{c.latency_ms_batch1:.3g} / {c.latency_ms_batch32:.3g}",
+            f"{_kib(c.size_bytes)} / {_kib(c.gzip_bytes)}", f"{c.parameters:,}{_change(baseline.parameters, c.parameters)}",
+            f"{c.latency_ms_batch1:.3g} / {c.latency_ms_batch32:.3g}"
+            f"{_change(baseline.latency_ms_batch32, c.latency_ms_batch32)}",
         ])
     css = "pass" if decision.passed else "fail"
     thresholds = (f"min_accuracy={gate.min_accuracy}, max_accuracy_drop={gate.max_accuracy_drop} "

@@ -324,6 +324,13 @@ def test_the_smallest_passing_candidate_is_chosen_and_the_report_shows_every_one
     assert 'src="data:image/png;base64,' in page
 
 
+def test_the_candidates_table_shows_the_parameter_and_latency_change_against_the_baseline():
+    shrunk = _candidate("pruned", 0.945, 30_000, parameters=250, latency_ms_batch32=2.0)
+    page = ev.comparison_html([*CANDIDATES[:2], shrunk], ev.GateConfig(**GATE), ev.choose(CANDIDATES, ev.GateConfig(**GATE)))
+    assert "250<br><small>4.00x fewer</small>" in page and "1 / 2<br><small>2.50x faster</small>" in page
+    assert "1,000</td>" in page  # the baseline and an unchanged candidate: no factor
+
+
 def test_per_class_figures_are_a_table_of_the_chosen_candidate_and_every_f1():
     table = ev.per_class_markdown(CANDIDATES[2], CANDIDATES)
     assert "## Per class: pruned" in table

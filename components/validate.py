@@ -60,6 +60,8 @@ def validate(
     prune_quantize: str,
     prune_max_accuracy_drop: float,
     prune_sparsity_levels: str,
+    prune_distill_weight: float,
+    prune_distill_temperature: float,
     min_accuracy: float,
     max_accuracy_drop: float,
     max_size_bytes: int,

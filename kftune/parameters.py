@@ -47,7 +47,7 @@ STAGES: dict[str, tuple[type, tuple[str, ...]]] = {
     "prune": (PruneConfig, ("prune_method", "target_sparsity", "prune_schedule", "prune_initial_sparsity", "prune_epochs",
                             "prune_begin_step", "prune_end_step", "prune_frequency", "prune_layer_types",
                             "prune_allocation", "prune_m_by_n", "prune_learning_rate", "prune_quantize", "prune_max_accuracy_drop",
-                            "prune_sparsity_levels")),
+                            "prune_sparsity_levels", "prune_distill_weight", "prune_distill_temperature")),
     "gate": (GateConfig, ("min_accuracy", "max_accuracy_drop", "max_size_bytes")),
     "export": (ExportConfig, ("export_destination", "export_version")),
     "deploy": (DeployConfig, ("serving_name", "serving_namespace", "serving_storage_uri", "canary_traffic_percent",

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow (and tfmot) is imported
-from kftune import dataset, measure, models, quantize, report, structured
+from kftune import dataset, distillation, measure, models, quantize, report, structured, training
 from kftune.augment import AugmentSpec, training_batches
 from kftune.errors import InputError, check_numbers, check_whole_numbers
 
@@ -102,6 +102,13 @@ class PruneConfig:
             search higher, one over it lower) and keeps the highest level found
             within it; ``target_sparsity`` is then not used.
         prune_sparsity_levels: The levels the budget search tries, comma-separated.
+        prune_distill_weight: 0 trains the pruned model on the labels alone. Above 0,
+            knowledge distillation: the share of the loss taken from the fine-tuned
+            model's soft labels, (1 - w) * cross-entropy(labels) + w * T^2 *
+            KL(teacher || student), both softened by ``prune_distill_temperature``.
+        prune_distill_temperature: The distillation temperature T (above 1 softens
+            the teacher's probabilities, so the student learns how it ranks the
+            wrong classes too).
     """
 
     prune_method: str = "magnitude"
@@ -125,9 +132,18 @@ class PruneConfig:
     prune_quantize: str = "int8"
     prune_max_accuracy_drop: float = 0.0
     prune_sparsity_levels: str = "0.5,0.7,0.8,0.85,0.9,0.93,0.95"
+    prune_distill_weight: float = 0.0
+    prune_distill_temperature: float = 4.0
 
     def __post_init__(self):
-        check_numbers(self, ("target_sparsity", "prune_initial_sparsity", "prune_learning_rate", "prune_max_accuracy_drop"))
+        check_numbers(self, ("target_sparsity", "prune_initial_sparsity", "prune_learning_rate", "prune_max_accuracy_drop",
+                             "prune_distill_weight", "prune_distill_temperature"))
+        if not 0.0 <= self.prune_distill_weight <= 1.0:
+            raise InputError("`prune_distill_weight` must be in [0, 1] (0: labels alone, 1: the teacher's soft labels "
+                             f"alone). Received: prune_distill_weight={self.prune_distill_weight}")
+        if not 0.0 < self.prune_distill_temperature <= 100.0:
+            raise InputError("`prune_distill_temperature` must be in (0, 100] (4 is usual). "
+                             f"Received: prune_distill_temperature={self.prune_distill_temperature}")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise InputError(f"`target_sparsity` must be in [0, 1). Received: target_sparsity={self.target_sparsity}")
         if self.prune_method not in METHODS:
@@ -227,6 +243,9 @@ class PruneReport:
         method: The prune_method.
         layer_patterns: Per layer with weights, what it got: ``2:4``, a sparsity, ``structured: 64 -> 32
             filters``, or ``left whole: <why>`` / ``dense: <why>``.
+        groups: Structured: per group of channels that go together, [block, producers, channels kept, why]
+            (:meth:`kftune.structured.Plan.blocks`).
+        distill_weight: The distillation weight the pruned model was trained with (0: labels alone).
     """
 
     before: dict
@@ -239,6 +258,8 @@ class PruneReport:
     tflite: dict[str, dict] = dataclasses.field(default_factory=dict)
     method: str = "magnitude"
     layer_patterns: dict[str, str] = dataclasses.field(default_factory=dict)
+    groups: list[list] = dataclasses.field(default_factory=list)
+    distill_weight: float = 0.0
 
     @property
     def within_budget(self) -> bool | None:
@@ -285,6 +306,9 @@ class PruneReport:
                 [[f"{a['sparsity']:.0%}", a["accuracy"], a["accuracy_drop"], "yes" if a["within_budget"] else "no"]
                  for a in self.attempts],
             ))
+        if self.groups:
+            tables.append(("Per block: channels kept and why", ["block", "producing layers", "channels kept", "why"],
+                           self.groups))
         tables.append(("Per layer: what it got, and the share of zeros in its kernel", ["layer", "pattern", "sparsity"],
                        [[name, self.layer_patterns.get(name, "" if name == "overall" else "not pruned"), f"{value:.2%}"]
                         for name, value in self.sparsity.items()]))
@@ -304,13 +328,19 @@ class PruneReport:
                 f"{self.after['parameters']} parameters against {self.before['parameters']} "
                 f"({self.before['size_bytes'] / self.after['size_bytes']:.2f}x smaller raw, no sparse runtime needed), "
                 f"and runs at {self.after['latency_ms_batch32']:.3g} ms per batch of 32 against "
-                f"{self.before['latency_ms_batch32']:.3g}. Layers left whole are named in the per-layer table."]
+                f"{self.before['latency_ms_batch32']:.3g}. Channels that must go together (through Add, Multiply, "
+                f"depthwise and BatchNormalization layers, a nested base included) went as groups, ranked by "
+                f"{structured.IMPORTANCE}; groups left whole and layers the analysis does not know are named "
+                "in the per-block and per-layer tables."]
         else:
             notes = [self._magnitude_note()]
         for mode, values in self.tflite.items():
             if values.get("float_kernels"):
                 notes.append(f"{mode}: the TFLite converter left these kernels in float32 (it quantizes only the "
                              f"larger ones): {', '.join(values['float_kernels'])}.")
+        if self.distill_weight > 0:
+            notes.append(f"The pruned model was trained against the fine-tuned model's soft labels (distillation "
+                         f"weight {self.distill_weight}).")
         return notes + self._search_notes()
 
     def _magnitude_note(self) -> str:
@@ -593,15 +623,20 @@ class _Run:
         return dataset.load_split(self.dataset_dir, "validation")
 
     def prune_to(self, config: PruneConfig):
-        """Prunes a fresh copy of the model while training on; returns (stripped model, history, patterns)."""
+        """Prunes a fresh copy of the model while training on; returns (stripped model, history, patterns,
+        per-block rows)."""
+        import tempfile
+
         import tensorflow as tf
 
         # A fresh copy each time: tfmot's wrappers share the original layers' weights.
         model, _ = models.load(self.model_dir)
         patterns: dict[str, str] = {}
+        blocks: list[list] = []
         if config.prune_method == "structured":
             pruned, plan = structured.shrink(model, config.target_sparsity, config.layer_type_names)
-            patterns = plan.describe()
+            structured.unfreeze_shrunk(pruned, plan)
+            patterns, blocks = plan.describe(), plan.blocks()
             callbacks = []
         else:
             pruned = _wrap(model, config, self.end_step, patterns)
@@ -609,16 +644,21 @@ class _Run:
         models.compile_model(pruned, self.info.num_classes, learning_rate=config.prune_learning_rate)
         tf.keras.utils.set_random_seed(config.seed)
         spec = AugmentSpec.from_dict(self.info.augment) if self.info.augment else None
-        history = pruned.fit(
-            training_batches(dataset.epoch_split(self.dataset_dir, "train"), spec, self.batch_size, config.seed),
-            validation_data=dataset.batches(dataset.epoch_split(self.dataset_dir, "validation")),
-            epochs=config.prune_epochs,
-            callbacks=callbacks,
-            verbose=self.verbose,
-        )
+        train = training_batches(dataset.epoch_split(self.dataset_dir, "train"), spec, self.batch_size, config.seed)
+        validation = dataset.batches(dataset.epoch_split(self.dataset_dir, "validation"))
+        if config.prune_distill_weight > 0:
+            teacher, _ = models.load(self.model_dir)
+            teacher.trainable = False
+            train, validation = distillation.with_teacher(train, teacher), distillation.with_teacher(validation, teacher)
+            distillation.compile_student(pruned, self.info.num_classes, config.prune_learning_rate,
+                                         config.prune_distill_weight, config.prune_distill_temperature)
+        # The one training path (kftune.training): its checkpoint folder lives as long as this attempt.
+        with tempfile.TemporaryDirectory(prefix="kftune-prune-") as checkpoints:
+            history = training.fit(pruned, "prune", train, checkpoints, epochs=config.prune_epochs,
+                                   validation=validation, callbacks=callbacks, keep_weights=False, verbose=self.verbose)
         stripped = pruned if config.prune_method == "structured" else _tfmot().sparsity.keras.strip_pruning(pruned)
         models.compile_model(stripped, self.info.num_classes, learning_rate=config.prune_learning_rate)
-        return stripped, {key: [float(v) for v in values] for key, values in history.history.items()}, patterns
+        return stripped, history, patterns, blocks
 
 
 def prune(
@@ -669,7 +709,7 @@ def prune(
         what = ("filters and units removed" if config.prune_method == "structured"
                 else f"sparsity ({config.prune_schedule} schedule)")
         progress(f"prune: {config.prune_method} to {level:.0%} {what} over {steps} steps")
-        stripped, history, patterns = run.prune_to(level_config)
+        stripped, history, patterns, blocks = run.prune_to(level_config)
         scores = _measured(stripped, run.validation)
         drop = before["accuracy"] - scores["accuracy"]
         within = drop <= config.prune_max_accuracy_drop if searching else None
@@ -677,7 +717,7 @@ def prune(
         if searching:
             progress(f"prune: {level:.0%}: validation accuracy {scores['accuracy']:.4f}, drop {drop:.4f}"
                      f" ({'within' if within else 'over'} the budget of {config.prune_max_accuracy_drop})")
-        results[index], fits[index] = (level_config, stripped, history, patterns), bool(within)
+        results[index], fits[index] = (level_config, stripped, history, patterns, blocks), bool(within)
         # Only two attempts can still be handed on: the highest within the budget so far, and the lowest
         # tried (kept when none fits). The others' models go now: with a backbone each is a full copy of it.
         keep = {min(results)} | {max((i for i in results if fits[i]), default=min(results))}
@@ -699,7 +739,7 @@ def prune(
             else:
                 high = middle
         kept = results[low] if low >= 0 else results[min(results)]
-    kept_config, stripped, history, patterns = kept
+    kept_config, stripped, history, patterns, blocks = kept
 
     output_dir = Path(output_dir)
     sparsity = measure.sparsity(stripped)
@@ -727,4 +767,6 @@ def prune(
         tflite=tflite,
         method=config.prune_method,
         layer_patterns=patterns,
+        groups=blocks,
+        distill_weight=config.prune_distill_weight,
     )

@@ -535,6 +535,21 @@ def shrink(model, fraction: float, layer_types: list[str] | None = None):
     return rebuilt, the_plan
 
 
+def unfreeze_shrunk(model, the_plan: Plan) -> None:
+    """Makes every layer a shrunk group touched trainable, BatchNormalization excepted.
+
+    A frozen pretrained base that lost channels must recover in training; its
+    BatchNormalization layers stay frozen, so they run in inference mode with
+    the original statistics (as the base did, called with training=False).
+    Layers no shrunk group touched keep their setting.
+    """
+    k = models.keras()
+    touched = {n for g in the_plan.groups if g.keep is not None for n in (*g.producers, *g.members, *g.readers)}
+    for layer in model.layers:
+        if layer.name in touched and not isinstance(layer, k.layers.BatchNormalization):
+            layer.trainable = True
+
+
 def masked(model, the_plan: Plan):
     """The original model, flat, with every removed channel's input rows zeroed in the layers that read it.
 

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import timing
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import augment, report
@@ -144,11 +145,6 @@ def device_batches(images: np.ndarray, batch_size: int, device: str) -> Iterator
             yield batch_size
 
 
-def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
-    """``median [min-max]``."""
-    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
-
-
 def compare(size: int, count: int, batch_size: int, seconds: float, repeats: int, gpu: bool,
             progress: Callable[[str], None]) -> dict[str, list[float]]:
     """Images per second of every path at ``size``, one list per path, one entry per round."""
@@ -224,8 +220,8 @@ def main() -> int:
     for size, rates in results.items():
         for name, values in rates.items():
             ratios = [r / f for r, f in zip(values, rates["flow"], strict=True)]
-            rows.append([f"{size}x{size}", LABELS[name], spread(values),
-                         "1x" if name == "flow" else spread(ratios, "{:.1f}x")])
+            rows.append([f"{size}x{size}", LABELS[name], timing.spread(values, "{:,.0f}"),
+                         "1x" if name == "flow" else timing.spread(ratios, "{:.1f}x")])
         judged = statistics.median(r / f for r, f in zip(rates["opencv"], rates["flow"], strict=True))
         if judged < TARGET:
             missed.append(f"{size}x{size}: {judged:.1f}x")

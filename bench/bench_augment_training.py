@@ -29,6 +29,8 @@ import statistics
 import sys
 import time
 
+import timing
+
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import augment, fixtures, models, report
 
@@ -71,10 +73,6 @@ def build(name: str, size: int, classes: int):
     else:
         model, _ = models.backbone_classifier(name, (size, size, 3), classes)
     return models.compile_model(model, classes)
-
-
-def spread(values: list[float], fmt: str) -> str:
-    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
 
 
 def measure(name: str, size: int, images: int, steps: int, held: int, repeats: int, progress) -> dict[str, list[float]]:
@@ -122,8 +120,8 @@ def main() -> int:
     for name, size, images, steps, held in setups:
         rates = measure(name, size, images, steps, held, args.repeats, lambda line: print(line, flush=True))
         ratios = [o / p for o, p in zip(rates["online"], rates["pre-augmented"], strict=True)]
-        rows.append([name, f"{size}x{size}", f"{steps} (+{WARMUP_STEPS} warm-up)", spread(rates["online"], "{:,.1f}"),
-                     spread(rates["pre-augmented"], "{:,.1f}"), spread(ratios, "{:.3f}")])
+        rows.append([name, f"{size}x{size}", f"{steps} (+{WARMUP_STEPS} warm-up)", timing.spread(rates["online"], "{:,.1f}"),
+                     timing.spread(rates["pre-augmented"], "{:,.1f}"), timing.spread(ratios, "{:.3f}")])
         if statistics.median(ratios) < TARGET:
             missed.append(f"{name}: {statistics.median(ratios):.3f}")
     print()

@@ -53,6 +53,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import timing
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
 from kftune import dataset, export, models, quantize, report
@@ -225,10 +226,6 @@ def load(port: int, bodies: list[bytes], concurrency: int, total: int) -> tuple[
     return wall, latencies
 
 
-def spread(values: list[float], digits: int) -> str:
-    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="train less, 1 repeat of fewer requests (checks the script)")
@@ -279,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         row = [SERVERS[key]]
         for concurrency in per_concurrency:
             m = by_concurrency[concurrency]
-            row += [spread(m["rps"], 0), spread(m["p50"], 1), spread(m["p99"], 1)]
+            row += [timing.spread(m["rps"], "{:.0f}"), timing.spread(m["p50"], "{:.1f}"), timing.spread(m["p99"], "{:.1f}")]
         for concurrency in per_concurrency:
             m, n = by_concurrency[concurrency], naive[concurrency]
             row.append(f"{statistics.median(m['rps']) / statistics.median(n['rps']):.2f}x / "

@@ -37,11 +37,12 @@ import argparse
 import datetime
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import timing
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported (in main, after --force-cpu)
 
@@ -60,26 +61,12 @@ class Budget:
 
 
 def rounds(candidates: dict, repeats: int, until: float, progress) -> tuple[dict[str, list[float]], str]:
-    """Runs each candidate (a callable returning a rate) once per round, taking turns, for up to ``repeats``
-    rounds; stops before a round that would end after ``until`` (time.monotonic()). Returns the rates and a
-    note when it stopped early."""
-    rates: dict[str, list[float]] = {name: [] for name in candidates}
-    last = 0.0
-    for round_ in range(repeats):
-        # The last round's length predicts the next one's (the first also traces the training step).
-        if round_ and time.monotonic() + last > until:
-            return rates, f"{round_} of {repeats} rounds (time cap)"
-        started = time.monotonic()
-        order = list(candidates) if round_ % 2 == 0 else list(candidates)[::-1]
-        for name in order:
-            rates[name].append(candidates[name]())
-        last = time.monotonic() - started
-        progress(f"  round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {r[-1]:,.1f}" for n, r in rates.items()))
-    return rates, f"{repeats} rounds"
-
-
-def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
-    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+    """bench/timing.interleaved without its warm-up call (each rate call warms up itself) and stopping before a
+    round that would end after ``until`` (time.monotonic()). Returns the rates and how many rounds ran."""
+    rates = timing.interleaved(candidates, repeats, warmup=False, until=until,
+                               progress=lambda line: progress(f"  {line}"), fmt="{:,.1f}")
+    done = len(next(iter(rates.values())))
+    return rates, f"{repeats} rounds" if done == repeats else f"{done} of {repeats} rounds (time cap)"
 
 
 def epoch_rate(model, data, steps: int, batch_size: int) -> float:
@@ -153,9 +140,9 @@ def finetune_parts(args, strategy, photos, labels, weights: Path, budget: Budget
         rates, done = rounds({p: rate(m, held) for p, (m, _) in built.items()}, args.repeats,
                              time.monotonic() + phase_share, progress)
         speedups = [m / f for m, f in zip(rates["mixed_float16"], rates["float32"], strict=True)]
-        rows += [[f"fine-tune, {label}", "img/s, float32", spread(rates["float32"]), f"{note}; {done}"],
-                 ["", "img/s, mixed_float16", spread(rates["mixed_float16"]), ""],
-                 ["", "mixed_float16 / float32", spread(speedups, "{:.2f}x"), "per round"]]
+        rows += [[f"fine-tune, {label}", "img/s, float32", timing.spread(rates["float32"], "{:,.0f}"), f"{note}; {done}"],
+                 ["", "img/s, mixed_float16", timing.spread(rates["mixed_float16"], "{:,.0f}"), ""],
+                 ["", "mixed_float16 / float32", timing.spread(speedups, "{:.2f}x"), "per round"]]
         if phase == "head":
             head_model = built["mixed_float16"][0]
             progress("online augmentation: the mixed_float16 head phase on online and pre-augmented batches")
@@ -163,9 +150,9 @@ def finetune_parts(args, strategy, photos, labels, weights: Path, budget: Budget
                                  args.repeats, time.monotonic() + phase_share, progress)
             shares = [1 - o / p for o, p in zip(rates["online"], rates["pre-augmented"], strict=True)]
             rows += [["online augmentation (mixed_float16 head phase)", "img/s, online",
-                      spread(rates["online"]), f"tutorial's augmentation, OpenCV on {os.cpu_count()} host cores; {done}"],
-                     ["", "img/s, pre-augmented in memory", spread(rates["pre-augmented"]), ""],
-                     ["", "augmentation's share of step time", spread([100 * s for s in shares], "{:.1f}%"),
+                      timing.spread(rates["online"], "{:,.0f}"), f"tutorial's augmentation, OpenCV on {os.cpu_count()} host cores; {done}"],
+                     ["", "img/s, pre-augmented in memory", timing.spread(rates["pre-augmented"], "{:,.0f}"), ""],
+                     ["", "augmentation's share of step time", timing.spread([100 * s for s in shares], "{:.1f}%"),
                       "1 - online / pre-augmented, per round"]]
 
 
@@ -206,7 +193,7 @@ def search_part(args, workdir: Path, budget: Budget, rows: list, progress) -> No
     rows += [["search (small_cnn, 1 worker)", "trials per hour", f"{3600 * len(seconds) / elapsed:,.0f}",
               f"{len(seconds)} trials of {args.trial_epochs} epoch(s), batch 32, {info.splits['train']} training "
               f"images at {SIZE} px, online augmentation; wall time including the oracle{note}"],
-             ["", "seconds per trial", spread(seconds, "{:.1f}"), "each trial a repeat"]]
+             ["", "seconds per trial", timing.spread(seconds, "{:.1f}"), "each trial a repeat"]]
 
 
 def main(argv: list[str] | None = None) -> int:

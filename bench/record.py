@@ -2,8 +2,9 @@
 
     python bench/record.py NAME [--doc PATH] -- COMMAND [ARGS...]
 
-The command's stdout is shown live and kept (its stderr passes through, unrecorded). On exit code 0, or 1
-(a missed target is still a figure worth recording), the text between ``<!-- bench:NAME start -->`` and
+The command's stdout is shown live and kept (its stderr is shown live, unrecorded). On exit code 0, or 1
+(a missed target is still a figure worth recording; but not 1 with a Python traceback on stderr, which is
+a crash), the text between ``<!-- bench:NAME start -->`` and
 ``<!-- bench:NAME end -->`` in the doc is replaced by: the date (UTC), the machine (CPU model, cores,
 threads), the git commit, the exact command and its output verbatim in a fenced block. Where the markers
 are absent a new section is appended at the end. Nothing outside the markers is touched. On any other exit
@@ -21,6 +22,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -134,25 +136,37 @@ def write_section(doc: Path, name: str, body: str) -> None:
         handle.truncate()
 
 
-def run_teeing(command: list[str]) -> tuple[int, str]:
-    """Runs ``command``, copying its stdout to ours line by line as it comes, and returns (exit code, stdout)."""
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def run_teeing(command: list[str]) -> tuple[int, str, str]:
+    """Runs ``command``, copying its stdout and stderr to ours line by line as they come; returns (exit code,
+    stdout, stderr)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # a Python child's prints arrive as they happen, not at exit
     try:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True, errors="replace")
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                                   errors="replace")
     except OSError as error:
         raise SystemExit(f"record.py: cannot start {command[0]!r}: {error.strerror}; check the command after --.") from None
-    kept = []
+    kept: dict[str, list[str]] = {"out": [], "err": []}
+
+    def tee(stream, into: list[str], to) -> None:
+        for line in stream:
+            to.write(line)
+            to.flush()
+            into.append(line)
+
+    err_thread = threading.Thread(target=tee, args=(process.stderr, kept["err"], sys.stderr), daemon=True)
+    err_thread.start()
     try:
-        for line in process.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            kept.append(line)
+        tee(process.stdout, kept["out"], sys.stdout)
         code = process.wait()
+        err_thread.join()
     except KeyboardInterrupt:
         process.terminate()
         process.wait()
         raise SystemExit(130) from None
-    return code, "".join(kept)
+    return code, "".join(kept["out"]), "".join(kept["err"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,8 +187,13 @@ def main(argv: list[str] | None = None) -> int:
 
     when = datetime.datetime.now(datetime.UTC)
     started = time.monotonic()
-    code, output = run_teeing(command)
+    code, output, errors = run_teeing(command)
     seconds = time.monotonic() - started
+    if code == 1 and TRACEBACK in errors:
+        # Python exits 1 on an uncaught exception too: that is a crash, not a missed target.
+        print(f"record.py: the command exited 1 with a Python traceback (a crash, not a missed target); "
+              f"nothing recorded in {args.doc}.", file=sys.stderr)
+        return code
     if code not in RECORDED_CODES:
         print(f"record.py: the command exited {code}; nothing recorded in {args.doc}.", file=sys.stderr)
         return 128 - code if code < 0 else code  # killed by a signal: the shell's 128+N

@@ -77,3 +77,12 @@ def test_broken_markers_are_refused_before_the_command_runs(tmp_path):
     assert done.returncode != 0 and "markers" in done.stderr and "bench:half end" in done.stderr
     assert not (tmp_path / "ran").exists()
     assert doc.read_text() == original
+
+
+def test_a_python_crash_exit_1_with_a_traceback_records_nothing(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(BEFORE)
+    done = record(doc, "crashed", *python("print('half a table'); raise AttributeError('no oracle_turn')"))
+    assert done.returncode == 1
+    assert "AttributeError" in done.stderr and "a crash, not a missed target" in done.stderr
+    assert doc.read_text() == BEFORE

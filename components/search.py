@@ -1,4 +1,4 @@
-"""Search components: parallel workers sharing one keras-tuner oracle, then the winner.
+"""Search components: parallel workers sharing one oracle (keras-tuner's or Optuna's), then the winner.
 
 The pipeline runs ``search_worker`` once per index in ``parallel_trials``
 (one ParallelFor, each worker a pod with a GPU on a cluster); each worker asks
@@ -59,26 +59,29 @@ def search_result(
         best_hyperparameters: Output: JSON of the winning values.
         metrics: Output: best objective, trials, epochs spent.
         trials_table: Output: every trial's values, objective, epochs, time and status.
-        trials_plot: Output: objective per trial.
+        trials_plot: Output: each trial's learning curve and where early stopping stopped it, objective
+            per trial, and Optuna's parameter importance when the algorithm is Optuna's.
     """
     import json
 
-    from kftune import parameters, report, search
+    from kftune import parameters, search
     from kftune.errors import user_errors
 
     with open(search_config.path) as f:
         config = parameters.load(search.SearchConfig, f.read())
     with user_errors():
         winner, trials = search.save_best_model(dataset.path, config, model.path)
+        importances = search.importance(config, config.search_state_uri)
     with open(best_hyperparameters.path, "w") as f:
         json.dump(winner.values, f, indent=2)
     metrics.log_metric("best_val_accuracy", winner.objective)
     metrics.log_metric("trials", len(trials))
     metrics.log_metric("epochs_spent", sum(t.epochs for t in trials))
+    metrics.log_metric("trials_stopped_early", sum(t.status == "STOPPED" for t in trials))
     model.metadata.update({"stage": "baseline", "hyperparameters": winner.values})
     with open(trials_table.path, "w") as f:
-        f.write(search.trials_markdown(config, winner, trials))
+        f.write(search.trials_markdown(config, winner, trials, importances))
     with open(trials_plot.path, "w") as f:
-        f.write(report.page("Search: objective per trial", search.trials_figure(trials)))
+        f.write(search.trials_page(config, trials, importances))
     print(f"search: best trial {winner.trial_id} of {len(trials)}: {winner.describe()} "
           f"(workers ran {', '.join(workers_done)})")

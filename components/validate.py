@@ -29,6 +29,7 @@ def validate(
     search_space: str,
     search_algorithm: str,
     max_trials: int,
+    early_stopping: str,
     parallel_trials: int,
     trial_epochs: int,
     folds: int,

@@ -57,6 +57,13 @@ def test_space_becomes_keras_tuner_hyperparameters_with_conditions():
     ({"trial_epochs": -1}, "epochs"),
     ({"folds": 0}, "folds"),
     ({"model": "no_such_module:build"}, "cannot be imported"),
+    ({"early_stopping": "patience"}, r"`early_stopping` must be one of \('none', 'median'\)"),
+    ({"search_algorithm": "asha", "early_stopping": "median"}, "asha stops trials itself"),
+    ({"search_algorithm": "tpe", "search_space": "{lr: {type: float, min: 0.001, max: 0.1, sampling: reverse_log}}"},
+     r"search space `lr`: Optuna .* has no reverse_log sampling"),
+    ({"search_algorithm": "asha", "search_space": "{lr: {type: float, min: 0.001, max: 0.1, step: 0.01, "
+                                                  "sampling: log}}"},
+     r"search space `lr`: Optuna \(search_algorithm=tpe or asha\) cannot take it: .*step"),
 ])
 def test_bad_search_settings(kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -96,13 +103,15 @@ def test_each_algorithm_runs_real_trials(algorithm, digits_dir, tmp_path):
     best = search.search(digits_dir, config, progress=lambda _: None)
     results = search.told(tmp_path)
     assert len(results) >= 2
-    assert all(r.status == "COMPLETED" for r in results)
-    assert best.objective == max(r.objective for r in results)
+    # asha may stop a trial after its first epoch (not in the top half there): stopped, not failed.
+    assert all(r.status == "COMPLETED" or (algorithm == "asha" and r.status == "STOPPED") for r in results)
+    assert best.objective == max(r.objective for r in results if r.status == "COMPLETED")
     assert best.objective > 0.3  # ten classes: chance is 0.1
     if algorithm == "hyperband":
         assert any(r.epochs < config.trial_epochs for r in results) or len(results) > 2
     winner, trials = search.save_best_model(digits_dir, config, tmp_path / "best")
     assert (tmp_path / "best" / "model.keras").exists() and winner == best and trials == results
+    assert all(r.curve and r.curve[-1][1] == r.objective for r in results)  # the learning curve the Run UI draws
     # The objective is the score of the model handed on: its accuracy on the validation split.
     model, _ = models.load(tmp_path / "best")
     models.compile_model(model, 10)
@@ -110,10 +119,11 @@ def test_each_algorithm_runs_real_trials(algorithm, digits_dir, tmp_path):
     assert accuracy == pytest.approx(winner.objective, abs=1e-6)
 
 
-def test_same_seed_same_trials(digits_dir, tmp_path):
+@pytest.mark.parametrize("algorithm", ["random", "tpe"])
+def test_same_seed_same_trials(tmp_path, algorithm):
     asked = []
     for seed, name in ((3, "a"), (3, "b"), (4, "c")):
-        config = search.SearchConfig(search_algorithm="random", max_trials=4, seed=seed, search_space=SPACE)
+        config = search.SearchConfig(search_algorithm=algorithm, max_trials=4, seed=seed, search_space=SPACE)
         asked.append([search.ask(config, tmp_path / name, f"worker{i}")[1]["values"] for i in range(4)])
     assert asked[0] == asked[1]
     assert asked[0] != asked[2]
@@ -392,3 +402,89 @@ def test_an_int_hyperparameter_reaches_the_users_function_as_an_int(digits_dir, 
     trial = json.loads(json.dumps({"num_layers": 2.0, "units": 16.0}))
     model = search.build_for_trial(trial, info, config)
     assert len([layer for layer in model.layers if layer.__class__.__name__ == "Dense"]) == 3
+
+
+def _told(config, trial_id: str, status: str, curve: list[float]) -> search.TrialResult:
+    return search.TrialResult(trial_id, {}, status=status, objective=curve[-1], epochs=len(curve),
+                              curve=[[i + 1, v] for i, v in enumerate(curve)],
+                              stopped_at=len(curve) if status == "STOPPED" else 0)
+
+
+def test_median_stopping_stops_a_trial_below_the_median_of_completed_trials_at_that_epoch(tmp_path):
+    # Optuna's MedianPruner over kftune's stored curves, here behind keras-tuner's random oracle.
+    config = search.SearchConfig(search_algorithm="random", early_stopping="median", max_trials=6, trial_epochs=3,
+                                 search_space=SPACE, search_state_uri=str(tmp_path))
+    with search.oracle_turn(tmp_path) as state:
+        ids = [search.ask(config, state, f"worker{i}")[1]["trial_id"] for i in range(5)]
+    finished = []
+    for trial_id, curve in zip(ids[:2], ([0.5, 0.7, 0.8], [0.3, 0.5, 0.6]), strict=True):
+        with search.oracle_turn(tmp_path) as state:
+            assert not search.report_epoch(config, state, trial_id, 1, curve[0])  # fewer than 3 completed: nobody stops
+            assert not search.report_epoch(config, state, trial_id, 2, curve[1])
+            finished.append(_told(config, trial_id, "COMPLETED", curve))
+            search.tell(config, state, finished[-1:])
+    with search.oracle_turn(tmp_path) as state:
+        assert not search.report_epoch(config, state, ids[2], 1, 0.1)
+        search.tell(config, state, [_told(config, ids[2], "COMPLETED", [0.1, 0.2, 0.3])])
+        # Completed at epoch 1: 0.5, 0.3, 0.1; the median is 0.3.
+        assert search.report_epoch(config, state, ids[3], 1, 0.2)
+        assert not search.report_epoch(config, state, ids[4], 1, 0.4)
+        # A trial stopped before its process was killed stops again at once when it resumes.
+        assert search.report_epoch(config, state, ids[3], 1, 0.9)
+
+
+def test_asha_promotes_the_top_third_at_each_rung_without_waiting(tmp_path):
+    config = search.SearchConfig(search_algorithm="asha", max_trials=9, parallel_trials=3, trial_epochs=9,
+                                 search_space=SPACE, search_state_uri=str(tmp_path))
+    with search.oracle_turn(tmp_path) as state:
+        ids = [search.ask(config, state, f"worker{i}")[1]["trial_id"] for i in range(4)]
+        # Rung 0 is epoch 1: the first trial goes on alone; no worker waits for others to reach the rung.
+        assert not search.report_epoch(config, state, ids[0], 1, 0.6)
+        assert search.report_epoch(config, state, ids[1], 1, 0.5)      # 2 at the rung: only the best goes on
+        assert search.report_epoch(config, state, ids[2], 1, 0.55)     # 3 at the rung: the top third, 1 trial
+        assert not search.report_epoch(config, state, ids[3], 1, 0.7)  # a new best at the rung goes on
+        # Rung 1 is epoch 3 (factor 3); epoch 2 is no rung.
+        assert not search.report_epoch(config, state, ids[0], 2, 0.1)
+        assert not search.report_epoch(config, state, ids[0], 3, 0.8)
+        assert search.report_epoch(config, state, ids[3], 3, 0.75)
+
+
+def test_an_asha_search_records_stopped_trials_with_their_last_score_and_draws_them(digits_dir, tmp_path):
+    config = search.SearchConfig(search_algorithm="asha", max_trials=4, parallel_trials=1, trial_epochs=3,
+                                 search_space=SPACE, search_state_uri=str(tmp_path / "state"))
+    best = search.search(digits_dir, config, progress=lambda _: None)
+    results = search.told(tmp_path / "state")
+    stopped = [r for r in results if r.status == "STOPPED"]
+    assert stopped and len(stopped) < len(results)
+    for r in stopped:  # scored by the epoch it stopped at, whose weights it keeps
+        assert r.stopped_at == r.epochs == 1 and r.objective == r.curve[-1][1] and not r.error
+        assert (tmp_path / "state" / search.TRIALS_DIR / f"trial_{r.trial_id}" / search.WEIGHTS_FILE).exists()
+    assert best.status == "COMPLETED" and best.epochs == 3
+    epochs_spent = sum(r.epochs for r in results)
+    assert epochs_spent < 3 * len(results)
+    importances = search.importance(config, tmp_path / "state")
+    assert set(importances) <= {"learning_rate", "batch_size", "dense_units", "optimizer"} and importances
+    page = search.trials_page(config, results, importances)
+    assert page.count("<img") == 3
+    table = search.trials_markdown(config, best, results, importances)
+    assert "stopped after epoch 1" in table and "Parameter importance (Optuna" in table
+
+
+def test_a_tpe_worker_gets_its_own_unfinished_trial_back_and_another_algorithm_is_refused(tmp_path):
+    config = search.SearchConfig(search_algorithm="tpe", max_trials=3, search_space=SPACE,
+                                 search_state_uri=str(tmp_path))
+    with search.oracle_turn(tmp_path) as state:
+        first = search.ask(config, state, "worker0")
+        second = search.ask(config, state, "worker1")
+        assert search.ask(config, state, "worker0") == first and second[1]["trial_id"] != first[1]["trial_id"]
+        search.tell(config, state, [search.TrialResult(first[1]["trial_id"], {}, objective=0.5, curve=[[3, 0.5]])])
+        assert search.ask(config, state, "worker0")[1]["trial_id"] == "2"
+        assert search.ask(config, state, "worker0")[1]["trial_id"] == "2"
+        assert search.ask(config, state, "worker2")[0] == search.STOPPED  # all 3 handed out: no waiting
+    other = search.SearchConfig(search_algorithm="bayesian", max_trials=3, search_space=SPACE,
+                                search_state_uri=str(tmp_path))
+    with pytest.raises(InputError, match=r"holds a search run with search_algorithm=tpe, which "
+                                         r"search_algorithm=bayesian cannot continue: set search_algorithm=tpe"):
+        with search.oracle_turn(tmp_path) as state:
+            search.ask(other, state, "worker0")
+

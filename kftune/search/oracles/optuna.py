@@ -23,7 +23,7 @@ from kftune.search.space import SearchSpace
 from kftune.search.trials import COMPLETED, STOPPED, TrialResult
 
 STATE_FILE = "optuna.json"
-# A proposal already tried is asked again with another seed, at most this many times (a small discrete space).
+# A proposal already tried is asked again with another seed, at most this many times, then drawn at random.
 DUPLICATE_TRIES = 20
 
 
@@ -107,6 +107,12 @@ def _sampler(config: SearchConfig, seed: int):
     return TPESampler(seed=seed, n_startup_trials=max(2, config.max_trials // 3), constant_liar=True)
 
 
+def _random_sampler(seed: int):
+    from optuna.samplers import RandomSampler
+
+    return RandomSampler(seed=seed)
+
+
 def _suggest(trial, space: SearchSpace, dists: dict) -> dict:
     """The trial's values, define-by-run: a conditional parameter only when its parent has one of its values."""
     values: dict = {}
@@ -142,8 +148,12 @@ def ask(config: SearchConfig, state_dir: Path, worker: str) -> tuple[str, dict |
     space, dists = config.space, distributions(config.space)
     tried = [t["values"] for t in document["trials"]]
     number = len(document["trials"])
-    for attempt in range(DUPLICATE_TRIES):
-        asked = study(config, document, _sampler(config, config.seed + number + 7919 * attempt))
+    for attempt in range(2 * DUPLICATE_TRIES):
+        # TPE's pick on a discrete space often repeats whatever its seed: after DUPLICATE_TRIES repeats, an
+        # untried random point instead (as kftune's Bayesian oracle does); a space with none left repeats.
+        seed = config.seed + number + 7919 * attempt
+        sampler = _sampler(config, seed) if attempt < DUPLICATE_TRIES else _random_sampler(seed)
+        asked = study(config, document, sampler)
         with quiet():
             trial = asked.ask()
             values = _suggest(trial, space, dists)

@@ -358,6 +358,14 @@ def _no_plan_written(ctx: Ctx) -> None:
     assert not (ctx.out / "plan").exists(), "the plan was written"
 
 
+def _random_search_state(ctx: Ctx) -> None:
+    """A search state that a random search started (a first trial handed out) at the row's search_state_uri."""
+    config = search_core.SearchConfig(search_algorithm="random", search_space=SPACE, max_trials=2,
+                                      search_state_uri=str(ctx.tmp / "state"))
+    with search_core.oracle_turn(ctx.tmp / "state") as state:
+        search_core.ask(config, state, "worker0")
+
+
 def _no_fold_trained(ctx: Ctx) -> None:
     assert not list((ctx.tmp / "state").rglob("*.epochs.json")), "a fold trained"
 
@@ -462,6 +470,15 @@ CASES = [
          rf"GCS bucket `{MISSING}` does not exist", code=3, after=_no_plan_written),
     Case("search/trial-on-a-folder-that-is-no-dataset", lambda c: search_worker(c, data=str(c.tmp)),
          r"`.*` is not a kftune dataset \(no info\.json\)"),
+    Case("search/space-optuna-cannot-take", lambda c: validate(c, search_algorithm="tpe",
+         search_space="{lr: {type: float, min: 0.001, max: 0.1, sampling: reverse_log}}"),
+         r"search space `lr`: Optuna \(search_algorithm=tpe or asha\) has no reverse_log sampling"),
+    Case("search/median-stopping-with-asha", lambda c: validate(c, search_algorithm="asha", early_stopping="median"),
+         r"`early_stopping`=median with search_algorithm=asha: asha stops trials itself"),
+    Case("search/state-written-by-another-algorithm",
+         lambda c: (_random_search_state(c), search_worker(c, search_algorithm="tpe"))[1],
+         r"holds a search run with search_algorithm=random, which search_algorithm=tpe cannot continue: set "
+         r"search_algorithm=random to resume it, or give a new search_state_uri", after=_no_fold_trained),
     Case("search/more-folds-than-images-per-class", lambda c: search_worker(c, folds=200),
          r"`folds`=200 needs at least 200 training images of every class, but class `\d` has \d+",
          after=_no_fold_trained),

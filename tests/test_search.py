@@ -313,22 +313,34 @@ def _worker_script(digits_dir, config, worker: int) -> str:
     """)
 
 
-def test_parallel_workers_share_one_oracle_and_run_every_trial_once(digits_dir, tmp_path):
+@pytest.mark.parametrize("algorithm, epochs", [("random", 1), ("asha", 2)])
+def test_parallel_workers_share_one_oracle_and_run_every_trial_once(digits_dir, tmp_path, algorithm, epochs):
     # Two worker processes at once, as two pods of the pipeline's ParallelFor: they take turns at
     # the oracle through the lock, and max_trials is met exactly, with no trial handed out twice.
+    # asha's trials report each epoch through the same lock, and no worker waits for a rung to fill.
     state = tmp_path / "state"
-    config = search.SearchConfig(search_algorithm="random", max_trials=5, parallel_trials=2, trial_epochs=1,
+    config = search.SearchConfig(search_algorithm=algorithm, max_trials=5, parallel_trials=2, trial_epochs=epochs,
                                  search_space=SPACE, search_state_uri=str(state))
     workers = [subprocess.Popen([sys.executable, "-c", _worker_script(digits_dir, config, i)]) for i in range(2)]
     assert [w.wait(timeout=600) for w in workers] == [0, 0]
     told = search.told(state)
     assert sorted(r.trial_id for r in told) == ["0", "1", "2", "3", "4"]
-    assert all(r.status == "COMPLETED" for r in told)
+    assert all(r.status == "COMPLETED" or (algorithm == "asha" and r.status == "STOPPED") for r in told)
+    if algorithm == "asha":
+        assert {r.trial_id for r in told if r.status == "STOPPED"} == {
+            tid for tid, entry in _curves(state).items() if entry["stopped_at"]}
     assert len({json.dumps(r.values, sort_keys=True) for r in told}) == 5
     assert not (state / search.LOCK_FILE).exists()
     # Each trial's checkpoints are in its own folder, apart from the oracle's small files.
     assert sorted(p.name for p in (state / search.TRIALS_DIR).iterdir()) == [f"trial_{i}" for i in range(5)]
     assert sorted(p.name for p in state.iterdir()) == [search_state.STATE_FILE, search.TRIALS_DIR]
+
+
+def _curves(state) -> dict:
+    from kftune.search import stopping
+
+    with search_state.opened(state, write=False) as state_dir:
+        return stopping.load(state_dir)
 
 
 def test_a_restarted_worker_resumes_its_own_trial_and_no_other(digits_dir, tmp_path):

@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import kftune  # noqa: E402, F401 - selects tf-keras before TensorFlow is imported
 from kftune import dataset, report, search, storage  # noqa: E402
+from kftune.search import worker  # noqa: E402
 
 BUCKET = "bench"
 UNITS = 640  # 768 inputs (16x16x3) x 640 units x 4 bytes: a 2.0 MB Dense kernel
@@ -150,7 +151,9 @@ class Meter:
         self.turns: list[tuple[str, int, int]] = []  # ("ask" or "tell", bytes, requests)
         self.trials: list[int] = []
         self._verb = ""
-        real_turn, real_trial, real_ask, real_tell = search.oracle_turn, search.run_stored_trial, search.ask, search.tell
+        # The names search.work calls, in the module that calls them (kftune.search.worker).
+        real_turn, real_trial, real_ask, real_tell = (worker.oracle_turn, worker.run_stored_trial, worker.ask,
+                                                      worker.tell)
 
         @contextlib.contextmanager
         def turn(state_uri):
@@ -173,7 +176,7 @@ class Meter:
             self._verb = "tell"
             return real_tell(*args, **kwargs)
 
-        search.oracle_turn, search.run_stored_trial, search.ask, search.tell = turn, trial, ask, tell
+        worker.oracle_turn, worker.run_stored_trial, worker.ask, worker.tell = turn, trial, ask, tell
 
     def reset(self) -> None:
         self.turns, self.trials = [], []

@@ -684,7 +684,9 @@ def prune(
     steps = math.ceil(info.splits["train"] / batch_size) * config.prune_epochs
     if not info.splits.get("validation"):
         raise InputError(f"the validation split of `{dataset_dir}` is empty: ingest with a larger validation_fraction.")
-    run = _Run(Path(dataset_dir), Path(model_dir), info, batch_size, end_step(config, steps), verbose)
+    # The schedule's end step is tfmot's; structured pruning trains on whatever the number of steps.
+    run = _Run(Path(dataset_dir), Path(model_dir), info, batch_size,
+               end_step(config, steps) if config.prune_method == "magnitude" else steps, verbose)
     # Fails fast, naming any layer tfmot cannot prune (or a model structured pruning cannot rebuild),
     # before measuring or training anything.
     if config.prune_method == "structured":

@@ -246,6 +246,8 @@ class PruneReport:
         groups: Structured: per group of channels that go together, [block, producers, channels kept, why]
             (:meth:`kftune.structured.Plan.blocks`).
         distill_weight: The distillation weight the pruned model was trained with (0: labels alone).
+        unknown_layers: Structured: the layers the channel analysis does not know, and why; each is left
+            whole with the channels it touches.
     """
 
     before: dict
@@ -260,6 +262,7 @@ class PruneReport:
     layer_patterns: dict[str, str] = dataclasses.field(default_factory=dict)
     groups: list[list] = dataclasses.field(default_factory=list)
     distill_weight: float = 0.0
+    unknown_layers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def within_budget(self) -> bool | None:
@@ -338,6 +341,10 @@ class PruneReport:
             if values.get("float_kernels"):
                 notes.append(f"{mode}: the TFLite converter left these kernels in float32 (it quantizes only the "
                              f"larger ones): {', '.join(values['float_kernels'])}.")
+        if self.unknown_layers:
+            notes.append("Left whole, with the channels they touch, because structured pruning does not know what "
+                         "they do with channels: " + "; ".join(f"`{name}` ({why})"
+                                                              for name, why in self.unknown_layers.items()) + ".")
         if self.distill_weight > 0:
             notes.append(f"The pruned model was trained against the fine-tuned model's soft labels (distillation "
                          f"weight {self.distill_weight}).")
@@ -624,7 +631,7 @@ class _Run:
 
     def prune_to(self, config: PruneConfig):
         """Prunes a fresh copy of the model while training on; returns (stripped model, history, patterns,
-        per-block rows)."""
+        per-block rows, layers structured pruning does not know)."""
         import tempfile
 
         import tensorflow as tf
@@ -633,10 +640,11 @@ class _Run:
         model, _ = models.load(self.model_dir)
         patterns: dict[str, str] = {}
         blocks: list[list] = []
+        unknown: dict[str, str] = {}
         if config.prune_method == "structured":
             pruned, plan = structured.shrink(model, config.target_sparsity, config.layer_type_names)
             structured.unfreeze_shrunk(pruned, plan)
-            patterns, blocks = plan.describe(), plan.blocks()
+            patterns, blocks, unknown = plan.describe(), plan.blocks(), plan.unknown
             callbacks = []
         else:
             pruned = _wrap(model, config, self.end_step, patterns)
@@ -658,7 +666,7 @@ class _Run:
                                    validation=validation, callbacks=callbacks, keep_weights=False, verbose=self.verbose)
         stripped = pruned if config.prune_method == "structured" else _tfmot().sparsity.keras.strip_pruning(pruned)
         models.compile_model(stripped, self.info.num_classes, learning_rate=config.prune_learning_rate)
-        return stripped, history, patterns, blocks
+        return stripped, history, patterns, blocks, unknown
 
 
 def prune(
@@ -711,7 +719,7 @@ def prune(
         what = ("filters and units removed" if config.prune_method == "structured"
                 else f"sparsity ({config.prune_schedule} schedule)")
         progress(f"prune: {config.prune_method} to {level:.0%} {what} over {steps} steps")
-        stripped, history, patterns, blocks = run.prune_to(level_config)
+        stripped, history, patterns, blocks, unknown = run.prune_to(level_config)
         scores = _measured(stripped, run.validation)
         drop = before["accuracy"] - scores["accuracy"]
         within = drop <= config.prune_max_accuracy_drop if searching else None
@@ -719,7 +727,7 @@ def prune(
         if searching:
             progress(f"prune: {level:.0%}: validation accuracy {scores['accuracy']:.4f}, drop {drop:.4f}"
                      f" ({'within' if within else 'over'} the budget of {config.prune_max_accuracy_drop})")
-        results[index], fits[index] = (level_config, stripped, history, patterns, blocks), bool(within)
+        results[index], fits[index] = (level_config, stripped, history, patterns, blocks, unknown), bool(within)
         # Only two attempts can still be handed on: the highest within the budget so far, and the lowest
         # tried (kept when none fits). The others' models go now: with a backbone each is a full copy of it.
         keep = {min(results)} | {max((i for i in results if fits[i]), default=min(results))}
@@ -741,7 +749,7 @@ def prune(
             else:
                 high = middle
         kept = results[low] if low >= 0 else results[min(results)]
-    kept_config, stripped, history, patterns, blocks = kept
+    kept_config, stripped, history, patterns, blocks, unknown = kept
 
     output_dir = Path(output_dir)
     sparsity = measure.sparsity(stripped)
@@ -770,5 +778,6 @@ def prune(
         method=config.prune_method,
         layer_patterns=patterns,
         groups=blocks,
+        unknown_layers=unknown,
         distill_weight=config.prune_distill_weight,
     )

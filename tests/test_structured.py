@@ -217,3 +217,25 @@ def test_prune_structured_hands_on_a_smaller_faster_dense_model_and_its_int8_fil
     assert "| conv1 | structured: 64 -> 32 filters |" in text
     assert "| predictions | left whole: they are the model's output (`predictions`) |" in text
     assert report.metrics()["size_ratio"] > 2
+
+
+def test_prune_names_a_layer_it_does_not_know_in_the_report_and_prunes_the_rest(digits_dir, trained_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    # The fine-tuned small_cnn with a user's own layer between its convolutions (its package trusted, as a user would).
+    monkeypatch.setenv(models.TRUSTED_ENV, Gain.__module__.split(".")[0])
+    model, meta = models.load(trained_model_dir)
+    inputs = k.Input(model.input_shape[1:])
+    x = inputs
+    for layer in model.layers[1:]:
+        x = layer(x)
+        if layer.name == "conv0":
+            x = Gain(name="gain")(x)
+    models.save(k.Model(inputs, x), tmp_path / "custom", meta)
+    config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_quantize="")
+    report = pr.prune(digits_dir, tmp_path / "custom", config, tmp_path / "out", progress=lambda _: None, verbose=0)
+    assert report.unknown_layers == {"gain": "Gain is not a layer kind structured pruning knows"}
+    text = report.markdown()
+    assert "## Per block: channels kept and why" in text
+    assert "`gain` (Gain is not a layer kind structured pruning knows)" in text
+    assert "reach `gain`, which is left whole" in report.layer_patterns["conv0"]
+    assert report.layer_patterns["conv1"] == "structured: 64 -> 32 filters"

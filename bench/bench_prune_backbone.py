@@ -140,7 +140,7 @@ def measure_rows(tmp: Path, args):
     """Trains the dense model, prunes it every way, and measures accuracy and size of every row."""
     rows: list[Row] = []
     data, dense = train_dense(tmp, args.backbone, args.images, args.epochs, args.seed)
-    common = dict(prune_epochs=args.prune_epochs, prune_learning_rate=1e-4, seed=args.seed, prune_quantize="")
+    common = dict(prune_epochs=args.prune_epochs, seed=args.seed, prune_quantize="")
     budget = dict(prune_max_accuracy_drop=0.01, prune_sparsity_levels=args.levels)
     runs = {
         "head-only structured (today)": pr.PruneConfig(prune_method="structured", prune_layer_types="Dense",

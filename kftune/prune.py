@@ -654,6 +654,9 @@ class _Run:
         spec = AugmentSpec.from_dict(self.info.augment) if self.info.augment else None
         train = training_batches(dataset.epoch_split(self.dataset_dir, "train"), spec, self.batch_size, config.seed)
         validation = dataset.batches(dataset.epoch_split(self.dataset_dir, "validation"))
+        if config.prune_method == "structured":
+            # The shrunk model's BatchNormalization statistics are the full model's: measured again first.
+            structured.recalibrate_batch_norm(pruned, dataset.batches(dataset.load_split(self.dataset_dir, "train"), 32))
         if config.prune_distill_weight > 0:
             teacher, _ = models.load(self.model_dir)
             teacher.trainable = False

@@ -550,6 +550,36 @@ def unfreeze_shrunk(model, the_plan: Plan) -> None:
             layer.trainable = True
 
 
+def recalibrate_batch_norm(model, batches, steps: int = 16) -> int:
+    """Re-measures every BatchNormalization layer's moving statistics on ``steps`` batches of images.
+
+    A shrunk model's BatchNormalization layers still hold the statistics of the
+    full model, whose inputs had the removed channels; fine-tuning with them frozen
+    (in inference mode) starts from activations off by the difference, which on a
+    MobileNetV2 base left the model at chance. Each layer's statistics become the
+    mean over the batches of its inputs' batch statistics (the model is run in
+    training mode; no weight is trained). Returns the number of batches used.
+    """
+    import tensorflow as tf
+
+    k = models.keras()
+    norms = [layer for layer in model.layers if isinstance(layer, k.layers.BatchNormalization)]
+    if not norms:
+        return 0
+    saved = [(layer.trainable, layer.momentum) for layer in norms]
+    for layer in norms:
+        layer.trainable = True  # a frozen one would run in inference mode whatever `training` says
+    used = 0
+    for images, *_ in batches.take(steps):
+        for layer in norms:  # a running mean over the batches: the i-th batch weighs 1/(i+1)
+            layer.momentum = used / (used + 1)
+        model(tf.cast(images, tf.float32), training=True)
+        used += 1
+    for layer, (trainable, momentum) in zip(norms, saved, strict=True):
+        layer.trainable, layer.momentum = trainable, momentum
+    return used
+
+
 def masked(model, the_plan: Plan):
     """The original model, flat, with every removed channel's input rows zeroed in the layers that read it.
 

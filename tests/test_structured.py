@@ -239,3 +239,19 @@ def test_prune_names_a_layer_it_does_not_know_in_the_report_and_prunes_the_rest(
     assert "`gain` (Gain is not a layer kind structured pruning knows)" in text
     assert "reach `gain`, which is left whole" in report.layer_patterns["conv0"]
     assert report.layer_patterns["conv1"] == "structured: 64 -> 32 filters"
+
+
+def test_batch_norm_statistics_are_measured_again_on_the_shrunk_model():
+    import tensorflow as tf
+
+    model = sequential()
+    _randomize_statistics(model.layers)
+    shrunk, plan = structured.shrink(model, 0.5)
+    bn = shrunk.get_layer("bn1")
+    bn.trainable = False  # as a frozen base's: recalibration must still reach it, and leave it frozen
+    images = np.random.default_rng(2).uniform(-1, 1, (64, 12, 12, 3)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((images, np.zeros(64))).batch(16)
+    assert structured.recalibrate_batch_norm(shrunk, data, steps=8) == 4
+    features = shrunk.get_layer("c1")(images).numpy()
+    np.testing.assert_allclose(bn.moving_mean.numpy(), features.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+    assert not bn.trainable and bn.momentum == 0.99

@@ -11,7 +11,8 @@ reads a tf.data pipeline. TensorFlow's op (the GPU path) is timed on the CPU
 too, and where a GPU is visible on batches already on the GPU.
 
 Every path is measured ``--repeats`` times, taking turns (one round times each
-path once, so a burst of someone else's work lowers one round, not one path);
+path once, the order rotating from round to round, so a burst of someone else's
+work lowers one round, not one path; bench/timing.py);
 each measurement starts a fresh iterator and drops its warm-up (the first
 batches and a quarter second). Each figure is the median over the rounds with
 the minimum and maximum beside it; a ratio is each round's rate over that
@@ -158,15 +159,15 @@ def compare(size: int, count: int, batch_size: int, seconds: float, repeats: int
     }
     if gpu:
         paths["gpu"] = lambda: device_batches(images, batch_size, "/GPU:0")
-    rates: dict[str, list[float]] = {name: [] for name in paths}
-    for round_ in range(repeats):
-        for name, make in paths.items():
-            batches = make()
-            rates[name].append(images_per_second(batches, seconds))
-            batches.close()  # stops tf.data's workers before the next measurement
-        progress(f"{size}x{size} round {round_ + 1}/{repeats}: "
-                 + ", ".join(f"{name} {r[-1]:,.0f}" for name, r in rates.items()))
-    return rates
+    def measured(make: Callable[[], Iterator[int]]) -> float:
+        batches = make()
+        rate = images_per_second(batches, seconds)
+        batches.close()  # stops tf.data's workers before the next measurement
+        return rate
+
+    # Each measurement drops its own warm-up (a fresh iterator each time), so no warm-up round.
+    return timing.interleaved({name: (lambda make=make: measured(make)) for name, make in paths.items()}, repeats,
+                              warmup=False, progress=lambda line: progress(f"{size}x{size} {line}"), fmt="{:,.0f}")
 
 
 LABELS = {

@@ -655,8 +655,9 @@ class _Run:
         train = training_batches(dataset.epoch_split(self.dataset_dir, "train"), spec, self.batch_size, config.seed)
         validation = dataset.batches(dataset.epoch_split(self.dataset_dir, "validation"))
         if config.prune_method == "structured":
-            # The shrunk model's BatchNormalization statistics are the full model's: measured again first.
-            structured.recalibrate_batch_norm(pruned, dataset.batches(dataset.load_split(self.dataset_dir, "train"), 32))
+            # The shrunk model's BatchNormalization statistics are the full model's: moved by the shift first.
+            structured.correct_batch_norm(model, pruned, plan,
+                                          dataset.batches(dataset.load_split(self.dataset_dir, "train"), 8))
         if config.prune_distill_weight > 0:
             teacher, _ = models.load(self.model_dir)
             teacher.trainable = False

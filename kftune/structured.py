@@ -151,6 +151,8 @@ class Plan:
     groups: list[Group]
     unknown: dict[str, str]  # layer -> why it is left whole
     units: dict[str, str]  # producer -> "filters" or "units"
+    # Per per-channel layer, once shrunk: the indices of the original channels it keeps.
+    member_rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def keep(self) -> dict[str, np.ndarray]:
@@ -505,7 +507,7 @@ def shrink(model, fraction: float, layer_types: list[str] | None = None):
         kernel, *rest = weights[name]
         weights[name] = [kernel[..., rows, :], *rest]
     for name, layout in a.members.items():
-        rows = _rows(layout, kept, a.spaces)
+        rows = the_plan.member_rows[name] = _rows(layout, kept, a.spaces)
         if type(g.layers[name]).__name__ == "DepthwiseConv2D":
             kernel, *rest = weights[name]
             weights[name] = [kernel[:, :, rows, :], *[w[rows] for w in rest]]
@@ -550,33 +552,45 @@ def unfreeze_shrunk(model, the_plan: Plan) -> None:
             layer.trainable = True
 
 
-def recalibrate_batch_norm(model, batches, steps: int = 16) -> int:
-    """Re-measures every BatchNormalization layer's moving statistics on ``steps`` batches of images.
+def correct_batch_norm(original, shrunk, the_plan: Plan, batches, steps: int = 8) -> int:
+    """Moves each BatchNormalization layer's statistics by the shift that removing channels caused.
 
-    A shrunk model's BatchNormalization layers still hold the statistics of the
-    full model, whose inputs had the removed channels; fine-tuning with them frozen
-    (in inference mode) starts from activations off by the difference, which on a
-    MobileNetV2 base left the model at chance. Each layer's statistics become the
-    mean over the batches of its inputs' batch statistics (the model is run in
-    training mode; no weight is trained). Returns the number of batches used.
+    A layer that reads a shrunk group loses the removed channels' contributions,
+    so the inputs of the BatchNormalization after it move; its statistics are
+    still the full model's. Re-measuring them outright would also undo whatever
+    the stored statistics encode (a base fine-tuned with BatchNormalization in
+    inference mode keeps statistics its kernels no longer produce). So both
+    models run on the same ``steps`` batches, in inference mode, and each layer's
+    moving mean moves by the change of its input's mean and its moving variance
+    scales by the change of its input's variance; a layer whose input did not
+    change keeps its statistics. Returns the number of batches used.
     """
     import tensorflow as tf
 
     k = models.keras()
-    norms = [layer for layer in model.layers if isinstance(layer, k.layers.BatchNormalization)]
-    if not norms:
+    names = [layer.name for layer in shrunk.layers if isinstance(layer, k.layers.BatchNormalization)]
+    if not names:
         return 0
-    saved = [(layer.trainable, layer.momentum) for layer in norms]
-    for layer in norms:
-        layer.trainable = True  # a frozen one would run in inference mode whatever `training` says
+    flat = masked(original, Plan([], {}, {}))
+    probes = [k.Model(m.inputs, [m.get_layer(n).input for n in names]) for m in (flat, shrunk)]
+    sums = [[[0.0, 0.0] for _ in names] for _ in probes]
     used = 0
     for images, *_ in batches.take(steps):
-        for layer in norms:  # a running mean over the batches: the i-th batch weighs 1/(i+1)
-            layer.momentum = used / (used + 1)
-        model(tf.cast(images, tf.float32), training=True)
+        for probe, acc in zip(probes, sums, strict=True):
+            outputs = probe(tf.cast(images, tf.float32), training=False)
+            for values, slot in zip(outputs if isinstance(outputs, list) else [outputs], acc, strict=True):
+                axes = tuple(range(values.shape.rank - 1))
+                slot[0] += tf.reduce_mean(values, axes).numpy()
+                slot[1] += tf.reduce_mean(tf.square(values), axes).numpy()
         used += 1
-    for layer, (trainable, momentum) in zip(norms, saved, strict=True):
-        layer.trainable, layer.momentum = trainable, momentum
+    for i, name in enumerate(names):
+        (old_mean, old_square), (new_mean, new_square) = (np.asarray(sums[0][i]) / used, np.asarray(sums[1][i]) / used)
+        rows = the_plan.member_rows.get(name, np.arange(old_mean.shape[-1]))
+        old_mean, old_var = old_mean[rows], np.maximum(old_square[rows] - old_mean[rows] ** 2, 0.0)
+        new_var = np.maximum(new_square - new_mean**2, 0.0)
+        layer = shrunk.get_layer(name)
+        layer.moving_mean.assign(layer.moving_mean.numpy() + new_mean - old_mean)
+        layer.moving_variance.assign(layer.moving_variance.numpy() * (new_var + layer.epsilon) / (old_var + layer.epsilon))
     return used
 
 

@@ -241,17 +241,32 @@ def test_prune_names_a_layer_it_does_not_know_in_the_report_and_prunes_the_rest(
     assert report.layer_patterns["conv1"] == "structured: 64 -> 32 filters"
 
 
-def test_batch_norm_statistics_are_measured_again_on_the_shrunk_model():
+def test_batch_norm_statistics_move_by_the_shift_that_pruning_caused():
     import tensorflow as tf
 
     model = sequential()
     _randomize_statistics(model.layers)
     shrunk, plan = structured.shrink(model, 0.5)
-    bn = shrunk.get_layer("bn1")
-    bn.trainable = False  # as a frozen base's: recalibration must still reach it, and leave it frozen
     images = np.random.default_rng(2).uniform(-1, 1, (64, 12, 12, 3)).astype("float32")
     data = tf.data.Dataset.from_tensor_slices((images, np.zeros(64))).batch(16)
-    assert structured.recalibrate_batch_norm(shrunk, data, steps=8) == 4
-    features = shrunk.get_layer("c1")(images).numpy()
-    np.testing.assert_allclose(bn.moving_mean.numpy(), features.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
-    assert not bn.trainable and bn.momentum == 0.99
+    before = [w.copy() for w in shrunk.get_layer("bn1").get_weights()]
+    assert structured.correct_batch_norm(model, shrunk, plan, data, steps=8) == 4
+    # bn1 reads c1, whose inputs (the image) did not change: its kept channels keep their statistics.
+    for expected, got in zip(before, shrunk.get_layer("bn1").get_weights(), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # Narrow c1 to a model whose BN input does change: a Conv2D reading the shrunk c1.
+    inputs = k.Input((12, 12, 3))
+    x = k.layers.Conv2D(8, 3, name="c1")(inputs)
+    x = k.layers.Conv2D(6, 1, name="c2")(x)
+    outputs = k.layers.BatchNormalization(name="bn")(x)
+    net = k.Model(inputs, k.layers.GlobalAveragePooling2D()(outputs))
+    _randomize_statistics(net.layers)
+    small, plan = structured.shrink(net, 0.5)
+    mean, variance = net.get_layer("bn").moving_mean.numpy(), net.get_layer("bn").moving_variance.numpy()
+    structured.correct_batch_norm(net, small, plan, data, steps=8)
+    old = k.Model(net.inputs, net.get_layer("bn").input)(images).numpy().reshape(-1, 6)
+    new = k.Model(small.inputs, small.get_layer("bn").input)(images).numpy().reshape(-1, 6)
+    np.testing.assert_allclose(small.get_layer("bn").moving_mean.numpy(), mean + new.mean(0) - old.mean(0),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(small.get_layer("bn").moving_variance.numpy(),
+                               variance * (new.var(0) + 1e-3) / (old.var(0) + 1e-3), rtol=1e-3, atol=1e-4)

@@ -129,7 +129,7 @@ class SearchConfig:
         if self.search_algorithm in OPTUNA_ALGORITHMS:
             from kftune.search.oracles import optuna as adapter
 
-            adapter.check_space(space, self.search_algorithm)
+            adapter.check_space(space)
         if self.search_algorithm == "grid":
             for p in space.params:
                 if p.type == "float" and not p.step:

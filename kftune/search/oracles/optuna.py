@@ -69,7 +69,7 @@ def distributions(space: SearchSpace) -> dict:
     return out
 
 
-def check_space(space: SearchSpace, algorithm: str) -> None:
+def check_space(space: SearchSpace) -> None:
     """Refuses, before any trial, a space Optuna cannot sample."""
     distributions(space)
 
@@ -83,7 +83,7 @@ def _save(state_dir: Path, document: dict) -> None:
     (state_dir / STATE_FILE).write_text(json.dumps(document, sort_keys=True))
 
 
-def study(config: SearchConfig, document: dict, sampler=None):
+def study(document: dict, sampler=None):
     """An in-memory study holding every trial of ``document`` as Optuna has it."""
     with quiet() as optuna:
         from optuna.distributions import json_to_distribution
@@ -153,7 +153,7 @@ def ask(config: SearchConfig, state_dir: Path, worker: str) -> tuple[str, dict |
         # untried random point instead (as kftune's Bayesian oracle does); a space with none left repeats.
         seed = config.seed + number + 7919 * attempt
         sampler = _sampler(config, seed) if attempt < DUPLICATE_TRIES else _random_sampler(seed)
-        asked = study(config, document, sampler)
+        asked = study(document, sampler)
         with quiet():
             trial = asked.ask()
             values = _suggest(trial, space, dists)
@@ -189,7 +189,7 @@ def tell(config: SearchConfig, state_dir: Path, results: list[TrialResult]) -> l
 def importance(config: SearchConfig, state_dir: str | Path) -> dict[str, float]:
     """Optuna's parameter importance (fANOVA) over the completed trials; empty when it cannot tell (< 2 trials)."""
     with quiet() as optuna:
-        built = study(config, _load(Path(state_dir)))
+        built = study(_load(Path(state_dir)))
         try:
             return dict(optuna.importance.get_param_importances(
                 built, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=config.seed)))

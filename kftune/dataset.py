@@ -357,7 +357,10 @@ def _example(image: np.ndarray, label: int) -> bytes:
         "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: protobuf writes a map (the features) in an order drawn per
+    # process unless told to sort it, and the dataset's fingerprint hashes these
+    # bytes: the same images ingested by two processes must give the same shards.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 class ShardWriter:

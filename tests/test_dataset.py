@@ -44,6 +44,30 @@ def test_same_seed_same_split_other_seed_other_split(tmp_path):
     assert fingerprints[0] != fingerprints[2]
 
 
+def test_separate_processes_ingesting_the_same_data_agree_on_its_fingerprint(tmp_path):
+    """The pipeline's ingest pod and `kftune reproduce` are separate processes.
+
+    Protobuf writes an Example's feature map in an order drawn once per process,
+    so without deterministic serialization about half of the processes wrote other
+    shard bytes for the same images (a rerun was refused as "data changed").
+    """
+    import subprocess
+    import sys
+
+    root = _write_folder(tmp_path / "src", {"cat": 5, "dog": 5}, size=(8, 8))
+    script = (
+        "import sys; from kftune import dataset; "
+        "print(dataset.ingest(dataset.IngestConfig(source=sys.argv[1], image_size=8, validation_fraction=0.2, "
+        "test_fraction=0.2), sys.argv[2], progress=lambda _: None).fingerprint)"
+    )
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(root), str(tmp_path / f"out{i}")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(6)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs[0][1][-2000:]
+    prints = {out.strip() for out, _ in outputs}
+    assert len(prints) == 1 and len(prints.pop()) == 64, prints
+
+
 def test_folder_source_with_a_corrupt_file_skips_and_counts_it(tmp_path):
     root = _write_folder(tmp_path / "src", {"cat": 8, "dog": 7})
     (root / "cat" / "broken.png").write_bytes(b"not an image")

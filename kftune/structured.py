@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 
 import numpy as np
 
@@ -228,7 +229,9 @@ def _flatten(config: dict, model) -> tuple[dict, dict[str, object]]:
             layers[entry["name"]] = layer
             continue
         inner, inner_layers = _flatten(copy.deepcopy(entry["config"]), layer)
-        sources = [r[:3] for r in _refs(entry["inbound_nodes"][0])]
+        outer_refs = _refs(entry["inbound_nodes"][0])
+        sources = [r[:3] for r in outer_refs]
+        call_kwargs = next((r[3] for r in outer_refs if len(r) > 3 and isinstance(r[3], dict)), {})
         inputs = {ref[0]: sources[i] for i, ref in enumerate(inner["input_layers"])}
         rename = {}
         for e in inner["layers"]:
@@ -244,6 +247,8 @@ def _flatten(config: dict, model) -> tuple[dict, dict[str, object]]:
                 for i, r in enumerate(node):
                     if isinstance(r, list) and r and isinstance(r[0], str):
                         node[i] = [*inputs[r[0]], {}] if r[0] in inputs else [rename[r[0]], *r[1:]]
+                if "training" in call_kwargs:
+                    _pass_training(node, call_kwargs["training"], inner_layers[e["name"]])
             old = e["name"]
             e["name"] = e["config"]["name"] = rename[old]
             out_layers.append(e)
@@ -253,6 +258,26 @@ def _flatten(config: dict, model) -> tuple[dict, dict[str, object]]:
     config["layers"] = out_layers
     config["output_layers"] = [fix(r) for r in config["output_layers"]]
     return config, layers
+
+
+def _pass_training(node: list, training, layer) -> None:
+    """Gives one inner layer's call the ``training`` value its nested model was called with.
+
+    A keras.applications base is called as ``base(x, training=False)`` so that
+    its BatchNormalization runs in inference mode even where the base trains
+    (Keras' transfer-learning guide). Inlined, its layers would follow the outer
+    call instead: in ``fit`` the BatchNormalization layers would normalize with
+    batch statistics and move their stored ones, and the pruned model would
+    predict garbage after fine-tuning. So each inner layer whose call takes
+    ``training`` keeps the value, as it had inside the base.
+    """
+    if "training" not in inspect.signature(layer.call).parameters:
+        return
+    for r in node:
+        if isinstance(r, list) and r and isinstance(r[0], str):
+            if len(r) < 4 or not isinstance(r[3], dict):
+                r[3:] = [{}]
+            r[3] = {**r[3], "training": training}
 
 
 def graph(model) -> Graph:
@@ -541,8 +566,9 @@ def unfreeze_shrunk(model, the_plan: Plan) -> None:
     """Makes every layer a shrunk group touched trainable, BatchNormalization excepted.
 
     A frozen pretrained base that lost channels must recover in training; its
-    BatchNormalization layers stay frozen, so they run in inference mode with
-    the original statistics (as the base did, called with training=False).
+    BatchNormalization layers keep their setting, and those of a base called
+    with training=False keep running in inference mode with the (corrected)
+    original statistics, as the base did (:func:`_pass_training`).
     Layers no shrunk group touched keep their setting.
     """
     k = models.keras()

@@ -104,6 +104,37 @@ def test_every_backbone_shrinks_through_its_base_and_equals_the_original_with_th
     assert plan.unknown == {}
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2_035", "efficientnet_b0"])
+def test_a_base_called_in_inference_mode_stays_in_it_when_flattened_trained_saved_and_loaded(name, tmp_path):
+    """Keras' transfer-learning guide trains a base with base.trainable = True, called with training=False.
+
+    Its BatchNormalization (and EfficientNet's stochastic-depth Dropout) must run in
+    inference mode in the shrunk model too: otherwise fine-tuning normalizes with
+    batch statistics, moves the stored ones, and the model predicts one class.
+    """
+    model, base = _backbone(name)
+    base.trainable = True
+    shrunk, _ = structured.shrink(model, 0.3)
+    x = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+
+    def features(m):  # the base's part: the head's own Dropout does follow `training`
+        return k.Model(m.inputs, m.get_layer("pool").output)
+
+    np.testing.assert_array_equal(features(model)(x, training=True).numpy(), features(model)(x, training=False).numpy())
+    np.testing.assert_allclose(features(shrunk)(x, training=True).numpy(), features(shrunk)(x, training=False).numpy(),
+                               atol=1e-6)
+    bns = [layer for layer in shrunk.layers if isinstance(layer, k.layers.BatchNormalization)]
+    assert bns and all(layer.trainable for layer in bns), "gamma and beta still train, as in the base"
+    before = [layer.moving_mean.numpy().copy() for layer in bns]
+    models.compile_model(shrunk, 4, learning_rate=1e-3)
+    shrunk.fit(x, np.arange(4), epochs=1, verbose=0)
+    assert all(np.array_equal(b, layer.moving_mean.numpy()) for b, layer in zip(before, bns, strict=True))
+    folder = models.save(shrunk, tmp_path / "m", models.ModelMeta("x", list("abcd"), [32, 32, 3], {}, stage="pruned"))
+    loaded, _ = models.load(folder)
+    np.testing.assert_allclose(features(loaded)(x, training=True).numpy(), features(shrunk)(x, training=False).numpy(),
+                               atol=1e-5)
+
+
 def test_residual_and_squeeze_excite_channels_go_together():
     model, _ = _backbone("mobilenet_v2_035")
     plan, _ = structured.plan(model, 0.5)

@@ -67,6 +67,12 @@ IMPORTANCE = ("BatchNormalization |gamma| where the group has one, else the L1 n
               "slice; each layer's scores divided by their mean, summed over the group")
 
 
+# BatchNorm scales that differ by less than this share of their mean rank nothing: they are where they were
+# initialised (1.0), i.e. the base was never trained (weights=None, or weights made locally).
+UNRANKED_SPREAD = 0.01
+UNRANKED = "their BN scales are all alike, as in an untrained base: the channels removed are not the least important"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """Where a tensor's last-axis channels come from: segments (space, width) in order, repeated ``repeat``
@@ -180,6 +186,11 @@ class Plan:
                           else f"left whole: {g.why}")
         out.update({name: f"left whole: {reason}" for name, reason in self.unknown.items()})
         return out
+
+    @property
+    def unranked(self) -> list[str]:
+        """The blocks whose channels the importance criterion could not tell apart (see UNRANKED)."""
+        return [g.block for g in self.groups if g.keep is not None and UNRANKED in g.why]
 
     def blocks(self) -> list[list]:
         """Per group, in graph order: [block, producers, channels kept, why]: the prune report's table."""
@@ -493,9 +504,12 @@ def _plan(g: Graph, a: _Analysis, fraction: float) -> Plan:
             continue
         bns = [m for m in members if type(g.layers[m]).__name__ == "BatchNormalization" and g.layers[m].scale]
         count = max(1, int(round(width * (1.0 - fraction))))
-        keep = np.sort(np.argsort(-_importance(g, names, bns), kind="stable")[:count])
+        scores = _importance(g, names, bns)
+        keep = np.sort(np.argsort(-scores, kind="stable")[:count])
         why = f"lowest {width - count} by {'BN |gamma|' if bns else 'kernel L1'} removed" if count < width \
             else "nothing removed at this fraction"
+        if bns and count < width and float(np.std(scores)) < UNRANKED_SPREAD * float(np.mean(scores)):
+            why += f" ({UNRANKED})"
         groups.append(Group(names, members, group_readers, width, keep, why))
     return Plan(groups, a.unknown, units)
 

@@ -301,3 +301,15 @@ def test_batch_norm_statistics_move_by_the_shift_that_pruning_caused():
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(small.get_layer("bn").moving_variance.numpy(),
                                variance * (new.var(0) + 1e-3) / (old.var(0) + 1e-3), rtol=1e-3, atol=1e-4)
+
+
+def test_a_base_whose_bn_scales_are_untrained_is_named_in_the_plan_and_a_trained_one_is_not():
+    """weights=None (or weights made locally) leaves every BN scale at 1.0: the criterion ranks nothing,
+    and the report and the prune step say so rather than remove arbitrary channels without a word."""
+    model, base = models.backbone_classifier("mobilenet_v2_035", (32, 32, 3), 4, dense_units=16)
+    untrained, _ = structured.plan(model, 0.3)
+    assert untrained.unranked and structured.UNRANKED in dict((r[0], r[3]) for r in untrained.blocks())[
+        untrained.unranked[0]]
+    _randomize_statistics(base.layers)  # scales spread as a trained base's are
+    trained, _ = structured.plan(model, 0.3)
+    assert trained.unranked == [] and all(structured.UNRANKED not in row[3] for row in trained.blocks())

@@ -9,7 +9,8 @@ writes a multi-MB checkpoint; each trial trains 1 epoch on the bundled digits at
 (ask, tell), the bytes per trial (its own folder's sync and reads) and of the
 result step (``save_best_model``), with ratios against N = 4, and all that is
 stored under the state URI at the end (what a step that downloaded everything
-would move).
+would move). Then 16 trials of up to 3 epochs twice, random search and asha,
+for the oracle turns an early-stopping search takes after each epoch.
 The proxy cuts listings to their ``maxResults``, which GCS honours and the
 emulator ignores (without that, every one-object bucket check would fetch the
 metadata of every object in the bucket, checkpoints included).
@@ -37,7 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import kftune  # noqa: E402, F401 - selects tf-keras before TensorFlow is imported
 from kftune import dataset, report, search, storage  # noqa: E402
-from kftune.search import worker  # noqa: E402
+from kftune.search import oracles, worker  # noqa: E402
 
 BUCKET = "bench"
 UNITS = 640  # 768 inputs (16x16x3) x 640 units x 4 bytes: a 2.0 MB Dense kernel
@@ -154,6 +155,7 @@ class Meter:
         # The names search.work calls, in the module that calls them (kftune.search.worker).
         real_turn, real_trial, real_ask, real_tell = (worker.oracle_turn, worker.run_stored_trial, worker.ask,
                                                       worker.tell)
+        real_epoch = oracles.report_epoch
 
         @contextlib.contextmanager
         def turn(state_uri):
@@ -176,7 +178,14 @@ class Meter:
             self._verb = "tell"
             return real_tell(*args, **kwargs)
 
+        def epoch(*args, **kwargs):
+            self._verb = "epoch"
+            return real_epoch(*args, **kwargs)
+
         worker.oracle_turn, worker.run_stored_trial, worker.ask, worker.tell = turn, trial, ask, tell
+        # A trial of an early-stopping search takes a turn after each epoch (kftune.search.trials calls these
+        # through the oracles module).
+        oracles.oracle_turn, oracles.report_epoch = turn, epoch
 
     def reset(self) -> None:
         self.turns, self.trials = [], []
@@ -188,10 +197,10 @@ def state_bytes(prefix: str) -> tuple[int, int]:
     return sum(b.size for b in blobs), len(blobs)
 
 
-def measure(data: Path, n: int, meter: Meter, workdir: Path) -> dict:
-    config = search.SearchConfig(search_space=SPACE, search_algorithm="random", max_trials=n, parallel_trials=1,
-                                 trial_epochs=1, seed=0, model="bench_big_dense:build",
-                                 search_state_uri=f"gs://{BUCKET}/state-{n}")
+def measure(data: Path, n: int, meter: Meter, workdir: Path, algorithm: str = "random", epochs: int = 1) -> dict:
+    config = search.SearchConfig(search_space=SPACE, search_algorithm=algorithm, max_trials=n, parallel_trials=1,
+                                 trial_epochs=epochs, seed=0, model="bench_big_dense:build",
+                                 search_state_uri=f"gs://{BUCKET}/state-{algorithm}-{epochs}-{n}")
     meter.reset()
     started = time.perf_counter()
     search.work(data, config, in_child=False, progress=lambda _: None)
@@ -199,14 +208,32 @@ def measure(data: Path, n: int, meter: Meter, workdir: Path) -> dict:
     winner, _ = search.save_best_model(data, config, workdir / f"model-{n}")
     result = meter.proxy.total() - before
     seconds = time.perf_counter() - started
-    turns, requests = [b for _, b, _ in meter.turns], [r for _, _, r in meter.turns]
+    # Epoch turns happen inside a trial, so the trial's bytes hold them: they are counted there only.
+    ends = [(b, r) for v, b, r in meter.turns if v != "epoch"]
+    turns, requests = [b for b, _ in ends], [r for _, r in ends]
     asks, tells = [b for v, b, _ in meter.turns if v == "ask"], [b for v, b, _ in meter.turns if v == "tell"]
-    old, objects = state_bytes(f"state-{n}")
-    return {"n": n, "turn_mean": sum(turns) / len(turns), "turn_max": max(turns),
+    epoch_turns = [(b, r) for v, b, r in meter.turns if v == "epoch"]
+    old, objects = state_bytes(f"state-{algorithm}-{epochs}-{n}")
+    return {"n": n, "algorithm": algorithm, "epochs": epochs, "turn_mean": sum(turns) / len(turns), "turn_max": max(turns),
             "turn_requests": sum(requests) / len(requests), "ask": sum(asks) / len(asks),
             "tell": sum(tells) / len(tells), "trial": sum(meter.trials) / len(meter.trials), "result": result,
             "total": sum(turns) + sum(meter.trials) + result, "old": old, "objects": objects, "seconds": seconds,
-            "best": winner.objective}
+            "best": winner.objective, "epoch_turns": len(epoch_turns),
+            "epoch_bytes": sum(b for b, _ in epoch_turns), "epoch_requests": sum(r for _, r in epoch_turns)}
+
+
+def epoch_table(plain: dict, asha: dict) -> str:
+    """Per-epoch oracle turns of an early-stopping search beside the same search without them."""
+    rows = []
+    for r in (plain, asha):
+        turns = r["epoch_turns"]
+        rows.append([f"{r['algorithm']}, {r['n']} trials of up to {r['epochs']} epochs", f"{turns}",
+                     f"{r['epoch_bytes'] / turns:,.0f}" if turns else "-",
+                     f"{r['epoch_requests'] / turns:.1f}" if turns else "-",
+                     f"{r['epoch_bytes']:,}", f"{r['total']:,}", f"{r['total'] / plain['total']:.2f}x"])
+    return report.markdown_table(
+        ["search", "epoch turns", "mean bytes per epoch turn", "requests per epoch turn", "bytes in epoch turns",
+         "total bytes", "total vs random"], rows)
 
 
 def table(rows: list[dict]) -> str:
@@ -244,11 +271,20 @@ def main() -> None:
                 # Progress only: bytes are this benchmark's figures, not time (one run is not a timing).
                 print(f"N={n}: {rows[-1]['seconds']:.0f} s, best val_accuracy {rows[-1]['best']:.4f}, "
                       f"{proxy.requests:,} requests so far", file=sys.stderr, flush=True)
+            # Early stopping (asha, median) takes an oracle turn after every epoch: what that costs in
+            # traffic, beside random search over the same space and epochs (no turn between epochs).
+            epoch_rows = []
+            for algorithm in ("random", "asha"):
+                epoch_rows.append(measure(data, 16, meter, work, algorithm=algorithm, epochs=3))
+                print(f"{algorithm}, 16 trials of up to 3 epochs: {epoch_rows[-1]['seconds']:.0f} s",
+                      file=sys.stderr, flush=True)
         finally:
             proxy.shutdown()
             emulator.stop()
     print()
     print(table(rows))
+    print()
+    print(epoch_table(*epoch_rows))
     print(f"bytes: HTTP bodies (up + down) through the proxy, {proxy.trimmed:,} listings cut to maxResults "
           "(byte counts: one run; no time is reported)")
     print(f"run time {time.perf_counter() - started:.0f} s", file=sys.stderr)

@@ -708,7 +708,7 @@ def prune(
             raise InputError(
                 f"structured pruning finds no layer it can shrink in `{model_dir}` ({reasons}): name the layer kinds "
                 "to shrink in prune_layer_types (Conv2D,Dense), or use prune_method=magnitude.")
-        ranked = [g for g in the_plan.groups if g.keep is not None and "BN |gamma|" in g.why]
+        ranked = [g for g in the_plan.groups if g.criterion == "BN |gamma|" and len(g.keep) < g.width]
         if the_plan.unranked and len(the_plan.unranked) * 2 > len(ranked):
             progress(f"prune: warning: in {len(the_plan.unranked)} of {len(ranked)} channel groups (first: "
                      f"{the_plan.unranked[0]}) {structured.UNRANKED}; expect a large accuracy drop. Prune a "

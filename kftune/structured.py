@@ -137,6 +137,9 @@ class Group:
     width: int
     keep: np.ndarray | None
     why: str
+    # "BN |gamma|" or "kernel L1" where channels were ranked; unranked: the scores were all alike (UNRANKED).
+    criterion: str = ""
+    unranked: bool = False
 
     @property
     def block(self) -> str:
@@ -190,7 +193,7 @@ class Plan:
     @property
     def unranked(self) -> list[str]:
         """The blocks whose channels the importance criterion could not tell apart (see UNRANKED)."""
-        return [g.block for g in self.groups if g.keep is not None and UNRANKED in g.why]
+        return [g.block for g in self.groups if g.unranked]
 
     def blocks(self) -> list[list]:
         """Per group, in graph order: [block, producers, channels kept, why]: the prune report's table."""
@@ -506,11 +509,12 @@ def _plan(g: Graph, a: _Analysis, fraction: float) -> Plan:
         count = max(1, int(round(width * (1.0 - fraction))))
         scores = _importance(g, names, bns)
         keep = np.sort(np.argsort(-scores, kind="stable")[:count])
-        why = f"lowest {width - count} by {'BN |gamma|' if bns else 'kernel L1'} removed" if count < width \
-            else "nothing removed at this fraction"
-        if bns and count < width and float(np.std(scores)) < UNRANKED_SPREAD * float(np.mean(scores)):
+        criterion = "BN |gamma|" if bns else "kernel L1"
+        why = f"lowest {width - count} by {criterion} removed" if count < width else "nothing removed at this fraction"
+        unranked = bool(bns) and count < width and float(np.std(scores)) < UNRANKED_SPREAD * float(np.mean(scores))
+        if unranked:
             why += f" ({UNRANKED})"
-        groups.append(Group(names, members, group_readers, width, keep, why))
+        groups.append(Group(names, members, group_readers, width, keep, why, criterion, unranked))
     return Plan(groups, a.unknown, units)
 
 

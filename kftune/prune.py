@@ -710,8 +710,8 @@ def prune(
                 "to shrink in prune_layer_types (Conv2D,Dense), or use prune_method=magnitude.")
         ranked = [g for g in the_plan.groups if g.criterion == "BN |gamma|" and len(g.keep) < g.width]
         if the_plan.unranked and len(the_plan.unranked) * 2 > len(ranked):
-            progress(f"prune: warning: in {len(the_plan.unranked)} of {len(ranked)} channel groups (first: "
-                     f"{the_plan.unranked[0]}) {structured.UNRANKED}; expect a large accuracy drop. Prune a "
+            progress(f"prune: warning: {len(the_plan.unranked)} of {len(ranked)} channel groups (first: "
+                     f"{the_plan.unranked[0]}): {structured.UNRANKED}; expect a large accuracy drop. Prune a "
                      "model whose base has pretrained weights (fine-tune's `weights`: imagenet or a weights file).")
     else:
         # On a copy: the clone shares the layers it leaves unpruned with the model it wraps.

@@ -70,7 +70,7 @@ IMPORTANCE = ("BatchNormalization |gamma| where the group has one, else the L1 n
 # BatchNorm scales that differ by less than this share of their mean rank nothing: they are where they were
 # initialised (1.0), i.e. the base was never trained (weights=None, or weights made locally).
 UNRANKED_SPREAD = 0.01
-UNRANKED = "their BN scales are all alike, as in an untrained base: the channels removed are not the least important"
+UNRANKED = "BN scales all alike, as in an untrained base: channels not ranked"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,7 +42,7 @@ import numpy as np
 import timing
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import dataset, fixtures, measure, models, quantize
+from kftune import dataset, fixtures, measure, models, quantize, structured
 from kftune import prune as pr
 
 LOCK = "/tmp/kftune-cpu.lock"
@@ -95,13 +95,30 @@ class Row:
     note: str = ""
 
 
-def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    runner = measure.TFLiteRunner(path) if path.suffix == ".tflite" else measure.KerasRunner(models.load(path.parent)[0])
-    return float(np.mean(models.predict_classes(runner.predict(x)) == y))
-
-
 def runner(path: Path):
     return measure.TFLiteRunner(path) if path.suffix == ".tflite" else measure.KerasRunner(models.load(path.parent)[0])
+
+
+def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(models.predict_classes(runner(path).predict(x)) == y))
+
+
+def diagnose(dense: Path, levels: list[float], x: np.ndarray, y: np.ndarray) -> None:
+    """What the importance criterion has to go on in the dense model, and what removing channels costs before
+    any training: the BatchNorm scales' spread, and the validation accuracy of the dense model with each
+    level's removed channels zeroed (structured.masked, what the shrunk model computes)."""
+    model, _ = models.load(dense)
+    graph = structured.graph(model)
+    scales = np.concatenate([np.abs(layer.gamma.numpy()) for layer in graph.layers.values()
+                             if type(layer).__name__ == "BatchNormalization" and layer.scale])
+    print(f"dense model's BatchNorm |gamma| over {scales.size:,} channels: mean {scales.mean():.3f}, "
+          f"standard deviation {scales.std():.3f}")
+    for level in levels:
+        the_plan, _ = structured.plan(model, level)
+        zeroed = structured.masked(model, the_plan)
+        score = float(np.mean(models.predict_classes(zeroed.predict(x, batch_size=32, verbose=0)) == y))
+        print(f"{level:.0%} of each group removed, zeroed in the dense model, before any training: validation "
+              f"accuracy {score:.4f} ({len(the_plan.unranked)} groups unranked)")
 
 
 def main() -> int:
@@ -142,6 +159,8 @@ def measure_rows(tmp: Path, args):
     """Trains the dense model, prunes it every way, and measures accuracy and size of every row."""
     rows: list[Row] = []
     data, dense = train_dense(tmp, args.backbone, args.images, args.epochs, args.seed)
+    x_val, y_val = dataset.load_arrays(data, "validation")
+    diagnose(dense, [0.1, 0.2, *(float(v) for v in args.levels.split(","))], x_val.astype("float32"), y_val)
     common = dict(prune_epochs=args.prune_epochs, prune_learning_rate=args.prune_lr, seed=args.seed,
                   prune_quantize="")
     budget = dict(prune_max_accuracy_drop=0.01, prune_sparsity_levels=args.levels)
@@ -165,7 +184,6 @@ def measure_rows(tmp: Path, args):
     reports["tfmot ConstantSparsity 0.5 (head)"] = pr.prune(data, dense, tfmot, tmp / "tfmot", progress=print,
                                                             verbose=0)
     info = dataset.DatasetInfo.load(data)
-    x_val, y_val = dataset.load_arrays(data, "validation")
     x_test, y_test = dataset.load_arrays(data, "test")
     dense_model, _ = models.load(dense)
     (tmp / "int8").mkdir()

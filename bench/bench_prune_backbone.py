@@ -1,19 +1,22 @@
 """Pruning at the tutorial's shape: a MobileNetV2 base with a new head, 224 px photos, every way side by side.
 
-    .venv/bin/python bench/bench_prune_backbone.py [--backbone mobilenet_v2] [--images 480] [--quick]
+    .venv/bin/python bench/bench_prune_backbone.py [--backbone mobilenet_v2] [--weights pretrained] [--images 480] [--quick]
 
 Photos: kftune's fixture (``kftune.fixtures.make_photos``: 6 classes cut from two photographs), ingested
-at 224 px with a quarter held out for validation. Base weights: made locally (``make_backbone_weights``:
-seeded kernels, BatchNorm statistics measured on other photos; nothing can be downloaded here), the same
-file for every row. The dense model is that base with kftune's head, then trained end to end (the base
-unfrozen, its BatchNormalization in inference mode as kftune calls it) until validation accuracy stops
-improving, so that its accuracy means something. Every other row starts from that dense model:
+at 224 px with a quarter held out for validation. Base weights (``--weights``), the same file for every
+row: ``pretrained`` (the default), a really pretrained MobileNetV2 from the npm registry (bench/pretrained.py:
+nsfwjs's ImageNet-then-fine-tuned model; Keras' ImageNet weights cannot be downloaded here); or ``local``,
+made here (``make_backbone_weights``: seeded kernels, BatchNorm statistics measured on other photos), whose
+near-random features no pruning criterion can rank. The dense model is that base with kftune's head,
+trained until validation accuracy stops improving (``train_dense``: head first, then the whole model, for a
+pretrained base), so that its accuracy means something. Every other row starts from that dense model:
 
 * head-only structured: today's reach (``prune_method=structured``, ``prune_layer_types=Dense``): only the
   head's Dense layers shrink, with a 1-point accuracy budget;
 * backbone structured: ``prune_method=structured`` over the whole model, the base flattened into the graph
-  (kftune.structured's channel groups), with a 1-point budget bisected over the share of channels removed,
-  then the same fraction trained with distillation from the dense model (``prune_distill_weight``);
+  (kftune.structured's channel groups, each losing a share set by its measured sensitivity:
+  ``prune_allocation=global``, the default), with a 1-point budget bisected over the share of all channels
+  removed, then the same fraction trained with distillation from the dense model (``prune_distill_weight``);
 * tfmot ConstantSparsity(0.5), 2 epochs (the tutorial's recipe): tfmot cannot wrap a nested base, so it
   reaches the head only (``prune_layer_types=Conv2D,Dense`` finds those at the top level);
 * int8 alone: full-integer TFLite of the dense model; and int8 of the backbone-structured model.
@@ -39,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pretrained
 import timing
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
@@ -59,26 +63,45 @@ def cpu_lock(exclusive: bool):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def train_dense(tmp: Path, backbone: str, images: int, epochs: int, seed: int) -> tuple[Path, Path]:
-    """The photos ingested at 224 px and the dense model trained end to end on them. Returns (data, model)."""
+def base_weights(tmp: Path, backbone: str, kind: str, seed: int) -> Path:
+    """The base's weights file: ``pretrained`` (nsfwjs's MobileNetV2, bench/pretrained.py) or ``local``."""
+    if kind == "pretrained":
+        if backbone != "mobilenet_v2":
+            raise SystemExit(f"--weights pretrained exists for mobilenet_v2 only; use --weights local for {backbone}")
+        return pretrained.mobilenet_v2_weights(tmp / "weights.h5")
+    return fixtures.make_backbone_weights(tmp / "weights.h5", backbone, size=224, seed=seed)
+
+
+def train_dense(tmp: Path, args) -> tuple[Path, Path]:
+    """The photos ingested at 224 px and the dense model trained on them. Returns (data, model).
+
+    A pretrained base is fine-tuned as Keras' transfer-learning guide does it: the new head trained on the
+    frozen base, then the whole model at the pruned models' learning rate. A base made locally computes
+    near-random features, so the whole model is trained from the start at 1e-3. Either way the base's
+    BatchNormalization stays in inference mode (kftune calls the base with training=False), and each phase
+    stops when validation accuracy has not improved for 3 epochs (the best epoch's weights kept)."""
     import tensorflow as tf
 
-    fixtures.make_photos(tmp / "photos", images, size=224, seed=seed)
-    weights = fixtures.make_backbone_weights(tmp / "weights.h5", backbone, size=224, seed=seed)
+    fixtures.make_photos(tmp / "photos", args.images, size=224, seed=args.seed)
+    weights = base_weights(tmp, args.backbone, args.weights, args.seed)
     data = tmp / "data"
-    dataset.ingest(dataset.IngestConfig(source=str(tmp / "photos"), image_size=224, seed=seed,
+    dataset.ingest(dataset.IngestConfig(source=str(tmp / "photos"), image_size=224, seed=args.seed,
                                         validation_fraction=0.25), data, progress=lambda _: None)
     info = dataset.DatasetInfo.load(data)
-    tf.keras.utils.set_random_seed(seed)
-    model, base = models.backbone_classifier(backbone, info.shape, info.num_classes, weights=str(weights))
-    base.trainable = True  # the whole network learns the photos; its BatchNormalization stays in inference mode
-    models.compile_model(model, info.num_classes, learning_rate=1e-3)
+    tf.keras.utils.set_random_seed(args.seed)
+    model, base = models.backbone_classifier(args.backbone, info.shape, info.num_classes, weights=str(weights))
     x, y = dataset.load_arrays(data, "train")
     x_val, y_val = dataset.load_arrays(data, "validation")
-    stop = models.keras().callbacks.EarlyStopping(monitor="val_accuracy", patience=3, restore_best_weights=True)
-    model.fit(x.astype("float32"), y, validation_data=(x_val.astype("float32"), y_val), epochs=epochs, batch_size=32,
-              callbacks=[stop], verbose=0)
-    folder = models.save(model, tmp / "dense", models.ModelMeta(backbone, info.class_names, list(info.shape),
+    phases = [(False, 1e-3), (True, args.prune_lr)] if args.weights == "pretrained" else [(True, 1e-3)]
+    for trainable, learning_rate in phases:
+        base.trainable = trainable
+        models.compile_model(model, info.num_classes, learning_rate=learning_rate)
+        stop = models.keras().callbacks.EarlyStopping(monitor="val_accuracy", patience=3, restore_best_weights=True)
+        history = model.fit(x.astype("float32"), y, validation_data=(x_val.astype("float32"), y_val),
+                            epochs=args.epochs, batch_size=32, callbacks=[stop], verbose=0).history
+        print(f"dense model, base {'trainable' if trainable else 'frozen'}, learning rate {learning_rate:g}: "
+              f"{len(history['val_accuracy'])} epochs, best validation accuracy {max(history['val_accuracy']):.4f}")
+    folder = models.save(model, tmp / "dense", models.ModelMeta(args.backbone, info.class_names, list(info.shape),
                                                                {"batch_size": 32}, stage="finetuned"))
     return data, folder
 
@@ -124,6 +147,9 @@ def diagnose(dense: Path, levels: list[float], x: np.ndarray, y: np.ndarray) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="mobilenet_v2", choices=sorted(models.BACKBONES))
+    parser.add_argument("--weights", choices=("pretrained", "local"), default="pretrained",
+                        help="the base's weights: pretrained (nsfwjs's MobileNetV2 from the npm registry, "
+                             "bench/pretrained.py) or local (kftune.fixtures.make_backbone_weights)")
     parser.add_argument("--images", type=int, default=480)
     parser.add_argument("--epochs", type=int, default=12, help="most epochs of training the dense model")
     parser.add_argument("--prune-epochs", type=int, default=6)
@@ -158,7 +184,7 @@ def main() -> int:
 def measure_rows(tmp: Path, args):
     """Trains the dense model, prunes it every way, and measures accuracy and size of every row."""
     rows: list[Row] = []
-    data, dense = train_dense(tmp, args.backbone, args.images, args.epochs, args.seed)
+    data, dense = train_dense(tmp, args)
     x_val, y_val = dataset.load_arrays(data, "validation")
     diagnose(dense, [0.1, 0.2, *(float(v) for v in args.levels.split(","))], x_val.astype("float32"), y_val)
     common = dict(prune_epochs=args.prune_epochs, prune_learning_rate=args.prune_lr, seed=args.seed,
@@ -204,15 +230,17 @@ def measure_rows(tmp: Path, args):
     for row in rows:
         report = reports.get(row.name)
         if report is not None:
-            row.note = (f"{report.target_sparsity:.0%} " + ("of each group's channels removed"
-                                                             if report.method == "structured" else "sparsity"))
+            row.note = (f"{report.target_sparsity:.0%} " + ("of the channels removed" + (
+                ", shared by sensitivity" if row.name.startswith("backbone") else "")
+                if report.method == "structured" else "sparsity"))
     return rows, info, x_val, y_val, y_test
 
 
 def report(args, rows, info, y_val, y_test, times, threads, trained_s, started) -> int:
     """Prints the table and the goals; 1 when a goal is missed."""
     dense_row = rows[0]
-    print(f"\n{args.backbone} base (weights made locally, the same for every row), {info.num_classes} classes of "
+    where = "pretrained: nsfwjs 4.4.0's" if args.weights == "pretrained" else "made locally"
+    print(f"\n{args.backbone} base (weights {where}, the same for every row), {info.num_classes} classes of "
           f"kftune's fixture photos at 224 px: {len(y_val)} validation and {len(y_test)} test images; "
           f"{args.images} images in all. Dense model trained {args.epochs} epochs at most (early stopping), pruned "
           f"models {args.prune_epochs}. Accuracy and size under the shared lock, {trained_s:.0f} s.")

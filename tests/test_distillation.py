@@ -62,7 +62,7 @@ def test_a_bad_distillation_setting_is_named(fields, message):
 
 def test_the_prune_step_trains_the_pruned_student_against_the_fine_tuned_teacher(digits_dir, trained_model_dir, tmp_path):
     config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_quantize="",
-                            prune_distill_weight=0.7, prune_distill_temperature=3.0)
+                            prune_allocation="uniform", prune_distill_weight=0.7, prune_distill_temperature=3.0)
     report = pr.prune(digits_dir, trained_model_dir, config, tmp_path, progress=lambda _: None, verbose=0)
     assert report.distill_weight == 0.7 and "soft labels (distillation weight 0.7)" in report.markdown()
     assert set(report.history) >= {"loss", "accuracy", "val_accuracy"} and report.after["accuracy"] > 0.5

@@ -232,7 +232,7 @@ def test_structured_pruning_that_would_shrink_nothing_stops_before_training(digi
 
 def test_prune_structured_hands_on_a_smaller_faster_dense_model_and_its_int8_file(digits_dir, trained_model_dir, tmp_path):
     config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_learning_rate=1e-3,
-                            prune_quantize="int8")
+                            prune_quantize="int8", prune_allocation="uniform")
     report = pr.prune(digits_dir, trained_model_dir, config, tmp_path, progress=lambda _: None, verbose=0)
     model, meta = models.load(tmp_path)
     assert meta.stage == "pruned" and meta.hyperparameters["prune"]["prune_method"] == "structured"
@@ -262,7 +262,8 @@ def test_prune_names_a_layer_it_does_not_know_in_the_report_and_prunes_the_rest(
         if layer.name == "conv0":
             x = Gain(name="gain")(x)
     models.save(k.Model(inputs, x), tmp_path / "custom", meta)
-    config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_quantize="")
+    config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_quantize="",
+                            prune_allocation="uniform")
     report = pr.prune(digits_dir, tmp_path / "custom", config, tmp_path / "out", progress=lambda _: None, verbose=0)
     assert report.unknown_layers == {"gain": "Gain is not a layer kind structured pruning knows"}
     text = report.markdown()
@@ -313,3 +314,66 @@ def test_a_base_whose_bn_scales_are_untrained_is_named_in_the_plan_and_a_trained
     _randomize_statistics(base.layers)  # scales spread as a trained base's are
     trained, _ = structured.plan(model, 0.3)
     assert trained.unranked == [] and all(structured.UNRANKED not in row[3] for row in trained.blocks())
+
+
+def _one_group_that_matters_and_one_that_does_not():
+    """c1's channels reach the output through c3; c2's reach nothing (the output's rows for them are zero)."""
+    inputs = k.Input((12, 12, 3))
+    x = k.layers.Conv2D(8, 3, name="c1")(inputs)
+    x = k.layers.BatchNormalization(name="bn1")(x)
+    x = k.layers.ReLU()(x)
+    unread = k.layers.Conv2D(12, 3, activation="relu", name="c2")(x)
+    read = k.layers.Conv2D(4, 3, activation="relu", name="c3")(x)
+    x = k.layers.Concatenate(name="both")([unread, read])
+    x = k.layers.GlobalAveragePooling2D()(x)
+    model = k.Model(inputs, k.layers.Dense(3, activation="softmax", name="out")(x))
+    _randomize_statistics(model.layers)
+    kernel, bias = model.get_layer("out").get_weights()
+    kernel[:12] = 0  # c2's own channels, read only by the output through the concatenation
+    model.get_layer("out").set_weights([kernel * 20, bias])
+    return model
+
+
+def test_sensitivity_measures_each_group_alone_and_the_allocation_spares_the_group_that_matters():
+    model = _one_group_that_matters_and_one_that_does_not()
+    images = np.random.default_rng(3).uniform(-1, 1, (32, 12, 12, 3)).astype("float32")
+    before = model.predict(images, verbose=0)
+    measured = structured.sensitivity(model, images)
+    np.testing.assert_array_equal(model.predict(images, verbose=0), before)  # the model itself is untouched
+    assert measured.levels == structured.SENSITIVITY_LEVELS
+    assert set(measured.change) == {"c1", "c2", "c3"} and measured.widths == {"c1": 8, "c2": 12, "c3": 4}
+    assert max(measured.change["c2"]) < 1e-6 < min(min(measured.change["c1"]), max(measured.change["c3"]))
+    shares = structured.allocate(measured, 0.4)  # 9.6 of 24 channels: c2 alone gives them at 85%
+    assert shares["c2"] == 0.85 and shares["c1"] == 0.0
+    shrunk, plan = structured.shrink(model, 0.4, shares=shares)
+    assert shrunk.get_layer("c2").kernel.shape[-1] == 2 and shrunk.get_layer("c1").kernel.shape[-1] == 8
+    np.testing.assert_allclose(shrunk.predict(images, verbose=0), structured.masked(model, plan).predict(images, verbose=0),
+                               rtol=1e-4, atol=1e-5)
+    rows = {row[0]: row[3] for row in plan.blocks()}
+    assert rows["c1"].endswith(structured.SENSITIVE) and rows["c2"].endswith("; 85% by sensitivity")
+
+
+def test_allocation_takes_channels_where_they_change_the_outputs_least_up_to_the_fraction():
+    levels = structured.SENSITIVITY_LEVELS  # 0.1, 0.25, 0.4, 0.55, 0.7, 0.85
+    measured = structured.Sensitivity(levels, {"cheap": (0.0, 0.001, 0.002, 0.004, 0.3, 0.5),
+                                               "dear": (0.01, 0.5, 0.4, 0.9, 1.0, 2.0)},  # 0.4 made 0.5: non-decreasing
+                                      {"cheap": 100, "dear": 100})
+    assert structured.allocate(measured, 0.0) == {"cheap": 0.0, "dear": 0.0}
+    assert structured.allocate(measured, 0.25) == {"cheap": 0.55, "dear": 0.0}
+    assert structured.allocate(measured, 0.3) == {"cheap": 0.55, "dear": 0.1}
+    assert structured.allocate(measured, 0.6) == {"cheap": 0.85, "dear": 0.4}  # 0.4's 0.4 counts as 0.5
+    assert structured.allocate(measured, 0.99) == {"cheap": 0.85, "dear": 0.85}  # capped at the largest share
+
+
+def test_prune_structured_shares_channels_by_sensitivity_by_default(digits_dir, trained_model_dir, tmp_path):
+    lines = []
+    config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_quantize="")
+    report = pr.prune(digits_dir, trained_model_dir, config, tmp_path, progress=lines.append, verbose=0)
+    assert any(line.startswith("prune: measuring each channel group's sensitivity on 32 training images")
+               for line in lines)
+    model, _ = models.load(tmp_path)
+    allocated = [row for row in report.groups if "by sensitivity" in row[3] or row[3].endswith(structured.SENSITIVE)]
+    assert [row[0] for row in allocated] == ["conv0", "conv1", "dense"]  # all but the output, which stays whole
+    kept, widths = zip(*(map(int, row[2].split(" of ")) for row in allocated), strict=True)
+    assert sum(widths) - sum(kept) >= 0.45 * sum(widths)  # half of all channels, rounded per group
+    assert report.after["parameters"] == model.count_params() < report.before["parameters"]

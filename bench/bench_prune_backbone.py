@@ -230,9 +230,9 @@ def measure_rows(tmp: Path, args):
     for row in rows:
         report = reports.get(row.name)
         if report is not None:
-            row.note = (f"{report.target_sparsity:.0%} " + ("of the channels removed" + (
-                ", shared by sensitivity" if row.name.startswith("backbone") else "")
-                if report.method == "structured" else "sparsity"))
+            # Every structured row runs with prune_allocation=global, PruneConfig's default.
+            row.note = (f"{report.target_sparsity:.0%} " + ("of the channels removed, shared by sensitivity"
+                                                             if report.method == "structured" else "sparsity"))
     return rows, info, x_val, y_val, y_test
 
 

@@ -697,6 +697,9 @@ def sensitivity(model, images: np.ndarray, layer_types: list[str] | None = None,
                     kernel = kernel.copy()
                     kernel[..., np.setdiff1d(np.arange(layout.width), rows), :] = 0
                     flat.get_layer(name).set_weights([kernel, *rest])
+            if not saved:  # a narrow group loses no channel at a small share: nothing to measure
+                change[grp.producers[0]].append(0.0)
+                continue
             out = probabilities()
             change[grp.producers[0]].append(float(np.mean(np.sum(reference * np.log(reference / out), axis=-1))))
             for name, weights in saved.items():

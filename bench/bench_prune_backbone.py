@@ -15,8 +15,10 @@ pretrained base), so that its accuracy means something. Every other row starts f
   head's Dense layers shrink, with a 1-point accuracy budget;
 * backbone structured: ``prune_method=structured`` over the whole model, the base flattened into the graph
   (kftune.structured's channel groups, each losing a share set by its measured sensitivity:
-  ``prune_allocation=global``, the default), with a 1-point budget bisected over the share of all channels
-  removed, then the same fraction trained with distillation from the dense model (``prune_distill_weight``);
+  ``prune_allocation=global``, the default; the layers that lost inputs refit by least squares to the dense
+  model's outputs, ``structured.reconstruct``, before fine-tuning), with a 1-point budget bisected over the
+  share of all channels removed, then the same fraction trained with distillation from the dense model
+  (``prune_distill_weight``);
 * tfmot ConstantSparsity(0.5), 2 epochs (the tutorial's recipe): tfmot cannot wrap a nested base, so it
   reaches the head only (``prune_layer_types=Conv2D,Dense`` finds those at the top level);
 * int8 alone: full-integer TFLite of the dense model; and int8 of the backbone-structured model.
@@ -126,22 +128,27 @@ def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(models.predict_classes(runner(path).predict(x)) == y))
 
 
-def diagnose(dense: Path, levels: list[float], x: np.ndarray, y: np.ndarray) -> None:
+def diagnose(dense: Path, data: Path, levels: list[float], x: np.ndarray, y: np.ndarray) -> None:
     """What the importance criterion has to go on in the dense model, and what removing channels costs before
-    any training: the BatchNorm scales' spread, and the validation accuracy of the dense model with each
-    level's removed channels zeroed (structured.masked, what the shrunk model computes)."""
+    any training: the BatchNorm scales' spread, and at each level (that share of every group) the validation
+    accuracy of the shrunk model as it comes, its removed channels dropped, and after structured.reconstruct
+    refits the layers that lost inputs on the first training images, as the prune step does."""
     model, _ = models.load(dense)
     graph = structured.graph(model)
     scales = np.concatenate([np.abs(layer.gamma.numpy()) for layer in graph.layers.values()
                              if type(layer).__name__ == "BatchNormalization" and layer.scale])
     print(f"dense model's BatchNorm |gamma| over {scales.size:,} channels: mean {scales.mean():.3f}, "
           f"standard deviation {scales.std():.3f}")
+    images, _ = dataset.load_arrays(data, "train")
+    images = images[:pr.RECONSTRUCT_IMAGES].astype("float32")
     for level in levels:
-        the_plan, _ = structured.plan(model, level)
-        zeroed = structured.masked(model, the_plan)
-        score = float(np.mean(models.predict_classes(zeroed.predict(x, batch_size=32, verbose=0)) == y))
-        print(f"{level:.0%} of each group removed, zeroed in the dense model, before any training: validation "
-              f"accuracy {score:.4f} ({len(the_plan.unranked)} groups unranked)")
+        shrunk, the_plan = structured.shrink(model, level)
+        dropped = float(np.mean(models.predict_classes(shrunk.predict(x, batch_size=32, verbose=0)) == y))
+        refits = structured.reconstruct(model, shrunk, the_plan, images)
+        refit = float(np.mean(models.predict_classes(shrunk.predict(x, batch_size=32, verbose=0)) == y))
+        print(f"{level:.0%} of each group removed, before any training: validation accuracy {dropped:.4f} with "
+              f"the channels dropped, {refit:.4f} with {len(refits)} layers refit ({len(the_plan.unranked)} groups "
+              "unranked)")
 
 
 def main() -> int:
@@ -186,7 +193,7 @@ def measure_rows(tmp: Path, args):
     rows: list[Row] = []
     data, dense = train_dense(tmp, args)
     x_val, y_val = dataset.load_arrays(data, "validation")
-    diagnose(dense, [0.1, 0.2, *(float(v) for v in args.levels.split(","))], x_val.astype("float32"), y_val)
+    diagnose(dense, data, [0.5], x_val.astype("float32"), y_val)
     common = dict(prune_epochs=args.prune_epochs, prune_learning_rate=args.prune_lr, seed=args.seed,
                   prune_quantize="")
     budget = dict(prune_max_accuracy_drop=0.01, prune_sparsity_levels=args.levels)

@@ -273,35 +273,59 @@ def test_prune_names_a_layer_it_does_not_know_in_the_report_and_prunes_the_rest(
     assert report.layer_patterns["conv1"] == "structured: 64 -> 32 filters"
 
 
-def test_batch_norm_statistics_move_by_the_shift_that_pruning_caused():
-    import tensorflow as tf
-
-    model = sequential()
+def _redundant(kind):
+    """A layer `a` of 8 channels whose 4 weakest carry nothing the other 4 do not: 2 are a fifth of channels 0
+    and 1, 2 are constants. Its reader `b` is a strided Conv2D without bias before a BatchNormalization (the
+    intercept goes to its moving mean) or a Dense layer with a bias; `b`'s output is the model's, so that
+    only `a`'s group shrinks."""
+    rng = np.random.default_rng(3)
+    if kind == "conv":
+        inputs = k.Input((11, 11, 3))
+        x = k.layers.Conv2D(8, 3, name="a")(inputs)
+        x = k.layers.Conv2D(5, 3, strides=2, use_bias=False, name="b")(x)
+        outputs = k.layers.BatchNormalization(name="bn")(x)
+    else:
+        inputs = k.Input((6,))
+        x = k.layers.Dense(8, name="a")(inputs)
+        outputs = k.layers.Dense(5, name="b")(x)
+    model = k.Model(inputs, outputs)
     _randomize_statistics(model.layers)
+    kernel, bias = model.get_layer("a").get_weights()
+    shape = kernel[..., :4].shape  # kept: |weights| 0.5 to 1.5, so that a fifth of one is always weaker
+    kernel[..., :4] = rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape)
+    kernel[..., 4:6], bias[4:6] = 0.2 * kernel[..., :2], 0.2 * bias[:2]
+    kernel[..., 6:] = 0.0
+    bias[6:] = [0.7, -1.3]
+    model.get_layer("a").set_weights([kernel, bias])
+    shape = (32, *inputs.shape[1:])
+    return model, rng.normal(0, 1, shape).astype("float32"), rng.normal(0, 1, shape).astype("float32")
+
+
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_reconstruct_refits_a_reader_to_what_its_removed_channels_carried(kind):
+    model, images, unseen = _redundant(kind)
     shrunk, plan = structured.shrink(model, 0.5)
-    images = np.random.default_rng(2).uniform(-1, 1, (64, 12, 12, 3)).astype("float32")
-    data = tf.data.Dataset.from_tensor_slices((images, np.zeros(64))).batch(16)
-    before = [w.copy() for w in shrunk.get_layer("bn1").get_weights()]
-    assert structured.correct_batch_norm(model, shrunk, plan, data, steps=8) == 4
-    # bn1 reads c1, whose inputs (the image) did not change: its kept channels keep their statistics.
-    for expected, got in zip(before, shrunk.get_layer("bn1").get_weights(), strict=True):
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    # Narrow c1 to a model whose BN input does change: a Conv2D reading the shrunk c1.
-    inputs = k.Input((12, 12, 3))
-    x = k.layers.Conv2D(8, 3, name="c1")(inputs)
-    x = k.layers.Conv2D(6, 1, name="c2")(x)
-    outputs = k.layers.BatchNormalization(name="bn")(x)
-    net = k.Model(inputs, k.layers.GlobalAveragePooling2D()(outputs))
-    _randomize_statistics(net.layers)
-    small, plan = structured.shrink(net, 0.5)
-    mean, variance = net.get_layer("bn").moving_mean.numpy(), net.get_layer("bn").moving_variance.numpy()
-    structured.correct_batch_norm(net, small, plan, data, steps=8)
-    old = k.Model(net.inputs, net.get_layer("bn").input)(images).numpy().reshape(-1, 6)
-    new = k.Model(small.inputs, small.get_layer("bn").input)(images).numpy().reshape(-1, 6)
-    np.testing.assert_allclose(small.get_layer("bn").moving_mean.numpy(), mean + new.mean(0) - old.mean(0),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(small.get_layer("bn").moving_variance.numpy(),
-                               variance * (new.var(0) + 1e-3) / (old.var(0) + 1e-3), rtol=1e-3, atol=1e-4)
+    assert list(plan.keep["a"]) == [0, 1, 2, 3], "the weakest four go"
+    zeroed = np.abs(shrunk(unseen).numpy() - model(unseen).numpy()).max()
+    assert zeroed > 0.1, "the removed channels must matter"
+    refits = structured.reconstruct(model, shrunk, plan, images, ridge=1e-9)
+    assert [r.layer for r in refits] == ["b"] and refits[0].before > 0.01 and refits[0].after < 1e-6
+    # Exact on images it did not see: the kept channels hold everything the removed ones carried.
+    np.testing.assert_allclose(shrunk(unseen).numpy(), model(unseen).numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_reconstruct_brings_a_shrunk_backbone_closer_to_the_original_and_never_worsens_a_layer():
+    model, _ = _backbone("mobilenet_v2_035")
+    shrunk, plan = structured.shrink(model, 0.3)
+    rng = np.random.default_rng(4)
+    images, unseen = (rng.uniform(0, 255, (16, 32, 32, 3)).astype("float32") for _ in range(2))
+    reference = model(unseen).numpy()
+    zeroed = np.abs(shrunk(unseen).numpy() - reference).mean()
+    refits = structured.reconstruct(model, shrunk, plan, images)
+    # Every layer that lost input channels, the expand and project convolutions and the head, is refit.
+    assert {r.layer for r in refits} >= {"block_1_expand", "block_1_project", "Conv_1", "dense"}
+    assert all(r.after <= r.before + 1e-6 for r in refits)
+    assert np.abs(shrunk(unseen).numpy() - reference).mean() < 0.5 * zeroed
 
 
 def test_a_base_whose_bn_scales_are_untrained_is_named_in_the_plan_and_a_trained_one_is_not():

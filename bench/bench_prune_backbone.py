@@ -14,8 +14,8 @@ pretrained base), so that its accuracy means something. Every other row starts f
 * head-only structured: today's reach (``prune_method=structured``, ``prune_layer_types=Dense``): only the
   head's Dense layers shrink, with a 1-point accuracy budget;
 * backbone structured: ``prune_method=structured`` over the whole model, the base flattened into the graph
-  (kftune.structured's channel groups, each losing a share set by its measured sensitivity:
-  ``prune_allocation=global``, the default; the layers that lost inputs refit by least squares to the dense
+  (kftune.structured's channel groups, each losing the same share: ``prune_allocation=auto``, the
+  default, which is uniform for structured pruning; the layers that lost inputs refit by least squares to the dense
   model's outputs, ``structured.reconstruct``, before fine-tuning), with a 1-point budget bisected over the
   share of all channels removed, then the same fraction trained with distillation from the dense model
   (``prune_distill_weight``);
@@ -237,8 +237,8 @@ def measure_rows(tmp: Path, args):
     for row in rows:
         report = reports.get(row.name)
         if report is not None:
-            # Every structured row runs with prune_allocation=global, PruneConfig's default.
-            row.note = (f"{report.target_sparsity:.0%} " + ("of the channels removed, shared by sensitivity"
+            # Every structured row runs with prune_allocation=auto, PruneConfig's default: uniform shares.
+            row.note = (f"{report.target_sparsity:.0%} " + ("of each group's channels removed, layers refit"
                                                              if report.method == "structured" else "sparsity"))
     return rows, info, x_val, y_val, y_test
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "polynomial")
 METHODS = ("magnitude", "structured")
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("auto", "global", "uniform")
 # Training images structured pruning's allocation measures each channel group's sensitivity on (one batch: the
 # measurement is groups x 6 shares forward passes, 156 for MobileNetV2: about 2.5 minutes on 2 cores at 224 px).
 SENSITIVITY_IMAGES = 32
@@ -87,17 +87,19 @@ class PruneConfig:
         prune_frequency: Prune every this many steps.
         prune_layer_types: Comma-separated Keras layer class names to prune
             (``Conv2D,Dense``); empty prunes every prunable layer.
-        prune_allocation: How ``target_sparsity`` is shared. Magnitude:
+        prune_allocation: How ``target_sparsity`` is shared: ``auto`` (the
+            default) is ``global`` for magnitude and ``uniform`` for structured,
+            what recovers best in the measurements of each. Magnitude:
             ``global`` (one magnitude threshold over the kernels of the Conv2D and
             Dense layers that no BatchNormalization follows, taken before pruning:
             large, redundant layers lose more weights, small ones fewer; every
-            other pruned layer goes to the target; recovers best in the
-            measurements) or ``uniform`` (every layer to the target, as tfmot's
-            tutorial does); an m:n pattern is per layer and ignores it.
-            Structured: ``global`` (each channel group loses the share, at most
-            85%, that its measured sensitivity allows: how much removing it alone
-            changes the outputs on 32 training images; the most sensitive stay
-            whole) or ``uniform`` (that share of every group).
+            other pruned layer goes to the target) or ``uniform`` (every layer to
+            the target, as tfmot's tutorial does); an m:n pattern is per layer and
+            ignores it. Structured: ``uniform`` (that share of every group) or
+            ``global`` (each group loses the share, at most 85%, that its measured
+            sensitivity allows: how much removing it alone changes the outputs on
+            32 training images; the most sensitive stay whole, and as those are
+            the early, high-resolution ones, the model gets less faster).
         prune_m_by_n: ``2:4`` for M-by-N sparsity (tfmot's sparsity_m_by_n),
             which some hardware accelerates; empty for none. It zeroes exactly 2 of
             every 4 weights along a kernel's input axis, so it needs
@@ -139,7 +141,7 @@ class PruneConfig:
     prune_layer_types: str = ""
     # Measured (bench/bench_prune.py --sweep): at 90% over 4 seeds, 0.55 points lost on average with one
     # global threshold against 1.49 with every layer at 90%.
-    prune_allocation: str = "global"
+    prune_allocation: str = "auto"
     prune_m_by_n: str = ""
     prune_learning_rate: float = 1e-3
     batch_size: int = 0
@@ -232,6 +234,13 @@ class PruneConfig:
     @property
     def quantize_modes(self) -> list[str]:
         return _split(self.prune_quantize)
+
+    @property
+    def allocation(self) -> str:
+        """``prune_allocation`` with ``auto`` resolved for the method."""
+        if self.prune_allocation != "auto":
+            return self.prune_allocation
+        return "uniform" if self.prune_method == "structured" else "global"
 
     @property
     def levels(self) -> list[float]:
@@ -540,7 +549,7 @@ def _wrap(model, config: PruneConfig, end: int, patterns: dict[str, str] | None 
         return None
 
     shares = {}
-    if config.prune_allocation == "global" and not config.prune_m_by_n:
+    if config.allocation == "global" and not config.prune_m_by_n:
         shares = global_shares(_comparable(model, [layer for layer in model.layers if left_whole(layer) is None]),
                                config.target_sparsity)
 
@@ -690,7 +699,7 @@ class _Run:
         blocks: list[list] = []
         unknown: dict[str, str] = {}
         if config.prune_method == "structured":
-            shares = self.shares(config) if config.prune_allocation == "global" else None
+            shares = self.shares(config) if config.allocation == "global" else None
             pruned, plan = structured.shrink(model, config.target_sparsity, config.layer_type_names, shares)
             self.refit(model, pruned, plan)
             structured.unfreeze_shrunk(pruned, plan)
@@ -808,7 +817,8 @@ def prune(
 
     output_dir = Path(output_dir)
     sparsity = measure.sparsity(stripped)
-    hyper["prune"] = {**dataclasses.asdict(kept_config), "measured_sparsity": sparsity["overall"]}
+    hyper["prune"] = {**dataclasses.asdict(kept_config), "allocation": kept_config.allocation,
+                    "measured_sparsity": sparsity["overall"]}
     models.save(
         stripped,
         output_dir,

@@ -80,7 +80,7 @@ def test_both_schedules_reach_the_target_on_the_stripped_weights(prune_once, fie
 
 
 def test_global_allocation_prunes_the_large_layer_harder_and_reaches_the_target_overall(prune_once, trained_model_dir):
-    report, out = prune_once(target_sparsity=0.8)  # prune_allocation="global", the default
+    report, out = prune_once(target_sparsity=0.8)  # prune_allocation="auto": global for magnitude
     measured = kernel_sparsity(models.load(out)[0])
     # One threshold: the 80% quantile of every kernel weight's magnitude in the model before pruning.
     dense, _ = models.load(trained_model_dir)
@@ -280,7 +280,7 @@ def test_budget_search_says_so_when_no_level_fits(prune_once):
     ({"prune_max_accuracy_drop": 0.01, "prune_sparsity_levels": "0.5,1.2"}, "`prune_sparsity_levels` must be in [0, 1). Received: 1.2"),
     ({"prune_max_accuracy_drop": 0.01, "prune_sparsity_levels": "half"}, "`prune_sparsity_levels` must be comma-separated numbers"),
     ({"prune_m_by_n": "2:4", "target_sparsity": 0.8}, "set target_sparsity=0.5"),
-    ({"prune_allocation": "layerwise"}, "`prune_allocation` must be one of ('global', 'uniform'). Received: prune_allocation='layerwise'"),
+    ({"prune_allocation": "layerwise"}, "`prune_allocation` must be one of ('auto', 'global', 'uniform'). Received: prune_allocation='layerwise'"),
     ({"prune_m_by_n": "2:4", "prune_method": "structured"}, "`prune_m_by_n` is a magnitude-pruning pattern"),
     ({"prune_method": "channels"}, "`prune_method` must be one of ('magnitude', 'structured'). Received: prune_method='channels'"),
     ({"prune_begin_step": 20, "prune_end_step": 10}, "`prune_end_step` must be after `prune_begin_step`"),

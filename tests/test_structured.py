@@ -389,9 +389,10 @@ def test_allocation_takes_channels_where_they_change_the_outputs_least_up_to_the
     assert structured.allocate(measured, 0.99) == {"cheap": 0.85, "dear": 0.85}  # capped at the largest share
 
 
-def test_prune_structured_shares_channels_by_sensitivity_by_default(digits_dir, trained_model_dir, tmp_path):
+def test_prune_structured_shares_channels_by_sensitivity_when_asked(digits_dir, trained_model_dir, tmp_path):
     lines = []
-    config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_quantize="")
+    config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_quantize="",
+                            prune_allocation="global")
     report = pr.prune(digits_dir, trained_model_dir, config, tmp_path, progress=lines.append, verbose=0)
     assert any(line.startswith("prune: measuring each channel group's sensitivity on 32 training images")
                for line in lines)
@@ -401,3 +402,9 @@ def test_prune_structured_shares_channels_by_sensitivity_by_default(digits_dir, 
     kept, widths = zip(*(map(int, row[2].split(" of ")) for row in allocated), strict=True)
     assert sum(widths) - sum(kept) >= 0.45 * sum(widths)  # half of all channels, rounded per group
     assert report.after["parameters"] == model.count_params() < report.before["parameters"]
+
+
+def test_auto_allocation_is_global_for_magnitude_and_uniform_for_structured():
+    assert pr.PruneConfig().prune_allocation == "auto" and pr.PruneConfig().allocation == "global"
+    assert pr.PruneConfig(prune_method="structured").allocation == "uniform"
+    assert pr.PruneConfig(prune_method="structured", prune_allocation="global").allocation == "global"

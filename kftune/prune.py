@@ -673,7 +673,7 @@ class _Run:
         """Refits the shrunk model's layers that lost input channels to the original's outputs
         (:func:`kftune.structured.reconstruct`), saying how far their outputs were and are from the original's."""
         images = self.training_images(RECONSTRUCT_IMAGES)
-        refits = structured.reconstruct(original, shrunk, plan, images)
+        refits = structured.reconstruct(original, shrunk, plan, images, progress=lambda line: self.progress(f"prune: {line}"))
         if refits:
             self.progress(
                 f"prune: refit {len(refits)} layers that lost input channels to the dense model's outputs on "

@@ -685,8 +685,10 @@ def reconstruct(original, shrunk, the_plan: Plan, images: np.ndarray, *, batch_s
     x = np.asarray(images, np.float32)
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     refits = []
+    every = -(-len(todo) // 5)  # about five progress lines, whatever the depth
     for number, name in enumerate(todo, 1):
-        progress(f"refitting `{name}` on {len(x)} training images ({number}/{len(todo)} layers that lost inputs)")
+        if number % every == 1 or every == 1:
+            progress(f"refitting `{name}` on {len(x)} training images ({number}/{len(todo)} layers that lost inputs)")
         layer, full = shrunk.get_layer(name), flat.get_layer(name)
         rows = _rows(a.readers[name], kept, a.spaces)
         kernel = full.kernel.numpy()

@@ -640,19 +640,35 @@ def _consumers(config: dict) -> dict[str, list[str]]:
     return out
 
 
-def _linear_rows(values, layer):
-    """A reader's input as the rows its kernel multiplies: one per output position (patches for a kxk
-    convolution, in the kernel's (height, width, channel) order), one per sample for a Dense layer."""
-    import tensorflow as tf
+def _positions(shape: tuple[int, ...], layer) -> tuple[int, ...]:
+    """The output positions a reader computes from an input of ``shape``: (samples, height, width) for a
+    Conv2D, (samples,) for a Dense layer (every leading axis together)."""
+    if type(layer).__name__ != "Conv2D":
+        return (int(np.prod(shape[:-1])),)
+    sizes = []
+    for size, kernel, stride, rate in zip(shape[1:3], layer.kernel_size, layer.strides, layer.dilation_rate, strict=True):
+        span = rate * (kernel - 1) + 1
+        sizes.append(-(-size // stride) if layer.padding == "same" else (size - span) // stride + 1)
+    return (shape[0], *sizes)
 
-    if type(layer).__name__ == "Conv2D":
-        (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.strides, layer.dilation_rate
-        if (kh, kw) != (1, 1):
-            values = tf.image.extract_patches(values, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
-                                              rates=[1, dh, dw, 1], padding=layer.padding.upper())
-        elif (sh, sw) != (1, 1):
-            values = values[:, ::sh, ::sw, :]
-    return tf.reshape(values, (-1, values.shape[-1]))
+
+def _linear_rows(values: np.ndarray, layer, pick: np.ndarray) -> np.ndarray:
+    """The rows a reader's kernel multiplies at the output positions ``pick`` (flat indices into
+    :func:`_positions`): the patch for a Conv2D, in its kernel's (height, width, channel) order, gathered
+    at those positions only (the patches of a whole batch at 224 px would not fit in memory); the input
+    itself for a Dense layer."""
+    if type(layer).__name__ != "Conv2D":
+        return values.reshape(-1, values.shape[-1])[pick]
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.strides, layer.dilation_rate
+    n, i, j = np.unravel_index(pick, _positions(values.shape, layer))
+    if layer.padding == "same":  # TensorFlow's: the extra row or column of an odd padding goes after
+        pads = [max((out - 1) * stride + rate * (kernel - 1) + 1 - size, 0) for out, stride, rate, kernel, size in
+                zip(_positions(values.shape, layer)[1:], (sh, sw), (dh, dw), (kh, kw), values.shape[1:3], strict=True)]
+        values = np.pad(values, ((0, 0), (pads[0] // 2, pads[0] - pads[0] // 2), (pads[1] // 2, pads[1] - pads[1] // 2),
+                                 (0, 0)))
+    rows = (i * sh)[:, None, None] + (dh * np.arange(kh))[None, :, None]
+    cols = (j * sw)[:, None, None] + (dw * np.arange(kw))[None, None, :]
+    return values[n[:, None, None], rows, cols].reshape(len(pick), -1)
 
 
 def reconstruct(original, shrunk, the_plan: Plan, images: np.ndarray, *, batch_size: int = 16,
@@ -670,8 +686,6 @@ def reconstruct(original, shrunk, the_plan: Plan, images: np.ndarray, *, batch_s
     to the layer's bias, or, for a layer without one that feeds only a BatchNormalization, into that
     layer's moving mean. Conv2D (any kernel size, stride and dilation, as patches) and Dense are refit.
     """
-    import tensorflow as tf
-
     k = models.keras()
     g = graph(original)
     a = _analyse(g, None)
@@ -709,10 +723,11 @@ def reconstruct(original, shrunk, the_plan: Plan, images: np.ndarray, *, batch_s
         target_sum, target_square, count = np.zeros(len(cols)), np.zeros(len(cols)), 0
         per_batch = -(-samples // len(batches))
         for batch in batches:
-            kept_in, full_in = (_linear_rows(p(batch, training=False), layer) for p in probes)
-            pick = np.sort(rng.choice(int(kept_in.shape[0]), min(per_batch, int(kept_in.shape[0])), replace=False))
-            xs = tf.gather(kept_in, pick).numpy().astype(np.float64)
-            ys = tf.gather(full_in, pick).numpy().astype(np.float64) @ w_full + bias[cols]
+            kept_in, full_in = (p(batch, training=False).numpy() for p in probes)
+            positions = int(np.prod(_positions(kept_in.shape, layer)))
+            pick = np.sort(rng.choice(positions, min(per_batch, positions), replace=False))
+            xs = _linear_rows(kept_in, layer, pick).astype(np.float64)
+            ys = _linear_rows(full_in, layer, pick).astype(np.float64) @ w_full + bias[cols]
             if intercept:
                 xs = np.concatenate([xs, np.ones((len(xs), 1))], axis=1)
             gram += xs.T @ xs

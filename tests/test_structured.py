@@ -314,6 +314,22 @@ def test_reconstruct_refits_a_reader_to_what_its_removed_channels_carried(kind):
     np.testing.assert_allclose(shrunk(unseen).numpy(), model(unseen).numpy(), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("options", [dict(kernel_size=3, strides=2, padding="same"),
+                                     dict(kernel_size=3, dilation_rate=2, padding="same"),
+                                     dict(kernel_size=(2, 3), padding="valid"),
+                                     dict(kernel_size=1, strides=2, padding="same")],
+                         ids=["strided", "dilated", "valid", "pointwise"])
+def test_the_rows_a_convolution_multiplies_are_gathered_where_it_computes(options):
+    layer = k.layers.Conv2D(4, **options)
+    x = np.random.default_rng(5).normal(0, 1, (2, 9, 8, 3)).astype("float32")
+    out = layer(x).numpy()
+    assert structured._positions(x.shape, layer) == out.shape[:3]
+    pick = np.arange(out[..., 0].size)
+    rows = structured._linear_rows(x, layer, pick)
+    np.testing.assert_allclose(rows @ layer.kernel.numpy().reshape(-1, 4) + layer.bias.numpy(), out.reshape(-1, 4),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_reconstruct_brings_a_shrunk_backbone_closer_to_the_original_and_never_worsens_a_layer():
     model, _ = _backbone("mobilenet_v2_035")
     shrunk, plan = structured.shrink(model, 0.3)

@@ -358,7 +358,9 @@ class PruneReport:
                 f"{self.before['latency_ms_batch32']:.3g}. Channels that must go together (through Add, Multiply, "
                 f"depthwise and BatchNormalization layers, a nested base included) went as groups, ranked by "
                 f"{structured.IMPORTANCE}; groups left whole and layers the analysis does not know are named "
-                "in the per-block and per-layer tables."]
+                "in the per-block and per-layer tables. Before fine-tuning, each layer that lost input channels "
+                f"was refit by least squares to the dense model's outputs on up to {RECONSTRUCT_IMAGES} training "
+                "images, so that training starts from the dense model's function rather than a damaged one."]
         else:
             notes = [self._magnitude_note()]
         for mode, values in self.tflite.items():
@@ -676,7 +678,7 @@ class _Run:
         refits = structured.reconstruct(original, shrunk, plan, images, progress=lambda line: self.progress(f"prune: {line}"))
         if refits:
             self.progress(
-                f"prune: refit {len(refits)} layers that lost input channels to the dense model's outputs on "
+                f"prune: refit {len(refits)} layer{'s' if len(refits) > 1 else ''} that lost input channels to the dense model's outputs on "
                 f"{len(images)} training images (least squares): relative error of their outputs "
                 f"{np.mean([r.before for r in refits]):.3f} with the removed channels dropped, "
                 f"{np.mean([r.after for r in refits]):.3f} refit (mean over the layers)")

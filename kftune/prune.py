@@ -659,7 +659,7 @@ class _Run:
         """The first ``count`` training images (as ingested, without augmentation), read once per prune()."""
         if self.images is None:
             self.images = np.concatenate([b[0].numpy() for b in dataset.batches(
-                dataset.load_split(self.dataset_dir, "train"), 32).take(math.ceil(RECONSTRUCT_IMAGES / 32))])
+                dataset.load_split(self.dataset_dir, "train").take(RECONSTRUCT_IMAGES))])
         return self.images[:count]
 
     def shares(self, config: PruneConfig) -> dict[str, float]:

@@ -405,13 +405,18 @@ def test_allocation_takes_channels_where_they_change_the_outputs_least_up_to_the
     assert structured.allocate(measured, 0.99) == {"cheap": 0.85, "dear": 0.85}  # capped at the largest share
 
 
-def test_prune_structured_shares_channels_by_sensitivity_when_asked(digits_dir, trained_model_dir, tmp_path):
+def test_prune_structured_shares_channels_by_sensitivity_when_asked(digits_dir, trained_model_dir, tmp_path,
+                                                                    monkeypatch):
+    # Evaluation batches of 5 images, as 224 px photos are cut to fit memory: the counts must still hold.
+    monkeypatch.setattr("kftune.dataset.EVAL_BATCH_BYTES", 5 * 16 * 16 * 4)
     lines = []
     config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_quantize="",
                             prune_allocation="global")
     report = pr.prune(digits_dir, trained_model_dir, config, tmp_path, progress=lines.append, verbose=0)
     assert any(line.startswith("prune: measuring each channel group's sensitivity on 32 training images")
                for line in lines)
+    assert any(line.startswith("prune: refit 3 layers that lost input channels to the dense model's outputs on 64 "
+                               "training images") for line in lines), lines
     model, _ = models.load(tmp_path)
     allocated = [row for row in report.groups if "by sensitivity" in row[3] or row[3].endswith(structured.SENSITIVE)]
     assert [row[0] for row in allocated] == ["conv0", "conv1", "dense"]  # all but the output, which stays whole

@@ -619,6 +619,9 @@ def unfreeze_shrunk(model, the_plan: Plan) -> None:
 # layer after global pooling sees one row per image, fewer than its inputs).
 RECONSTRUCT_SAMPLES = 20_000
 RECONSTRUCT_RIDGE = 1e-3
+# The widest input a refit solves for (VGG16's 3x3x512 patches): a Dense layer after Flatten can read 25,088
+# inputs, whose normal equations would take 5 GB and hours; such a layer keeps its kept rows as they are.
+RECONSTRUCT_MAX_INPUTS = 4608
 
 
 @dataclasses.dataclass(frozen=True)
@@ -684,7 +687,8 @@ def reconstruct(original, shrunk, the_plan: Plan, images: np.ndarray, *, batch_s
     refit) and the original model's output before its activation give a ridge least-squares problem whose
     solution, pulled toward the original kernel's kept rows, becomes the layer's kernel; the intercept goes
     to the layer's bias, or, for a layer without one that feeds only a BatchNormalization, into that
-    layer's moving mean. Conv2D (any kernel size, stride and dilation, as patches) and Dense are refit.
+    layer's moving mean. Conv2D (any kernel size, stride and dilation, as patches) and Dense are refit; one
+    reading more than RECONSTRUCT_MAX_INPUTS inputs per output is left as it is, with a progress line.
     """
     k = models.keras()
     g = graph(original)
@@ -706,6 +710,10 @@ def reconstruct(original, shrunk, the_plan: Plan, images: np.ndarray, *, batch_s
         layer, full = shrunk.get_layer(name), flat.get_layer(name)
         rows = _rows(a.readers[name], kept, a.spaces)
         kernel = full.kernel.numpy()
+        if int(np.prod(kernel.shape[:-2])) * len(rows) > RECONSTRUCT_MAX_INPUTS:
+            progress(f"`{name}` reads {int(np.prod(kernel.shape[:-2])) * len(rows):,} inputs per output, more than "
+                     f"{RECONSTRUCT_MAX_INPUTS:,}: not refit (its kept rows stay as they are)")
+            continue
         outputs = kernel.shape[-1]
         cols = kept.get(a.spaces.find(a.producers[name]), np.arange(outputs))
         bias = full.bias.numpy() if full.use_bias else np.zeros(outputs, np.float32)

@@ -330,6 +330,17 @@ def test_the_rows_a_convolution_multiplies_are_gathered_where_it_computes(option
                                rtol=1e-5, atol=1e-5)
 
 
+def test_reconstruct_leaves_a_reader_too_wide_to_solve_for_as_it_is_and_says_so(monkeypatch):
+    model, images, _ = _redundant("dense")
+    shrunk, plan = structured.shrink(model, 0.5)
+    kernel = shrunk.get_layer("b").kernel.numpy()
+    monkeypatch.setattr(structured, "RECONSTRUCT_MAX_INPUTS", 3)
+    lines = []
+    assert structured.reconstruct(model, shrunk, plan, images, progress=lines.append) == []
+    np.testing.assert_array_equal(shrunk.get_layer("b").kernel.numpy(), kernel)
+    assert lines[-1] == "`b` reads 4 inputs per output, more than 3: not refit (its kept rows stay as they are)"
+
+
 def test_reconstruct_brings_a_shrunk_backbone_closer_to_the_original_and_never_worsens_a_layer():
     model, _ = _backbone("mobilenet_v2_035")
     shrunk, plan = structured.shrink(model, 0.3)

@@ -333,6 +333,16 @@ def graph(model) -> Graph:
     return Graph(config, layers)
 
 
+def _consumers(config: dict) -> dict[str, list[str]]:
+    """The layers that read each layer's output, by name, in a functional config (flat or not)."""
+    out: dict[str, list[str]] = {e["name"]: [] for e in config["layers"]}
+    for e in config["layers"]:
+        for node in e.get("inbound_nodes") or []:
+            for ref in _refs(node):
+                out.setdefault(ref[0], []).append(e["name"])
+    return out
+
+
 def consumers(model) -> dict[str, list[str]]:
     """The layers that read each top-level layer's output, by name (Sequential or functional)."""
     k = models.keras()
@@ -342,12 +352,7 @@ def consumers(model) -> dict[str, list[str]]:
     if not getattr(model, "_is_graph_network", False):
         raise InputError(f"model `{model.name}` ({type(model).__name__}) is a subclassed Keras model: "
                          "build it as a Sequential or functional model.")
-    out: dict[str, list[str]] = {e["name"]: [] for e in model.get_config()["layers"]}
-    for e in model.get_config()["layers"]:
-        for node in e.get("inbound_nodes") or []:
-            for ref in _refs(node):
-                out.setdefault(ref[0], []).append(e["name"])
-    return out
+    return _consumers(model.get_config())
 
 
 def _channels_last(layer) -> bool:
@@ -632,15 +637,6 @@ class Refit:
     layer: str
     before: float
     after: float
-
-
-def _consumers(config: dict) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {e["name"]: [] for e in config["layers"]}
-    for e in config["layers"]:
-        for node in e.get("inbound_nodes") or []:
-            for ref in _refs(node):
-                out.setdefault(ref[0], []).append(e["name"])
-    return out
 
 
 def _positions(shape: tuple[int, ...], layer) -> tuple[int, ...]:

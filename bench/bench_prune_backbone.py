@@ -26,7 +26,7 @@ pretrained base), so that its accuracy means something. Every other row starts f
 Accuracy and size are measured under a shared lock on /tmp/kftune-cpu.lock (the machine's rule for
 training), batch-32 latency on the CPU under the exclusive one: median [min-max] of 5 interleaved rounds
 after a warm-up (bench/timing.py), threads stated. Then the goals (within 1 point of the dense model's
-validation accuracy, raw file >= 3x smaller and batch-32 latency >= 2x lower for MobileNetV2; >= 10x raw
+validation accuracy, raw file >= 3x smaller (4x for VGG16) and batch-32 latency >= 2x lower; >= 10x raw
 with int8) and whether each was met: exit 1 when one is missed.
 """
 
@@ -52,6 +52,8 @@ from kftune import dataset, fixtures, measure, models, quantize, structured
 from kftune import prune as pr
 
 LOCK = "/tmp/kftune-cpu.lock"
+# The issue's size goals (raw file, dense / pruned): 3x for MobileNetV2, 4x for VGG16.
+RAW_GOAL = {"vgg16": 4.0}
 
 
 @contextlib.contextmanager
@@ -79,7 +81,8 @@ def train_dense(tmp: Path, args) -> tuple[Path, Path]:
 
     A pretrained base is fine-tuned as Keras' transfer-learning guide does it: the new head trained on the
     frozen base, then the whole model at the pruned models' learning rate. A base made locally computes
-    near-random features, so the whole model is trained from the start at 1e-3. Either way the base's
+    near-random features, so the whole model is trained from the start at 1e-3; but a base without
+    BatchNormalization (VGG16) does not train from seeded kernels, so only the head is trained on it. The base's
     BatchNormalization stays in inference mode (kftune calls the base with training=False), and each phase
     stops when validation accuracy has not improved for 3 epochs (the best epoch's weights kept)."""
     import tensorflow as tf
@@ -94,7 +97,14 @@ def train_dense(tmp: Path, args) -> tuple[Path, Path]:
     model, base = models.backbone_classifier(args.backbone, info.shape, info.num_classes, weights=str(weights))
     x, y = dataset.load_arrays(data, "train")
     x_val, y_val = dataset.load_arrays(data, "validation")
-    phases = [(False, 1e-3), (True, args.prune_lr)] if args.weights == "pretrained" else [(True, 1e-3)]
+    if args.weights == "pretrained":
+        phases = [(False, 1e-3), (True, args.prune_lr)]
+    elif any(type(layer).__name__ == "BatchNormalization" for layer in base.layers):
+        phases = [(True, 1e-3)]
+    else:
+        # VGG16 made locally: 13 convolutions without BatchNormalization trained from seeded kernels at 1e-3 stay
+        # at chance; the head on the frozen base learns (its random features tell the fixture's classes apart).
+        phases = [(False, 1e-3)]
     for trainable, learning_rate in phases:
         base.trainable = trainable
         models.compile_model(model, info.num_classes, learning_rate=learning_rate)
@@ -135,10 +145,14 @@ def diagnose(dense: Path, data: Path, levels: list[float], x: np.ndarray, y: np.
     refits the layers that lost inputs on the first training images, as the prune step does."""
     model, _ = models.load(dense)
     graph = structured.graph(model)
-    scales = np.concatenate([np.abs(layer.gamma.numpy()) for layer in graph.layers.values()
-                             if type(layer).__name__ == "BatchNormalization" and layer.scale])
-    print(f"dense model's BatchNorm |gamma| over {scales.size:,} channels: mean {scales.mean():.3f}, "
-          f"standard deviation {scales.std():.3f}")
+    gammas = [np.abs(layer.gamma.numpy()) for layer in graph.layers.values()
+              if type(layer).__name__ == "BatchNormalization" and layer.scale]
+    if gammas:
+        scales = np.concatenate(gammas)
+        print(f"dense model's BatchNorm |gamma| over {scales.size:,} channels: mean {scales.mean():.3f}, "
+              f"standard deviation {scales.std():.3f}")
+    else:  # VGG16: a chain of convolutions, ranked by kernel L1
+        print("dense model has no BatchNormalization: structured pruning ranks its channels by kernel L1")
     images, _ = dataset.load_arrays(data, "train")
     images = images[:pr.RECONSTRUCT_IMAGES].astype("float32")
     for level in levels:
@@ -263,13 +277,15 @@ def report(args, rows, info, y_val, y_test, times, threads, trained_s, started) 
               f"{dense_row.raw / row.raw:.2f}x | {timing.spread(times[row.name])} | {timing.spread(ratio)}x | "
               f"{row.note} |")
     by = {row.name: row for row in rows}
+    raw_goal = RAW_GOAL.get(args.backbone, 3.0)
     goals = []
     for name in ("backbone structured", "backbone structured + distillation"):
         row = by[name]
         speed = timing.median(timing.ratios(times[dense_row.name], times[name]))
         goals += [(f"{name}: within 1 point of dense validation accuracy ({row.val:.4f} vs {dense_row.val:.4f})",
                    dense_row.val - row.val <= 0.01 + 1e-9),
-                  (f"{name}: raw file >= 3x smaller ({dense_row.raw / row.raw:.2f}x)", dense_row.raw / row.raw >= 3),
+                  (f"{name}: raw file >= {raw_goal:g}x smaller ({dense_row.raw / row.raw:.2f}x)",
+                   dense_row.raw / row.raw >= raw_goal),
                   (f"{name}: batch-32 latency >= 2x lower ({speed:.2f}x, median)", speed >= 2)]
     int8 = by["backbone structured + distillation + int8"]
     goals.append((f"backbone structured + distillation + int8: raw >= 10x smaller ({dense_row.raw / int8.raw:.2f}x)",

@@ -28,14 +28,19 @@ def prune(
         report_html: Output: the same, per layer, for the Kubeflow UI (the step's one report).
         config: The prune settings (from the validation step): target_sparsity and the
             prune_* parameters (method, schedule, epochs, steps, layer types, 2:4, learning
-            rate, quantization, accuracy budget), seed.
+            rate, quantization, accuracy budget), seed, checkpoint_uri (each level's training
+            checkpointed every epoch: a retried pod resumes there).
     """
-    from kftune import parameters
+    from kftune import parameters, storage
     from kftune import prune as pr
     from kftune.errors import user_errors
 
     with user_errors():
-        result = pr.prune(dataset.path, model.path, parameters.load(pr.PruneConfig, config), pruned.path)
+        settings = parameters.load(pr.PruneConfig, config)
+        checkpoints = storage.mirror(pr.checkpoint_location(settings, dataset.path, model.path))
+    with user_errors(), checkpoints as checkpoint_dir:
+        result = pr.prune(dataset.path, model.path, settings, pruned.path, checkpoint_dir=checkpoint_dir,
+                          after_epoch=checkpoints.sync)
     for name, value in result.metrics().items():
         metrics.log_metric(name, value)
     pruned.metadata.update({

@@ -50,9 +50,11 @@ class FinetuneConfig:
         backbone_input_size: Backbone input size; 0 keeps the dataset's (at least 32).
         patience: Early stopping patience (epochs without better val_accuracy).
         seed: Seeds shuffling, augmentation and initialisation.
-        checkpoint_uri: Folder or gs:// prefix for per-epoch checkpoints; a rerun
-            with the same one resumes. Empty: under the pipeline root, per run, so
-            a retried pod resumes from its last finished epoch.
+        checkpoint_uri: Folder or gs:// prefix for the per-epoch checkpoints of
+            fine-tune (in its finetune/ folder) and prune (in prune/, one folder per
+            settings, dataset and model); a rerun with the same one resumes. Empty:
+            under the pipeline root, per run, so a retried pod resumes from its last
+            finished epoch.
     """
 
     backbone: str = ""
@@ -68,6 +70,11 @@ class FinetuneConfig:
     patience: int = 3
     seed: int = 0
     checkpoint_uri: str = ""
+
+    @property
+    def checkpoint_folder(self) -> str:
+        """This fine-tune's checkpoints: the finetune/ folder of ``checkpoint_uri`` (prune's are beside it)."""
+        return f"{self.checkpoint_uri.rstrip('/')}/finetune" if self.checkpoint_uri else ""
 
     def __post_init__(self):
         check_numbers(self, ("finetune_learning_rate", "finetune_lr_factor"))

@@ -53,8 +53,9 @@ STAGES: dict[str, tuple[type, tuple[str, ...]]] = {
     "deploy": (DeployConfig, ("serving_name", "serving_namespace", "serving_storage_uri", "canary_traffic_percent",
                               "serving_timeout")),
 }
-# Fields every step that has them takes from one parameter (ingest refuses too few images for the folds).
-SHARED = ("seed", "folds")
+# Fields every step that has them takes from one parameter (ingest refuses too few images for the folds; fine-tune
+# and prune keep their checkpoints in folders of their own under checkpoint_uri).
+SHARED = ("seed", "folds", "checkpoint_uri")
 
 _TYPES = {int: "int", float: "float", str: "str", bool: "bool"}
 _KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
@@ -204,12 +205,12 @@ def resolve(settings: Settings, pipeline_root: str, run_id: str) -> Settings:
                          "`kftune submit --pipeline-root gs://BUCKET/kftune`.")
     storage.check_location(root, "pipeline_root")
     search = settings.search
-    finetune = settings.finetune
+    checkpoints = settings.finetune.checkpoint_uri or f"{root}/kftune-checkpoints/{run_id}"
     return dataclasses.replace(
         settings,
         search=dataclasses.replace(search, search_state_uri=search.search_state_uri or f"{root}/kftune-search/{run_id}"),
-        finetune=dataclasses.replace(
-            finetune, checkpoint_uri=finetune.checkpoint_uri or f"{root}/kftune-checkpoints/{run_id}/finetune"),
+        finetune=dataclasses.replace(settings.finetune, checkpoint_uri=checkpoints),
+        prune=dataclasses.replace(settings.prune, checkpoint_uri=checkpoints),
         export=dataclasses.replace(settings.export, export_destination=settings.export.destination_for(root)),
     )
 

@@ -19,6 +19,8 @@ stays within the budget. The kept model can also be quantized to TFLite (see
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -27,7 +29,17 @@ from pathlib import Path
 import numpy as np
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow (and tfmot) is imported
-from kftune import dataset, distillation, measure, models, quantize, report, structured, training
+from kftune import (
+    dataset,
+    distillation,
+    measure,
+    models,
+    quantize,
+    report,
+    storage,
+    structured,
+    training,
+)
 from kftune.augment import AugmentSpec, training_batches
 from kftune.errors import InputError, check_numbers, check_whole_numbers
 
@@ -126,6 +138,11 @@ class PruneConfig:
         prune_distill_temperature: The distillation temperature T (above 1 softens
             the teacher's probabilities, so the student learns how it ranks the
             wrong classes too).
+        checkpoint_uri: Folder or gs:// prefix of the run's checkpoints (the pipeline's
+            ``checkpoint_uri``, shared with fine-tune): each level's training is
+            checkpointed every epoch under ``prune/<key>/`` (:func:`checkpoint_location`),
+            so a retried pod resumes the level it was training and does not train the
+            levels it finished again; empty: a temporary folder, nothing resumes.
     """
 
     prune_method: str = "magnitude"
@@ -151,8 +168,11 @@ class PruneConfig:
     prune_sparsity_levels: str = "0.5,0.7,0.8,0.85,0.9,0.93,0.95"
     prune_distill_weight: float = 0.0
     prune_distill_temperature: float = 4.0
+    checkpoint_uri: str = ""
 
     def __post_init__(self):
+        if self.checkpoint_uri:
+            storage.check_location(self.checkpoint_uri, "checkpoint_uri")
         check_numbers(self, ("target_sparsity", "prune_initial_sparsity", "prune_learning_rate", "prune_max_accuracy_drop",
                              "prune_distill_weight", "prune_distill_temperature"))
         if not 0.0 <= self.prune_distill_weight <= 1.0:
@@ -639,9 +659,41 @@ def _measured(model, data, path: Path | None = None) -> dict:
     return measure.measured(measure.KerasRunner(model, path), data)[1]
 
 
+def checkpoint_location(config: PruneConfig, dataset_dir: str | Path, model_dir: str | Path) -> str:
+    """Where this prune's checkpoints go: ``<checkpoint_uri>/prune/<key>``, or "" without a ``checkpoint_uri``.
+
+    The key hashes the settings that shape a level's training, the dataset's
+    fingerprint and the model file's MD5: a retried pod finds its own
+    checkpoints, and a rerun with the same ``checkpoint_uri`` but other settings,
+    data or model trains in a folder of its own, so nothing it stored is resumed
+    into the wrong model or replaced. Each level is its own fit in that folder,
+    so a rerun that only changes the levels, the budget or the quantization
+    (:data:`NOT_IN_A_LEVEL`) reuses the levels it already trained.
+    """
+    if not config.checkpoint_uri:
+        return ""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_A_LEVEL}
+    made_by = {"settings": settings, "data_fingerprint": dataset.DatasetInfo.load(dataset_dir).fingerprint,
+               "model_md5": storage.md5_base64(Path(model_dir, models.MODEL_FILE))}
+    key = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{config.checkpoint_uri.rstrip('/')}/prune/{key}"
+
+
+# Settings that choose among levels or act after training: a level's training does not depend on them.
+NOT_IN_A_LEVEL = ("checkpoint_uri", "target_sparsity", "prune_max_accuracy_drop", "prune_sparsity_levels",
+                  "prune_quantize")
+# The measured sensitivity (prune_allocation=global for structured pruning), beside the levels' checkpoints.
+SENSITIVITY_FILE = "sensitivity.json"
+
+
+def _fit_name(level: float) -> str:
+    """The training.fit name of one level's training in the checkpoint folder."""
+    return f"level{level:.4f}"
+
+
 @dataclasses.dataclass
 class _Run:
-    """What every pruning attempt shares: the data and the training length."""
+    """What every pruning attempt shares: the data, the training length and the checkpoint folder."""
 
     dataset_dir: Path
     model_dir: Path
@@ -649,7 +701,9 @@ class _Run:
     batch_size: int
     end_step: int
     verbose: int
+    checkpoint_dir: Path
     progress: Callable[[str], None] = print
+    after_epoch: Callable[[], None] | None = None
     # Measured once per prune() (on the same model and images whatever the level), when structured pruning
     # shares channels among groups by it (prune_allocation=global).
     sensitivity: structured.Sensitivity | None = None
@@ -664,11 +718,20 @@ class _Run:
 
     def shares(self, config: PruneConfig) -> dict[str, float]:
         """Per channel group, the share structured pruning removes at ``config.target_sparsity``."""
+        # Kept with the checkpoints: a restarted step must shrink each level to the architecture its checkpoint
+        # holds, which a measurement repeated on another device could change by a rounding at a threshold.
+        stored = self.checkpoint_dir / SENSITIVITY_FILE
+        if self.sensitivity is None and stored.exists():
+            saved = json.loads(stored.read_text())
+            self.sensitivity = structured.Sensitivity(tuple(saved["levels"]),
+                                                      {k: tuple(v) for k, v in saved["change"].items()},
+                                                      saved["widths"])
         if self.sensitivity is None:
             images = self.training_images(SENSITIVITY_IMAGES)
             self.progress(f"prune: measuring each channel group's sensitivity on {len(images)} training images")
             self.sensitivity = structured.sensitivity(models.load(self.model_dir)[0], images,
                                                       config.layer_type_names, progress=self.progress)
+            storage.write_atomically(stored, json.dumps(dataclasses.asdict(self.sensitivity)))
         return structured.allocate(self.sensitivity, config.target_sparsity)
 
     def refit(self, original, shrunk, plan: structured.Plan) -> None:
@@ -691,8 +754,6 @@ class _Run:
     def prune_to(self, config: PruneConfig):
         """Prunes a fresh copy of the model while training on; returns (stripped model, history, patterns,
         per-block rows, layers structured pruning does not know)."""
-        import tempfile
-
         import tensorflow as tf
 
         # A fresh copy each time: tfmot's wrappers share the original layers' weights.
@@ -700,10 +761,17 @@ class _Run:
         patterns: dict[str, str] = {}
         blocks: list[list] = []
         unknown: dict[str, str] = {}
+        name = _fit_name(config.target_sparsity)
+        resumed = training.started(self.checkpoint_dir, name)
+        if resumed:
+            self.progress(f"prune: {config.target_sparsity:.0%} was trained before a restart: its weights come from "
+                          f"the checkpoint ({training.epochs_done(self.checkpoint_dir, name)} of {config.prune_epochs} "
+                          "epochs)")
         if config.prune_method == "structured":
             shares = self.shares(config) if config.allocation == "global" else None
             pruned, plan = structured.shrink(model, config.target_sparsity, config.layer_type_names, shares)
-            self.refit(model, pruned, plan)
+            if not resumed:  # the checkpoint holds the refit weights, and what training made of them
+                self.refit(model, pruned, plan)
             structured.unfreeze_shrunk(pruned, plan)
             patterns, blocks, unknown = plan.describe(), plan.blocks(), plan.unknown
             callbacks = []
@@ -721,10 +789,11 @@ class _Run:
             train, validation = distillation.with_teacher(train, teacher), distillation.with_teacher(validation, teacher)
             distillation.compile_student(pruned, self.info.num_classes, config.prune_learning_rate,
                                          config.prune_distill_weight, config.prune_distill_temperature)
-        # The one training path (kftune.training): its checkpoint folder lives as long as this attempt.
-        with tempfile.TemporaryDirectory(prefix="kftune-prune-") as checkpoints:
-            history = training.fit(pruned, "prune", train, checkpoints, epochs=config.prune_epochs,
-                                   validation=validation, callbacks=callbacks, keep_weights=False, verbose=self.verbose)
+        # The one training path (kftune.training): a level trained to the end is not trained again, one killed
+        # part-way resumes from its last finished epoch.
+        history = training.fit(pruned, name, train, self.checkpoint_dir, epochs=config.prune_epochs,
+                               validation=validation, callbacks=callbacks, after_epoch=self.after_epoch,
+                               verbose=self.verbose)
         stripped = pruned if config.prune_method == "structured" else _tfmot().sparsity.keras.strip_pruning(pruned)
         models.compile_model(stripped, self.info.num_classes, learning_rate=config.prune_learning_rate)
         return stripped, history, patterns, blocks, unknown
@@ -736,6 +805,8 @@ def prune(
     config: PruneConfig,
     output_dir: str | Path,
     *,
+    checkpoint_dir: str | Path | None = None,
+    after_epoch: Callable[[], None] | None = None,
     progress: Callable[[str], None] = print,
     verbose: int = 2,
 ) -> PruneReport:
@@ -744,7 +815,20 @@ def prune(
     With ``config.prune_max_accuracy_drop`` set, bisects ``config.levels`` and keeps
     the highest sparsity found within the budget. ``output_dir`` receives the model
     (``model.keras`` + ``model.json``) and one ``model_<mode>.tflite`` per quantize mode.
+
+    ``checkpoint_dir`` (:func:`checkpoint_location`'s folder, mirrored) keeps each
+    level's training, checkpointed every epoch: run again with the same folder after
+    a kill, and the levels already trained are measured from their weights, the one
+    being trained resumes from its last finished epoch. None: a temporary folder.
+    ``after_epoch`` is called after each epoch's checkpoint is written (the upload).
     """
+    if checkpoint_dir is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="kftune-prune-") as temporary:
+            return prune(dataset_dir, model_dir, config, output_dir, checkpoint_dir=temporary, progress=progress,
+                         verbose=verbose)
+
     info = dataset.DatasetInfo.load(dataset_dir)
     dense, meta = models.load(model_dir)
     models.check_fits(dense, meta, info, model_dir)
@@ -754,8 +838,10 @@ def prune(
     if not info.splits.get("validation"):
         raise InputError(f"the validation split of `{dataset_dir}` is empty: ingest with a larger validation_fraction.")
     # The schedule's end step is tfmot's; structured pruning trains on whatever the number of steps.
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
     run = _Run(Path(dataset_dir), Path(model_dir), info, batch_size,
-               end_step(config, steps) if config.prune_method == "magnitude" else steps, verbose, progress)
+               end_step(config, steps) if config.prune_method == "magnitude" else steps, verbose, Path(checkpoint_dir),
+               progress, after_epoch)
     # Fails fast, naming any layer tfmot cannot prune (or a model structured pruning cannot rebuild),
     # before measuring or training anything.
     if config.prune_method == "structured":

@@ -723,16 +723,23 @@ class mirror:  # noqa: N801 - used as a context manager
     Local paths are used in place. For ``gs://``, what is there is downloaded
     first; on a clean exit the files under ``write_back`` (a path relative to
     the folder, "" for all, None for none) are uploaded again, overwriting.
-    Parallel trials each write back only their own trial folder.
+    Parallel trials each write back only their own trial folder. An empty
+    ``uri`` stands for no location: a temporary folder, kept nowhere.
     """
 
     def __init__(self, uri: str, *, write_back: str | None = ""):
-        self.uri, self.write_back = uri, write_back
+        self.uri, self.write_back = uri, write_back if uri else None
         self._tmp = None
         # MD5 of each file as it is in storage, so that a sync uploads only what changed.
         self._stored: dict[str, str | None] = {}
 
     def __enter__(self) -> Path:
+        if not self.uri:
+            import tempfile
+
+            self._tmp = tempfile.TemporaryDirectory(prefix="kftune-")
+            self.local = Path(self._tmp.name)
+            return self.local
         if not is_gcs(self.uri):
             path = Path(self.uri)
             path.mkdir(parents=True, exist_ok=True)

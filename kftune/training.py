@@ -1,4 +1,4 @@
-"""One resumable fit, called by every stage that trains: search trials, k-fold refits, fine-tune phases.
+"""One resumable fit, called by every stage that trains: search trials, k-fold refits, fine-tune phases, prune levels.
 
 :func:`fit` is Keras' ``model.fit`` with a named place in a checkpoint folder,
 so that a process killed part-way and started again resumes from its last
@@ -46,6 +46,19 @@ def finished(checkpoint_dir: str | Path, name: str) -> dict[str, list[float]] | 
     """The history of fit ``name`` if it is done, else None."""
     done = done_file(checkpoint_dir, name)
     return json.loads(done.read_text()) if done.exists() else None
+
+
+def epochs_done(checkpoint_dir: str | Path, name: str) -> int:
+    """How many epochs of fit ``name`` are logged as finished (also by a process killed since)."""
+    log = epoch_log_file(checkpoint_dir, name)
+    return len(json.loads(log.read_text())) if log.exists() else 0
+
+
+def started(checkpoint_dir: str | Path, name: str) -> bool:
+    """Whether fit ``name`` will take its weights from ``checkpoint_dir``: it is done, or it has a checkpoint of a
+    finished epoch (Keras' BackupAndRestore restores it when the fit starts), so whatever set the model's weights
+    before the fit need not run again."""
+    return done_file(checkpoint_dir, name).exists() or any(Path(checkpoint_dir, f"{name}.backup").rglob("*.index"))
 
 
 def _history(entries: list[dict]) -> dict[str, list[float]]:

@@ -3,6 +3,13 @@ search keeps the highest level within budget, TFLite export works, and bad input
 
 import gzip
 import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -342,6 +349,81 @@ def _component_parameters(**overrides):
     return {"config": json.dumps({**dataclasses.asdict(pr.PruneConfig()), **overrides})}
 
 
+def test_checkpoints_go_to_one_folder_per_settings_data_and_model(digits_dir, trained_model_dir, tmp_path):
+    here = pr.checkpoint_location(pr.PruneConfig(checkpoint_uri="gs://b/ck/"), digits_dir, trained_model_dir)
+    assert re.fullmatch(r"gs://b/ck/prune/[0-9a-f]{16}", here), here
+    # A retried pod: the same folder.
+    assert pr.checkpoint_location(pr.PruneConfig(checkpoint_uri="gs://b/ck"), digits_dir, trained_model_dir) == here
+    # A rerun that changes only which levels are tried, the budget or the quantization reuses the levels trained.
+    assert pr.checkpoint_location(pr.PruneConfig(checkpoint_uri="gs://b/ck", target_sparsity=0.9, prune_quantize="",
+                                                 prune_max_accuracy_drop=0.02, prune_sparsity_levels="0.5,0.9"),
+                                  digits_dir, trained_model_dir) == here
+    # A rerun with other settings or another model trains apart, never into the first run's checkpoints.
+    assert pr.checkpoint_location(pr.PruneConfig(checkpoint_uri="gs://b/ck", prune_epochs=9), digits_dir,
+                                  trained_model_dir) != here
+    other = tmp_path / "other"
+    shutil.copytree(trained_model_dir, other)
+    model, meta = models.load(other)
+    model.layers[-1].bias.assign(model.layers[-1].bias + 1.0)
+    models.save(model, other, meta)
+    assert pr.checkpoint_location(pr.PruneConfig(checkpoint_uri="gs://b/ck"), digits_dir, other) != here
+    assert pr.checkpoint_location(pr.PruneConfig(), digits_dir, trained_model_dir) == ""
+
+
+def test_a_killed_prune_resumes_its_level_and_does_not_train_a_finished_level_again(
+        digits_dir, trained_model_dir, tmp_path, capsys):
+    """The budget search as a retried pod runs it: killed while training its second level, started again."""
+    checkpoints = tmp_path / "checkpoints"
+    fields = dict(prune_method="structured", prune_epochs=8, prune_learning_rate=1e-3, prune_max_accuracy_drop=0.2,
+                  prune_sparsity_levels="0.3,0.5")
+    script = textwrap.dedent(f"""
+        from kftune import prune as pr
+        pr.prune({str(digits_dir)!r}, {str(trained_model_dir)!r}, pr.PruneConfig(**{fields!r}),
+                 {str(tmp_path / 'killed')!r}, checkpoint_dir={str(checkpoints)!r}, verbose=0)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = checkpoints / "level0.5000.backup"
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if any(second.rglob("*.index")):
+            time.sleep(0.5)  # let the epoch's checkpoint finish writing
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (checkpoints / "level0.3000.done.json").exists(), "the first level was not finished before the kill"
+    assert any(second.rglob("*.index")), "no epoch of the second level finished before the kill"
+    assert not (checkpoints / "level0.5000.done.json").exists(), "the search finished before it could be killed"
+
+    capsys.readouterr()
+    lines = []
+    report = pr.prune(digits_dir, trained_model_dir, pr.PruneConfig(**fields), tmp_path / "resumed",
+                      checkpoint_dir=checkpoints, progress=lines.append, verbose=2)
+    trained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch ")]
+    # The finished level was measured from its weights; the killed one went on from its last finished epoch.
+    assert 1 <= len(trained) < 8, f"the restarted search trained {len(trained)} epochs"
+    assert [a["sparsity"] for a in report.attempts] == [0.3, 0.5]
+    assert len([line for line in lines if "was trained before a restart" in line]) == 2, lines
+    assert not [line for line in lines if line.startswith("prune: refit")], "a resumed level was refit again"
+    assert len(report.history["loss"]) == 8  # the kept level's history counts the epochs before the kill, each once
+    assert models.load(tmp_path / "resumed")[0].count_params() < models.load(trained_model_dir)[0].count_params()
+
+
+def test_a_finished_prune_run_again_on_its_checkpoints_trains_nothing_and_hands_on_the_same_model(
+        digits_dir, trained_model_dir, tmp_path, capsys):
+    checkpoints = tmp_path / "checkpoints"
+    config = pr.PruneConfig(**CONSTANT_80, prune_epochs=2, prune_learning_rate=1e-3)
+    first = pr.prune(digits_dir, trained_model_dir, config, tmp_path / "a", checkpoint_dir=checkpoints,
+                     progress=lambda _: None, verbose=0)
+    capsys.readouterr()
+    again = pr.prune(digits_dir, trained_model_dir, config, tmp_path / "b", checkpoint_dir=checkpoints,
+                     progress=lambda _: None, verbose=2)
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch ")]
+    assert again.after["accuracy"] == first.after["accuracy"]
+    for a, b in zip(models.load(tmp_path / "a")[0].weights, models.load(tmp_path / "b")[0].weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_component_writes_metrics_and_reports(tmp_path, digits_dir, trained_model_dir):
     from components.prune import prune
 
@@ -369,3 +451,11 @@ def test_component_exits_with_the_input_error_code_on_bad_input(tmp_path, digits
                           **_component_parameters(target_sparsity=1.0))
     assert stop.value.code == 2
     assert "kftune: error: `target_sparsity` must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_the_run_form_gives_the_image_counts_the_code_uses():
+    """The descriptions are docstring text (the run form's), so the counts are typed there: held to the constants."""
+    from kftune import parameters
+
+    assert f"on {pr.RECONSTRUCT_IMAGES} training images" in parameters.BY_NAME["prune_method"].description
+    assert f"on {pr.SENSITIVITY_IMAGES} training images" in parameters.BY_NAME["prune_allocation"].description

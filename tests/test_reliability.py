@@ -188,6 +188,48 @@ def test_a_trial_killed_part_way_resumes_from_object_storage(bucket, digits_dir,
     assert trained == list(range(trained[0], 7))
 
 
+def test_a_prune_step_killed_part_way_resumes_from_object_storage(bucket, digits_dir, trained_model_dir, tmp_path):
+    """The prune step as a pod runs it, its checkpoints in GCS: SIGKILL after two epochs, the pod run again."""
+    from kftune import prune as pr
+
+    fields = {**dataclasses.asdict(pr.PruneConfig()), "target_sparsity": 0.5, "prune_epochs": 6,
+              "checkpoint_uri": f"gs://{bucket}/ck"}
+    location = pr.checkpoint_location(pr.PruneConfig(**fields), digits_dir, trained_model_dir)
+    log = f"{storage.parse_gcs(location)[1]}/level0.5000.epochs.json"
+    script = textwrap.dedent(f"""
+        from kfp.dsl import HTML, Dataset, Metrics, Model
+        from components import prune
+        prune.prune.python_func(dataset=Dataset(uri={str(digits_dir)!r}), model=Model(uri={str(trained_model_dir)!r}),
+                                pruned=Model(uri={str(tmp_path / "pruned")!r}), metrics=Metrics(uri={str(tmp_path / "m")!r}),
+                                report_html=HTML(uri={str(tmp_path / "r.html")!r}), config={json.dumps(fields)!r})
+    """)
+
+    def stored_epochs() -> list[int]:
+        blob = storage._client().bucket(bucket).get_blob(log)
+        return [e["epoch"] for e in json.loads(blob.download_as_bytes())] if blob else []
+
+    first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while first.poll() is None and time.time() < deadline and len(stored_epochs()) < 2:
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = stored_epochs()
+    assert 2 <= len(before) < 6, f"not killed part-way: {before}"
+
+    second = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "was trained before a restart" in second.stdout
+    trained = [int(line.split()[1].split("/")[0]) for line in second.stdout.splitlines() if line.startswith("Epoch ")]
+    # Every epoch stored before the kill was kept; at most the last logged one is trained again.
+    assert trained[0] in (len(before), len(before) + 1), (before, trained)
+    assert trained == list(range(trained[0], 7))
+    assert stored_epochs() == list(range(6))
+    saved = json.loads((tmp_path / "pruned" / "model.json").read_text())["hyperparameters"]["prune"]
+    assert saved["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
 # ---------------------------------------------------------------- untrusted artifacts: nothing in them runs
 
 

@@ -423,17 +423,29 @@ def test_prune_structured_shares_channels_by_sensitivity_when_asked(digits_dir, 
     lines = []
     config = pr.PruneConfig(prune_method="structured", target_sparsity=0.5, prune_epochs=1, prune_quantize="",
                             prune_allocation="global")
-    report = pr.prune(digits_dir, trained_model_dir, config, tmp_path, progress=lines.append, verbose=0)
+    checkpoints = tmp_path / "checkpoints"
+    report = pr.prune(digits_dir, trained_model_dir, config, tmp_path / "out", checkpoint_dir=checkpoints,
+                      progress=lines.append, verbose=0)
     assert any(line.startswith("prune: measuring each channel group's sensitivity on 32 training images")
                for line in lines)
     assert any(line.startswith("prune: refit 3 layers that lost input channels to the dense model's outputs on 64 "
                                "training images") for line in lines), lines
-    model, _ = models.load(tmp_path)
+    model, _ = models.load(tmp_path / "out")
     allocated = [row for row in report.groups if "by sensitivity" in row[3] or row[3].endswith(structured.SENSITIVE)]
     assert [row[0] for row in allocated] == ["conv0", "conv1", "dense"]  # all but the output, which stays whole
     kept, widths = zip(*(map(int, row[2].split(" of ")) for row in allocated), strict=True)
     assert sum(widths) - sum(kept) >= 0.45 * sum(widths)  # half of all channels, rounded per group
     assert report.after["parameters"] == model.count_params() < report.before["parameters"]
+    # A restarted step reads the measurement kept with the checkpoints, so each level shrinks to the
+    # architecture its checkpoint holds, whatever a second measurement would give.
+    assert (checkpoints / pr.SENSITIVITY_FILE).exists()
+    again_lines = []
+    again = pr.prune(digits_dir, trained_model_dir, config, tmp_path / "again", checkpoint_dir=checkpoints,
+                     progress=again_lines.append, verbose=0)
+    assert not [line for line in again_lines if "sensitivity" in line or line.startswith("prune: refit")], again_lines
+    assert again.groups == report.groups
+    for a, b in zip(model.weights, models.load(tmp_path / "again")[0].weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_auto_allocation_is_global_for_magnitude_and_uniform_for_structured():

@@ -1,4 +1,4 @@
-"""kftune.training: the one resumable fit that search trials, k-fold refits and fine-tune phases call.
+"""kftune.training: the one resumable fit that search trials, k-fold refits, fine-tune phases and prune levels call.
 
 Its kill-and-resume behaviour is tested through each caller (tests/test_search.py, tests/test_finetune.py,
 tests/test_reliability.py); these tests pin what a finished fit leaves and what running it again does.
@@ -58,3 +58,26 @@ def test_a_fit_that_hands_nothing_on_keeps_no_weights(data, tmp_path):
     assert training.finished(tmp_path, "fold1")["loss"]
     assert len(calls) == 3, "after every epoch, and once the fit is done"
     assert training.finished(tmp_path, "other") is None
+
+
+def test_started_tells_a_fit_that_will_take_its_weights_from_the_folder(data, tmp_path):
+    """What prune asks before refitting a level: nothing yet, an epoch checkpointed (a kill), or done."""
+    batches, _ = data
+    assert not training.started(tmp_path, "level") and training.epochs_done(tmp_path, "level") == 0
+    k = models.keras()
+
+    class Killed(Exception):
+        pass
+
+    def die(epoch, logs):
+        if epoch == 1:
+            raise Killed  # after the epoch's log and checkpoint: BackupAndRestore keeps its backup
+
+    with pytest.raises(Killed):
+        training.fit(_model(), "level", batches, tmp_path, epochs=4, callbacks=[k.callbacks.LambdaCallback(
+            on_epoch_end=die)], verbose=0)
+    assert training.started(tmp_path, "level") and training.finished(tmp_path, "level") is None
+    assert training.epochs_done(tmp_path, "level") == 2
+    history = training.fit(_model(), "level", batches, tmp_path, epochs=4, verbose=0)
+    assert len(history["loss"]) == 4 and training.started(tmp_path, "level")
+    assert not training.started(tmp_path, "other")

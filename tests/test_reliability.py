@@ -146,6 +146,38 @@ def test_an_outage_longer_than_the_retry_deadline_is_one_clear_storage_error(buc
 # ---------------------------------------------------------------- killed pods: resume from what is in storage
 
 
+def _stored_epochs(bucket: str, log: str) -> list[int]:
+    """The epochs an epoch log in the bucket lists as finished."""
+    blob = storage._client().bucket(bucket).get_blob(log)
+    return [e["epoch"] for e in json.loads(blob.download_as_bytes())] if blob else []
+
+
+def _kill_and_run_again(script: str, bucket: str, log: str, epochs: int) -> tuple[list[int], str]:
+    """Runs ``script`` as a pod runs a step, SIGKILLs it once ``log`` in the bucket lists two epochs, and runs it
+    again to the end. Returns the epochs stored before the kill and the second run's stdout.
+
+    Its own process group, as a pod: the kill takes the step and any child process (a trial's) together.
+    """
+    first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while first.poll() is None and time.time() < deadline and len(_stored_epochs(bucket, log)) < 2:
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = _stored_epochs(bucket, log)
+    assert 2 <= len(before) < epochs, f"not killed part-way: {before}"
+    second = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    trained = [int(line.split()[1].split("/")[0]) for line in second.stdout.splitlines() if line.startswith("Epoch ")]
+    # Every epoch stored before the kill was kept. The log is written just before its
+    # epoch's checkpoint, so at most the last logged epoch is trained again.
+    assert trained[0] in (len(before), len(before) + 1), (before, trained)
+    assert trained == list(range(trained[0], epochs + 1))
+    assert _stored_epochs(bucket, log) == list(range(epochs))
+    return before, second.stdout
+
+
 def test_a_trial_killed_part_way_resumes_from_object_storage(bucket, digits_dir, tmp_path):
     """A search worker as a pod runs it, its state in GCS: SIGKILL to the whole pod after two epochs, run it again."""
     settings = tmp_path / "search_config"
@@ -158,34 +190,10 @@ def test_a_trial_killed_part_way_resumes_from_object_storage(bucket, digits_dir,
         print(search.search_worker.python_func(dataset=Dataset(uri={str(digits_dir)!r}),
               search_config=Artifact(uri={str(settings)!r}), worker="0"))
     """)
-    log = f"state/{search.TRIALS_DIR}/trial_0/fold0.epochs.json"
-
-    def stored_epochs() -> list[int]:
-        blob = storage._client().bucket(bucket).get_blob(log)
-        return [e["epoch"] for e in json.loads(blob.download_as_bytes())] if blob else []
-
-    # Its own process group, as a pod: the kill takes the worker and the trial's child process together.
-    first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while first.poll() is None and time.time() < deadline and len(stored_epochs()) < 2:
-        time.sleep(0.1)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    before = stored_epochs()
-    assert 2 <= len(before) < 6, f"not killed part-way: {before}"
-
-    second = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.strip().splitlines()[-1] == "1"  # the restarted worker finished its own trial
+    _, out = _kill_and_run_again(script, bucket, f"state/{search.TRIALS_DIR}/trial_0/fold0.epochs.json", 6)
+    assert out.strip().splitlines()[-1] == "1"  # the restarted worker finished its own trial
     (result,) = search.told(f"gs://{bucket}/state")
     assert result.status == "COMPLETED" and result.epochs == 6
-    assert stored_epochs() == list(range(6))
-    trained = [int(line.split()[1].split("/")[0]) for line in second.stdout.splitlines() if line.startswith("Epoch ")]
-    # Every epoch stored before the kill was kept. The log is written just before its
-    # epoch's checkpoint, so at most the last logged epoch is trained again.
-    assert trained[0] in (len(before), len(before) + 1), (before, trained)
-    assert trained == list(range(trained[0], 7))
 
 
 def test_a_prune_step_killed_part_way_resumes_from_object_storage(bucket, digits_dir, trained_model_dir, tmp_path):
@@ -195,7 +203,6 @@ def test_a_prune_step_killed_part_way_resumes_from_object_storage(bucket, digits
     fields = {**dataclasses.asdict(pr.PruneConfig()), "target_sparsity": 0.5, "prune_epochs": 6,
               "checkpoint_uri": f"gs://{bucket}/ck"}
     location = pr.checkpoint_location(pr.PruneConfig(**fields), digits_dir, trained_model_dir)
-    log = f"{storage.parse_gcs(location)[1]}/level0.5000.epochs.json"
     script = textwrap.dedent(f"""
         from kfp.dsl import HTML, Dataset, Metrics, Model
         from components import prune
@@ -203,29 +210,8 @@ def test_a_prune_step_killed_part_way_resumes_from_object_storage(bucket, digits
                                 pruned=Model(uri={str(tmp_path / "pruned")!r}), metrics=Metrics(uri={str(tmp_path / "m")!r}),
                                 report_html=HTML(uri={str(tmp_path / "r.html")!r}), config={json.dumps(fields)!r})
     """)
-
-    def stored_epochs() -> list[int]:
-        blob = storage._client().bucket(bucket).get_blob(log)
-        return [e["epoch"] for e in json.loads(blob.download_as_bytes())] if blob else []
-
-    first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while first.poll() is None and time.time() < deadline and len(stored_epochs()) < 2:
-        time.sleep(0.1)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    before = stored_epochs()
-    assert 2 <= len(before) < 6, f"not killed part-way: {before}"
-
-    second = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "was trained before a restart" in second.stdout
-    trained = [int(line.split()[1].split("/")[0]) for line in second.stdout.splitlines() if line.startswith("Epoch ")]
-    # Every epoch stored before the kill was kept; at most the last logged one is trained again.
-    assert trained[0] in (len(before), len(before) + 1), (before, trained)
-    assert trained == list(range(trained[0], 7))
-    assert stored_epochs() == list(range(6))
+    _, out = _kill_and_run_again(script, bucket, f"{storage.parse_gcs(location)[1]}/level0.5000.epochs.json", 6)
+    assert "was trained before a restart" in out
     saved = json.loads((tmp_path / "pruned" / "model.json").read_text())["hyperparameters"]["prune"]
     assert saved["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
 

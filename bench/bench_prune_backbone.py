@@ -103,7 +103,9 @@ def train_dense(tmp: Path, args) -> tuple[Path, Path]:
         phases = [(True, 1e-3)]
     else:
         # VGG16 made locally: 13 convolutions without BatchNormalization trained from seeded kernels at 1e-3 stay
-        # at chance; the head on the frozen base learns (its random features tell the fixture's classes apart).
+        # at chance (one epoch, 72 photos); the head on the frozen base learns, slowly: 0.6833 validation accuracy
+        # after 9 epochs on 240 photos (early stopping), where a logistic regression on the same random features,
+        # standardized, reaches 1.0 (scratch, 2026-12-07).
         phases = [(False, 1e-3)]
     for trainable, learning_rate in phases:
         base.trainable = trainable

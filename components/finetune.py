@@ -36,7 +36,7 @@ def finetune(
 
     with user_errors():
         settings = parameters.load(ft.FinetuneConfig, config)
-    checkpoints = storage.mirror(settings.checkpoint_folder)
+        checkpoints = storage.mirror(ft.checkpoint_location(settings, dataset.path, baseline.path))
     with user_errors(), checkpoints as checkpoint_dir:
         result = ft.finetune(dataset.path, baseline.path, settings, model.path, checkpoint_dir=checkpoint_dir,
                              tensorboard_dir=tensorboard.path, after_epoch=checkpoints.sync)

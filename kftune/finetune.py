@@ -51,10 +51,10 @@ class FinetuneConfig:
         patience: Early stopping patience (epochs without better val_accuracy).
         seed: Seeds shuffling, augmentation and initialisation.
         checkpoint_uri: Folder or gs:// prefix for the per-epoch checkpoints of
-            fine-tune (in its finetune/ folder) and prune (in prune/, one folder per
-            settings, dataset and model); a rerun with the same one resumes. Empty:
-            under the pipeline root, per run, so a retried pod resumes from its last
-            finished epoch.
+            fine-tune and prune (in finetune/ and prune/, one folder per settings,
+            dataset and starting model); a retried pod, or a rerun with the same one
+            that starts from the same model, resumes, and any other run trains apart.
+            Empty: under the pipeline root, per run.
     """
 
     backbone: str = ""
@@ -70,11 +70,6 @@ class FinetuneConfig:
     patience: int = 3
     seed: int = 0
     checkpoint_uri: str = ""
-
-    @property
-    def checkpoint_folder(self) -> str:
-        """This fine-tune's checkpoints: the finetune/ folder of ``checkpoint_uri`` (prune's are beside it)."""
-        return f"{self.checkpoint_uri.rstrip('/')}/finetune" if self.checkpoint_uri else ""
 
     def __post_init__(self):
         check_numbers(self, ("finetune_learning_rate", "finetune_lr_factor"))
@@ -140,6 +135,21 @@ def _resolve_weights(config: FinetuneConfig, workdir: Path) -> str | None:
 FINGERPRINT_FILE = "fingerprint.json"
 
 
+def checkpoint_location(config: FinetuneConfig, dataset_dir: str | Path, baseline_dir: str | Path) -> str:
+    """Where this fine-tune's checkpoints go: ``<checkpoint_uri>/finetune/<key>``, or "" without a ``checkpoint_uri``.
+
+    The key (:func:`kftune.training.checkpoint_key`) hashes the settings, the
+    dataset's fingerprint and the baseline's content: a retried pod, or a rerun
+    that starts from the same baseline, data and settings, resumes; any other
+    run trains in a folder of its own, beside the first one's checkpoints.
+    """
+    if not config.checkpoint_uri:
+        return ""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_uri"}
+    key = training.checkpoint_key(settings, dataset.DatasetInfo.load(dataset_dir).fingerprint, baseline_dir)
+    return f"{config.checkpoint_uri.rstrip('/')}/finetune/{key}"
+
+
 def _bind_checkpoints(checkpoint_dir: Path, config: FinetuneConfig, info, baseline_dir: Path) -> None:
     """Ties the checkpoints in ``checkpoint_dir`` to the settings, the data and the baseline that made them.
 
@@ -149,7 +159,7 @@ def _bind_checkpoints(checkpoint_dir: Path, config: FinetuneConfig, info, baseli
     mine = {
         "settings": {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_uri"},
         "data_fingerprint": info.fingerprint,
-        "baseline_md5": storage.md5_base64(Path(baseline_dir, models.MODEL_FILE)),
+        "baseline": models.content_fingerprint(baseline_dir),
     }
     path = checkpoint_dir / FINGERPRINT_FILE
     if not path.exists():
@@ -165,7 +175,7 @@ def _bind_checkpoints(checkpoint_dir: Path, config: FinetuneConfig, info, baseli
                if stored.get("settings", {}).get(k) != v]
     if stored.get("data_fingerprint") != mine["data_fingerprint"]:
         changed.append("the dataset")
-    if stored.get("baseline_md5") != mine["baseline_md5"]:
+    if stored.get("baseline") != mine["baseline"]:
         changed.append("the baseline model")
     raise InputError(
         f"`checkpoint_uri` `{config.checkpoint_uri or checkpoint_dir}` holds checkpoints of another fine-tune "

@@ -296,6 +296,29 @@ def inspect_archive(path: str | Path) -> None:
             stack.extend(node)
 
 
+def content_fingerprint(folder: str | Path) -> str:
+    """A hash of the model saved in ``folder``: its architecture and weights, not when it was saved.
+
+    A ``.keras`` file is a zip whose metadata.json holds the save date (and whose
+    entries carry it), so the same model saved twice gives two file MD5s. This
+    hashes the zip's config.json and model.weights.h5 contents instead: what
+    checkpoints are tied to, so that a rerun that saves the same model again
+    finds them.
+    """
+    import hashlib
+    import zipfile
+
+    path = Path(folder, MODEL_FILE)
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in sorted(n for n in archive.namelist() if n != "metadata.json"):
+                digest.update(name.encode() + b"\0" + hashlib.sha256(archive.read(name)).digest())
+    except zipfile.BadZipFile:
+        digest.update(path.read_bytes())  # not a .keras zip: the bytes are all there is
+    return digest.hexdigest()
+
+
 def load(folder: str | Path):
     """Loads a model saved by :func:`save` (uncompiled), in Keras safe mode. Returns (model, meta)."""
     folder = Path(folder)

@@ -19,7 +19,6 @@ stays within the budget. The kept model can also be quantized to TFLite (see
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -662,20 +661,19 @@ def _measured(model, data, path: Path | None = None) -> dict:
 def checkpoint_location(config: PruneConfig, dataset_dir: str | Path, model_dir: str | Path) -> str:
     """Where this prune's checkpoints go: ``<checkpoint_uri>/prune/<key>``, or "" without a ``checkpoint_uri``.
 
-    The key hashes the settings that shape a level's training, the dataset's
-    fingerprint and the model file's MD5: a retried pod finds its own
-    checkpoints, and a rerun with the same ``checkpoint_uri`` but other settings,
-    data or model trains in a folder of its own, so nothing it stored is resumed
-    into the wrong model or replaced. Each level is its own fit in that folder,
+    The key (:func:`kftune.training.checkpoint_key`) hashes the settings that
+    shape a level's training, the dataset's fingerprint and the model's content:
+    a retried pod finds its own checkpoints, and a rerun with the same
+    ``checkpoint_uri`` but other settings, data or model trains in a folder of
+    its own, so nothing it stored is resumed into the wrong model or replaced.
+    Each level is its own fit in that folder,
     so a rerun that only changes the levels, the budget or the quantization
     (:data:`NOT_IN_A_LEVEL`) reuses the levels it already trained.
     """
     if not config.checkpoint_uri:
         return ""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_A_LEVEL}
-    made_by = {"settings": settings, "data_fingerprint": dataset.DatasetInfo.load(dataset_dir).fingerprint,
-               "model_md5": storage.md5_base64(Path(model_dir, models.MODEL_FILE))}
-    key = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
+    key = training.checkpoint_key(settings, dataset.DatasetInfo.load(dataset_dir).fingerprint, model_dir)
     return f"{config.checkpoint_uri.rstrip('/')}/prune/{key}"
 
 
@@ -704,6 +702,8 @@ class _Run:
     checkpoint_dir: Path
     progress: Callable[[str], None] = print
     after_epoch: Callable[[], None] | None = None
+    # The levels whose training was finished before this call (their weights read from the checkpoint folder).
+    reused: set[float] = dataclasses.field(default_factory=set)
     # Measured once per prune() (on the same model and images whatever the level), when structured pruning
     # shares channels among groups by it (prune_allocation=global).
     sensitivity: structured.Sensitivity | None = None
@@ -763,10 +763,13 @@ class _Run:
         unknown: dict[str, str] = {}
         name = _fit_name(config.target_sparsity)
         resumed = training.started(self.checkpoint_dir, name)
-        if resumed:
-            self.progress(f"prune: {config.target_sparsity:.0%} was trained before a restart: its weights come from "
-                          f"the checkpoint ({training.epochs_done(self.checkpoint_dir, name)} of {config.prune_epochs} "
-                          "epochs)")
+        if training.finished(self.checkpoint_dir, name) is not None:
+            self.reused.add(config.target_sparsity)
+            self.progress(f"prune: {config.target_sparsity:.0%} was trained before (a retried pod, or a rerun with "
+                          "the same checkpoint_uri): measured from its checkpoint, not trained again")
+        elif resumed:
+            self.progress(f"prune: {config.target_sparsity:.0%} resumes from its checkpoint after epoch "
+                          f"{training.epochs_done(self.checkpoint_dir, name)} of {config.prune_epochs}")
         if config.prune_method == "structured":
             shares = self.shares(config) if config.allocation == "global" else None
             pruned, plan = structured.shrink(model, config.target_sparsity, config.layer_type_names, shares)
@@ -878,7 +881,8 @@ def prune(
         attempts.append({"sparsity": level, "accuracy": scores["accuracy"], "accuracy_drop": drop, "within_budget": within})
         if searching:
             progress(f"prune: {level:.0%}: validation accuracy {scores['accuracy']:.4f}, drop {drop:.4f}"
-                     f" ({'within' if within else 'over'} the budget of {config.prune_max_accuracy_drop})")
+                     f" ({'within' if within else 'over'} the budget of {config.prune_max_accuracy_drop}"
+                     f"{'; trained before, read from its checkpoint' if level in run.reused else ''})")
         results[index], fits[index] = (level_config, stripped, history, patterns, blocks, unknown), bool(within)
         # Only two attempts can still be handed on: the highest within the budget so far, and the lowest
         # tried (kept when none fits). The others' models go now: with a backbone each is a full copy of it.

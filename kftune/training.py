@@ -48,6 +48,21 @@ def finished(checkpoint_dir: str | Path, name: str) -> dict[str, list[float]] | 
     return json.loads(done.read_text()) if done.exists() else None
 
 
+def checkpoint_key(settings: dict, data_fingerprint: str, model_dir: str | Path) -> str:
+    """Names the checkpoints of one step's training: a hash of the settings that shape it, the dataset's
+    fingerprint and the content of the model it starts from (:func:`kftune.models.content_fingerprint`).
+
+    A step keeps its checkpoints in ``<checkpoint_uri>/<step>/<key>``: a retried pod, or a rerun with the same
+    ``checkpoint_uri`` that starts from the same model, data and settings, finds them; any other run trains in
+    a folder of its own, so nothing one run stored is resumed into another's model or replaced.
+    """
+    import hashlib
+
+    made_by = {"settings": settings, "data_fingerprint": data_fingerprint,
+               "model": models.content_fingerprint(model_dir)}
+    return hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def epochs_done(checkpoint_dir: str | Path, name: str) -> int:
     """How many epochs of fit ``name`` are logged as finished (also by a process killed since)."""
     log = epoch_log_file(checkpoint_dir, name)

@@ -48,6 +48,8 @@ TAIL_LINES = 15
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ITERATION = re.compile(r"-iteration-(\d+)")
 _EPOCH = re.compile(r"^Epoch (\d+)/(\d+)$")
+# Keras' line at the end of each epoch (verbose=2), also of a fit of one epoch, which has no "Epoch 1/1" line.
+_EPOCH_END = re.compile(r"^\d+/\d+ - .* - [\d.]+m?s/epoch - ")
 # kftune's own lines that carry a headline figure, echoed under their task.
 _ECHO = re.compile(r"^(search: trial \d+ |evaluate: \w+ \(.*\) accuracy |prune: \d+%: )")
 
@@ -101,7 +103,8 @@ def _headline(task: Task, outputs: dict) -> str:
     if task.name == "finetune" and (m := meta("metrics")):
         finals = [v for k, v in m.items() if k.endswith("_val_accuracy")]
         if finals:
-            return f"val_accuracy {finals[-1]:.4f} after {task.epochs} epoch(s)"
+            trained = f"after {task.epochs} epoch(s)" if task.epochs else "read from its checkpoint, no epoch trained"
+            return f"val_accuracy {finals[-1]:.4f} {trained}"
     if task.name == "prune" and (m := meta("metrics")) and "after_accuracy" in m:
         before, after = m.get("before_parameters", 0), m.get("after_parameters", 0)
         # Structured pruning removes weights instead of zeroing them: its kept model has no zeros to count.
@@ -181,8 +184,9 @@ class Console:
         text = line.rstrip("\n")
         task.tail.append(text)
         stripped = text.strip()
-        if m := _EPOCH.match(stripped):
+        if _EPOCH_END.match(stripped):
             task.epochs += 1
+        if m := _EPOCH.match(stripped):
             task.epoch = f"epoch {m.group(1)}/{m.group(2)}"
             if self.tty and not self.verbose:
                 with self.lock:

@@ -190,6 +190,29 @@ def test_reused_checkpoints_of_other_settings_are_refused_not_republished(digits
     assert not (tmp_path / "c" / "model.keras").exists()
 
 
+def test_checkpoints_go_to_one_folder_per_settings_data_and_baseline(digits_dir, trained_model_dir, tmp_path):
+    """A rerun with the same checkpoint_uri resumes only from the same start, and never fails on another start."""
+    import re
+    import shutil
+
+    config = finetune.FinetuneConfig(checkpoint_uri="gs://b/ck/")
+    here = finetune.checkpoint_location(config, digits_dir, trained_model_dir)
+    assert re.fullmatch(r"gs://b/ck/finetune/[0-9a-f]{16}", here), here
+    # The search winner saved again by a rerun (another save date, the same weights): the same folder.
+    model, meta = models.load(trained_model_dir)
+    time.sleep(1.1)
+    models.save(model, tmp_path / "again", meta)
+    assert finetune.checkpoint_location(config, digits_dir, tmp_path / "again") == here
+    # Another winner, or other settings: a folder of their own, beside the first run's checkpoints.
+    shutil.copytree(trained_model_dir, tmp_path / "other")
+    model.layers[-1].bias.assign(model.layers[-1].bias + 1.0)
+    models.save(model, tmp_path / "other", meta)
+    assert finetune.checkpoint_location(config, digits_dir, tmp_path / "other") != here
+    assert finetune.checkpoint_location(finetune.FinetuneConfig(checkpoint_uri="gs://b/ck", finetune_epochs=3),
+                                        digits_dir, trained_model_dir) != here
+    assert finetune.checkpoint_location(finetune.FinetuneConfig(), digits_dir, trained_model_dir) == ""
+
+
 def _few_shot_dataset(digits_dir, folder, per_class: int):
     """Classes 5-9 of the digits, with only ``per_class`` training images each."""
     from kftune import dataset

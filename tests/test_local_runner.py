@@ -155,3 +155,23 @@ def test_the_prune_headline_says_what_each_method_took_away(tmp_path):
         "val_accuracy 0.9600, 91% fewer parameters, gzip 97 KiB")
     assert local_runner._headline(task, {"metrics": SimpleNamespace(metadata=magnitude)}) == (
         "val_accuracy 0.9600, sparsity 95%, gzip 97 KiB")
+
+
+def test_the_fine_tune_headline_counts_the_epochs_trained_also_a_fit_of_one(tmp_path):
+    """Keras prints no "Epoch 1/1" for a fit of one epoch; each epoch's closing line counts it."""
+    import io
+    from types import SimpleNamespace
+
+    console = local_runner.Console(io.StringIO())
+    task = local_runner.Task(name="finetune", label="finetune", log=tmp_path / "finetune.log", started=0.0)
+    metrics = {"metrics": SimpleNamespace(metadata={"continue_val_accuracy": 0.948})}
+    assert local_runner._headline(task, metrics) == "val_accuracy 0.9480 read from its checkpoint, no epoch trained"
+    for line in ("fine-tune: continuing the search winner for up to 1 epochs (lr=0.001)",
+                 "79/79 - 4s - loss: 0.6890 - accuracy: 0.7728 - val_loss: 0.2050 - val_accuracy: 0.9480 - 4s/epoch - "
+                 "48ms/step"):
+        console.child_line(task, line)
+    assert local_runner._headline(task, metrics) == "val_accuracy 0.9480 after 1 epoch(s)"
+    for line in ("Epoch 2/3", "79/79 - 1s - loss: 0.5 - accuracy: 0.8 - val_loss: 0.2 - val_accuracy: 0.95 - "
+                 "520ms/epoch - 7ms/step"):
+        console.child_line(task, line)
+    assert task.epochs == 2 and task.epoch == "epoch 2/3"

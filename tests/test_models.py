@@ -64,6 +64,23 @@ def test_saved_files_hold_no_optimizer_state(trained_model_dir):
     assert '"compile_config": null' in config or "compile_config" not in config
 
 
+def test_the_same_model_saved_again_has_the_same_content_fingerprint(trained_model_dir, tmp_path):
+    """What checkpoints are tied to: the file's MD5 changes with the save date, the model's content does not."""
+    import time
+
+    from kftune import storage
+
+    model, meta = models.load(trained_model_dir)
+    time.sleep(1.1)  # metadata.json's date_saved has whole seconds
+    models.save(model, tmp_path / "again", meta)
+    assert storage.md5_base64(tmp_path / "again" / models.MODEL_FILE) != storage.md5_base64(
+        trained_model_dir / models.MODEL_FILE)
+    assert models.content_fingerprint(tmp_path / "again") == models.content_fingerprint(trained_model_dir)
+    model.layers[-1].bias.assign(model.layers[-1].bias + 1e-3)
+    models.save(model, tmp_path / "changed", meta)
+    assert models.content_fingerprint(tmp_path / "changed") != models.content_fingerprint(trained_model_dir)
+
+
 def test_a_file_that_is_not_a_model_is_named(tmp_path):
     (tmp_path / models.MODEL_FILE).write_bytes(b"definitely not a zip")
     with pytest.raises(InputError, match="not a loadable Keras model"):

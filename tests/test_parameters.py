@@ -70,11 +70,9 @@ def test_per_run_locations_default_under_the_pipeline_root():
     assert resolved.search.search_state_uri == "gs://b/root/kftune-search/run-1"
     # One checkpoint location per run, fine-tune's and prune's folders beside each other in it.
     assert resolved.finetune.checkpoint_uri == resolved.prune.checkpoint_uri == "gs://b/root/kftune-checkpoints/run-1"
-    assert resolved.finetune.checkpoint_folder == "gs://b/root/kftune-checkpoints/run-1/finetune"
     assert resolved.export.export_destination == "gs://b/root/exports"
     given = parameters.resolve(parameters.validate({"checkpoint_uri": "gs://b/ck"}), "gs://b/root", "run-1")
     assert given.finetune.checkpoint_uri == given.prune.checkpoint_uri == "gs://b/ck"
-    assert given.finetune.checkpoint_folder == "gs://b/ck/finetune"
     with pytest.raises(InputError, match="no pipeline root"):
         parameters.resolve(parameters.validate({}), "", "run-1")
 

@@ -403,7 +403,12 @@ def test_a_killed_prune_resumes_its_level_and_does_not_train_a_finished_level_ag
     # The finished level was measured from its weights; the killed one went on from its last finished epoch.
     assert 1 <= len(trained) < 8, f"the restarted search trained {len(trained)} epochs"
     assert [a["sparsity"] for a in report.attempts] == [0.3, 0.5]
-    assert len([line for line in lines if "was trained before a restart" in line]) == 2, lines
+    said = [line for line in lines if "was trained before" in line or "resumes from its checkpoint" in line]
+    assert len(said) == 2 and said[0] == ("prune: 30% was trained before (a retried pod, or a rerun with the same "
+                                          "checkpoint_uri): measured from its checkpoint, not trained again"), lines
+    assert re.fullmatch(r"prune: 50% resumes from its checkpoint after epoch [1-7] of 8", said[1]), said
+    assert [line.endswith("read from its checkpoint)") for line in lines if line.startswith(("prune: 30%:", "prune: 50%:"))
+            ] == [True, False], lines
     assert not [line for line in lines if line.startswith("prune: refit")], "a resumed level was refit again"
     assert len(report.history["loss"]) == 8  # the kept level's history counts the epochs before the kill, each once
     assert models.load(tmp_path / "resumed")[0].count_params() < models.load(trained_model_dir)[0].count_params()

@@ -211,7 +211,7 @@ def test_a_prune_step_killed_part_way_resumes_from_object_storage(bucket, digits
                                 report_html=HTML(uri={str(tmp_path / "r.html")!r}), config={json.dumps(fields)!r})
     """)
     _, out = _kill_and_run_again(script, bucket, f"{storage.parse_gcs(location)[1]}/level0.5000.epochs.json", 6)
-    assert "was trained before a restart" in out
+    assert "prune: 50% resumes from its checkpoint after epoch " in out
     saved = json.loads((tmp_path / "pruned" / "model.json").read_text())["hyperparameters"]["prune"]
     assert saved["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
 

@@ -213,6 +213,30 @@ def summary(run_dir: Path, timer) -> str:
     return table + f"\nartifacts: {run_dir}"
 
 
+def without_retries(ir_yaml: str) -> str:
+    """The pipeline's IR without its tasks' retry policies, for kfp.local (which honours them).
+
+    The cluster profile retries GPU steps for preempted nodes, with a backoff of
+    minutes; on this machine nothing is preempted, and a step that failed fails
+    again, so a mistake found by a GPU step would be reported only after three
+    retries and seven minutes of waiting.
+    """
+    import yaml
+
+    def strip(node):
+        if isinstance(node, dict):
+            node.pop("retryPolicy", None)
+            for value in node.values():
+                strip(value)
+        elif isinstance(node, list):
+            for value in node:
+                strip(value)
+        return node
+
+    # The IR is one document, or two with kfp-kubernetes' platform spec.
+    return yaml.safe_dump_all([strip(document) for document in yaml.safe_load_all(ir_yaml)], sort_keys=False)
+
+
 def run_local(arguments: dict, pipeline_root: str | Path = "runs", compiled: str | Path = COMPILED, *,
               verbose: bool = False, out=None) -> tuple[Path, str]:
     """Runs the compiled pipeline with kfp.local's SubprocessRunner; returns the run folder and the summary.
@@ -234,7 +258,7 @@ def run_local(arguments: dict, pipeline_root: str | Path = "runs", compiled: str
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     before = set(pipeline_root.iterdir())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    pipeline = components.load_component_from_file(str(compiled))
+    pipeline = components.load_component_from_text(without_retries(Path(compiled).read_text()))
     started = time.time()
     with local_runner.console(verbose, out) as console:
         try:

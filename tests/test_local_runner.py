@@ -175,3 +175,38 @@ def test_the_fine_tune_headline_counts_the_epochs_trained_also_a_fit_of_one(tmp_
                  "520ms/epoch - 7ms/step"):
         console.child_line(task, line)
     assert task.epochs == 2 and task.epoch == "epoch 2/3"
+
+
+@dsl.component(install_kfp_package=False)
+def _fails(attempts: str):
+    with open(attempts, "a") as f:
+        f.write("attempt\n")
+    raise SystemExit(2)
+
+
+@dsl.pipeline
+def _retried(attempts: str):
+    _fails(attempts=attempts).set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2.0)
+
+
+def test_run_local_takes_the_retries_out_so_a_failed_step_is_reported_at_once(tmp_path):
+    """kfp.local honours a task's retry policy; the cluster profile's (3 retries, minutes of backoff) are for
+    preempted GPU nodes, and on a laptop only make a user wait for a mistake to be told again."""
+    import yaml
+    from kfp import compiler, components, local
+
+    from pipelines import cli
+
+    compiled = list(yaml.safe_load_all(cli.COMPILED.read_text()))
+    stripped = list(yaml.safe_load_all(cli.without_retries(cli.COMPILED.read_text())))
+    assert "retryPolicy" in cli.COMPILED.read_text() and "retryPolicy" not in yaml.safe_dump_all(stripped)
+    for task in compiled[0]["root"]["dag"]["tasks"].values():
+        task.pop("retryPolicy", None)
+    assert stripped == compiled  # nothing else changes (the platform spec document included)
+
+    compiler.Compiler().compile(_retried, str(tmp_path / "retried.yaml"))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=True)
+    pipeline = components.load_component_from_text(cli.without_retries((tmp_path / "retried.yaml").read_text()))
+    with pytest.raises(RuntimeError):
+        pipeline(attempts=str(tmp_path / "attempts"))
+    assert (tmp_path / "attempts").read_text() == "attempt\n"

@@ -132,6 +132,20 @@ def _resolve_weights(config: FinetuneConfig, workdir: Path) -> str | None:
     return str(storage.fetch(config.weights, workdir))
 
 
+def check_weights_file(config: FinetuneConfig, image_size: int) -> None:
+    """Fails, naming the file and what to do, where ``weights`` is a file that ``backbone``'s base cannot load.
+
+    The validation step calls it, so that a wrong file stops the run on a CPU pod, before the search,
+    instead of failing the fine-tune step on a GPU node (which the backend retries, to no avail).
+    """
+    if not config.backbone or config.weights in ("imagenet", "none", ""):
+        return
+    with tempfile.TemporaryDirectory(prefix="kftune-weights-") as workdir:
+        path = storage.fetch(config.weights, workdir)
+        size = max(config.backbone_input_size or image_size, models.BACKBONES[config.backbone].min_size)
+        models.backbone_classifier(config.backbone, (size, size, 3), 2, weights=str(path))
+
+
 FINGERPRINT_FILE = "fingerprint.json"
 
 

@@ -235,7 +235,10 @@ def check_locations(settings: Settings) -> list[str]:
     if settings.finetune.backbone and weights not in ("imagenet", "none"):
         if not storage.exists(weights):
             raise InputError(f"`weights` `{weights}` does not exist: give a weights file or gs:// URI, imagenet or none.")
-        lines.append(f"weights: {weights} (found)")
+        from kftune import finetune
+
+        finetune.check_weights_file(settings.finetune, settings.ingest.image_size)
+        lines.append(f"weights: {weights} (found; {settings.finetune.backbone}'s base loads it)")
     for name, uri in (("search_state_uri", settings.search.search_state_uri),
                       ("checkpoint_uri", settings.finetune.checkpoint_uri),
                       ("export_destination", settings.export.export_destination)):

@@ -531,6 +531,10 @@ CASES = [
          r"`checkpoint_uri` `.*ck/run` is under"),
     Case("validate/weights-file-missing", lambda c: validate(c, backbone="mobilenet_v2", weights=str(c.tmp / "w.h5")),
          r"`weights` `.*w.h5` does not exist"),
+    # Found by the validation step on a CPU pod, not by fine-tune on a GPU node that the backend would retry.
+    Case("validate/weights-file-that-does-not-fit",
+         lambda c: validate(c, backbone="mobilenet_v2_035", weights=_file(c, "w.h5", b"not weights")),
+         r"weights file `.*w\.h5` does not fit MobileNetV2\(include_top=False\)"),
     Case("validate/export-version-taken", lambda c: (_existing_version(c), validate(c, export_destination=str(c.tmp / "exports"), export_version="1"))[1],
          r"`export_version` `1` already exists"),
     Case("validate/export-version-not-a-number", lambda c: validate(c, export_version="v1"),

@@ -285,3 +285,19 @@ def test_fine_tuning_from_pretrained_weights_beats_training_from_scratch(tmp_pat
     # Seen here: about 0.51 against 0.20 (chance) from scratch.
     assert transferred >= scratch + 0.2, accuracy
     assert transferred >= 0.4, accuracy
+
+
+def test_the_validation_step_loads_a_weights_file_into_the_base_before_any_step_trains(tmp_path):
+    from kftune import parameters
+
+    _save_base_weights(tmp_path / "base.weights.h5")
+    settings = parameters.validate({"backbone": "mobilenet_v2", "weights": str(tmp_path / "base.weights.h5"),
+                                    "export_destination": str(tmp_path / "exports")})
+    lines = parameters.check_locations(settings)
+    assert f"weights: {tmp_path / 'base.weights.h5'} (found; mobilenet_v2's base loads it)" in lines
+    # The same file for another backbone is refused there, naming the file and how to make one that fits.
+    other = parameters.validate({"backbone": "vgg16", "weights": str(tmp_path / "base.weights.h5"),
+                                 "export_destination": str(tmp_path / "exports")})
+    with pytest.raises(InputError, match=r"weights file `.*base\.weights\.h5` does not fit VGG16\(include_top=False\)"
+                                         r".*Save them with base\.save_weights\(\)"):
+        parameters.check_locations(other)

@@ -152,16 +152,13 @@ FINGERPRINT_FILE = "fingerprint.json"
 def checkpoint_location(config: FinetuneConfig, dataset_dir: str | Path, baseline_dir: str | Path) -> str:
     """Where this fine-tune's checkpoints go: ``<checkpoint_uri>/finetune/<key>``, or "" without a ``checkpoint_uri``.
 
-    The key (:func:`kftune.training.checkpoint_key`) hashes the settings, the
+    The key (:func:`kftune.training.checkpoint_location`) hashes the settings, the
     dataset's fingerprint and the baseline's content: a retried pod, or a rerun
     that starts from the same baseline, data and settings, resumes; any other
     run trains in a folder of its own, beside the first one's checkpoints.
     """
-    if not config.checkpoint_uri:
-        return ""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_uri"}
-    key = training.checkpoint_key(settings, dataset.DatasetInfo.load(dataset_dir).fingerprint, baseline_dir)
-    return f"{config.checkpoint_uri.rstrip('/')}/finetune/{key}"
+    return training.checkpoint_location(config.checkpoint_uri, "finetune", settings, dataset_dir, baseline_dir)
 
 
 def _bind_checkpoints(checkpoint_dir: Path, config: FinetuneConfig, info, baseline_dir: Path) -> None:

@@ -661,7 +661,7 @@ def _measured(model, data, path: Path | None = None) -> dict:
 def checkpoint_location(config: PruneConfig, dataset_dir: str | Path, model_dir: str | Path) -> str:
     """Where this prune's checkpoints go: ``<checkpoint_uri>/prune/<key>``, or "" without a ``checkpoint_uri``.
 
-    The key (:func:`kftune.training.checkpoint_key`) hashes the settings that
+    The key (:func:`kftune.training.checkpoint_location`) hashes the settings that
     shape a level's training, the dataset's fingerprint and the model's content:
     a retried pod finds its own checkpoints, and a rerun with the same
     ``checkpoint_uri`` but other settings, data or model trains in a folder of
@@ -670,11 +670,8 @@ def checkpoint_location(config: PruneConfig, dataset_dir: str | Path, model_dir:
     so a rerun that only changes the levels, the budget or the quantization
     (:data:`NOT_IN_A_LEVEL`) reuses the levels it already trained.
     """
-    if not config.checkpoint_uri:
-        return ""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_A_LEVEL}
-    key = training.checkpoint_key(settings, dataset.DatasetInfo.load(dataset_dir).fingerprint, model_dir)
-    return f"{config.checkpoint_uri.rstrip('/')}/prune/{key}"
+    return training.checkpoint_location(config.checkpoint_uri, "prune", settings, dataset_dir, model_dir)
 
 
 # Settings that choose among levels or act after training: a level's training does not depend on them.

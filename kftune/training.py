@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import kftune  # noqa: F401 - selects tf-keras before TensorFlow is imported
-from kftune import models, storage
+from kftune import dataset, models, storage
 
 
 def epoch_log_file(checkpoint_dir: str | Path, name: str) -> Path:
@@ -48,19 +48,23 @@ def finished(checkpoint_dir: str | Path, name: str) -> dict[str, list[float]] | 
     return json.loads(done.read_text()) if done.exists() else None
 
 
-def checkpoint_key(settings: dict, data_fingerprint: str, model_dir: str | Path) -> str:
-    """Names the checkpoints of one step's training: a hash of the settings that shape it, the dataset's
-    fingerprint and the content of the model it starts from (:func:`kftune.models.content_fingerprint`).
+def checkpoint_location(checkpoint_uri: str, step: str, settings: dict, dataset_dir: str | Path,
+                        model_dir: str | Path) -> str:
+    """Where one step's checkpoints go: ``<checkpoint_uri>/<step>/<key>``, or "" without a ``checkpoint_uri``.
 
-    A step keeps its checkpoints in ``<checkpoint_uri>/<step>/<key>``: a retried pod, or a rerun with the same
-    ``checkpoint_uri`` that starts from the same model, data and settings, finds them; any other run trains in
-    a folder of its own, so nothing one run stored is resumed into another's model or replaced.
+    The key hashes the settings that shape the step's training, the dataset's fingerprint and the content of
+    the model it starts from (:func:`kftune.models.content_fingerprint`): a retried pod, or a rerun with the
+    same ``checkpoint_uri`` that starts from the same model, data and settings, finds them; any other run
+    trains in a folder of its own, so nothing one run stored is resumed into another's model or replaced.
     """
     import hashlib
 
-    made_by = {"settings": settings, "data_fingerprint": data_fingerprint,
+    if not checkpoint_uri:
+        return ""
+    made_by = {"settings": settings, "data_fingerprint": dataset.DatasetInfo.load(dataset_dir).fingerprint,
                "model": models.content_fingerprint(model_dir)}
-    return hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{checkpoint_uri.rstrip('/')}/{step}/{key}"
 
 
 def epochs_done(checkpoint_dir: str | Path, name: str) -> int:

@@ -36,3 +36,5 @@ def ingest(
     with open(summary.path, "w") as f:
         f.write(f"## Dataset `{settings.source}`\n\n{info.num_classes} classes: {', '.join(info.class_names)}\n\n")
         f.write(report.markdown_table(["split", "images"], rows))
+        if info.notes:
+            f.write("\n\n" + "".join(f"- {note}\n" for note in info.notes))

@@ -7,8 +7,10 @@ that folder, so ingest is the one place that decodes, resizes and splits.
 
 Sources: the bundled dataset (scikit-learn's handwritten digits, upscaled; it
 ships inside scikit-learn, so no network is needed), a folder with one
-subfolder per class, TFRecord shards with ``image`` (encoded PNG/JPEG) and
-``label`` (int64) features, or a ``gs://`` prefix holding either.
+subfolder per class (or Keras' ``flow_from_directory`` layout, ``train/<class>/``
+and ``validation/<class>/``, whose split is kept), TFRecord shards with ``image``
+(encoded PNG/JPEG) and ``label`` (int64) features, or a ``gs://`` prefix holding
+any of them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,17 @@ log = logging.getLogger(__name__)
 
 BUNDLED = "bundled:digits"
 SPLITS = ("train", "validation", "test")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+# The formats tf.io.decode_image reads (the exported model's serving signature decodes with it too).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+# Folder names that hold a split, not a class: Keras' flow_from_directory and
+# image_dataset_from_directory examples keep data/train/<class>/ beside
+# data/validation/<class>/. Read as classes, they would train a model that tells
+# the training folder from the validation folder.
+SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
+                 "valid": "validation", "test": "test", "testing": "test"}
+# What macOS adds when it zips a folder or copies it to another disk: AppleDouble
+# metadata (`__MACOSX/`, and `._name.jpg` beside each file), never an image.
+MACOS_FOLDER, MACOS_PREFIX = "__MACOSX", "._"
 INFO_FILE = "info.json"
 
 
@@ -42,8 +54,10 @@ class IngestConfig:
 
     Attributes:
         source: ``bundled:digits``, a local folder, or a ``gs://`` prefix. A
-            folder holds one subfolder of images per class, or ``*.tfrecord``
-            shards with ``image`` and ``label`` features (and optionally a
+            folder holds one subfolder of images per class, Keras' split
+            layout (``train/<class>/``, ``validation/<class>/``, optionally
+            ``test/<class>/``; that split is kept), or ``*.tfrecord`` shards
+            with ``image`` and ``label`` features (and optionally a
             ``labels.txt`` with one class name per line).
         image_size: Images are resized to ``image_size`` x ``image_size``.
         channels: 1 (grayscale) or 3 (RGB; what pretrained backbones expect).
@@ -108,6 +122,8 @@ class DatasetInfo:
     seed: int = 0
     fingerprint: str = ""
     skipped: int = 0
+    # What ingest left out of the source, or kept as the source gave it (a split-folder layout).
+    notes: list[str] = dataclasses.field(default_factory=list)
     # Set when the training split must be augmented online (see kftune.augment).
     augment: dict | None = None
 
@@ -144,18 +160,118 @@ def _bundled_digits() -> tuple[list[str], list[tuple[object, int]]]:
     ]
 
 
-def _folder_records(root: Path) -> tuple[list[str], list[tuple[object, int]]]:
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
+@dataclasses.dataclass
+class _Listing:
+    """What a source holds, listed but not decoded.
+
+    Attributes:
+        class_names: The classes, in label order.
+        records: (image or where to read it, label) pairs.
+        damaged: TFRecord records whose checksum fails (skipped and counted).
+        folders: In a split-folder layout, the split each record's folder names; None otherwise.
+        notes: Lines for the step's log and summary: what was left out, and what was kept as given.
+    """
+
+    class_names: list[str]
+    records: list[tuple[object, int]]
+    damaged: int = 0
+    folders: list[str] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """A folder's subfolders that can hold images: not hidden, not macOS metadata."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != MACOS_FOLDER)
+
+
+class _Files:
+    """Image files under class folders, and a count of everything else that was left out."""
+
+    def __init__(self):
+        self.macos = 0
+        self.other: dict[str, int] = {}
+        self.loose: list[Path] = []
+
+    def images(self, class_dir: Path) -> list[Path]:
+        found = []
+        for path in sorted(class_dir.rglob("*")):
+            parts = path.relative_to(class_dir).parts
+            if not path.is_file() or any(part.startswith(".") and not part.startswith(MACOS_PREFIX) for part in parts):
+                continue  # hidden folders and files (.DS_Store, .ipynb_checkpoints/): not the user's data
+            if path.name.startswith(MACOS_PREFIX):
+                self.macos += 1
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(path)
+            else:
+                suffix = path.suffix.lower() or "no extension"
+                self.other[suffix] = self.other.get(suffix, 0) + 1
+        return found
+
+    def look_beside(self, folder: Path) -> None:
+        """Counts the image files that sit in ``folder`` itself, outside every class folder."""
+        self.loose += sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                             and not p.name.startswith("."))
+
+    def notes(self, root: Path) -> list[str]:
+        notes = []
+        if self.other:
+            kinds = ", ".join(f"{suffix}: {count}" for suffix, count in sorted(self.other.items(), key=lambda kv: -kv[1]))
+            notes.append(f"left out {sum(self.other.values())} file(s) that are not "
+                         f"{', '.join(sorted(s.lstrip('.') for s in IMAGE_SUFFIXES))} images ({kinds}): "
+                         "convert them to PNG or JPEG to train on them")
+        if self.macos or (root / MACOS_FOLDER).is_dir():
+            notes.append(f"left out macOS metadata ({MACOS_FOLDER}/, {self.macos} '{MACOS_PREFIX}' file(s)): "
+                         "it is not image data")
+        if self.loose:
+            notes.append(f"left out {len(self.loose)} image(s) that are not in a class folder "
+                         f"(first: {self.loose[0].relative_to(root)}): each image's folder names its class")
+        return notes
+
+
+def _folder_records(root: Path) -> _Listing:
+    top = _subfolders(root)
+    if not top:
         raise InputError(
             f"`{root}` has no class subfolders: put each class's images in its own subfolder "
             "(data/cat/*.jpg, data/dog/*.jpg) or give TFRecord shards."
         )
-    records = []
-    for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        records.extend((path, label) for path in files)
-    return [d.name for d in class_dirs], records
+    files = _Files()
+    files.look_beside(root)
+    splits = [d for d in top if d.name.lower() in SPLIT_FOLDERS and _subfolders(d)]
+    if not splits:
+        records = []
+        for label, class_dir in enumerate(top):
+            records.extend((path, label) for path in files.images(class_dir))
+        return _Listing([d.name for d in top], records, notes=files.notes(root))
+    if others := [d.name for d in top if d not in splits]:
+        raise InputError(
+            f"`{root}` mixes split folders ({', '.join(d.name + '/' for d in splits)}) with other folders "
+            f"({', '.join(o + '/' for o in others[:3])}): put every class's folder inside the split folders, "
+            "or give one folder per class and let kftune split them."
+        )
+    by_split: dict[str, list[Path]] = {}
+    for d in splits:
+        by_split.setdefault(SPLIT_FOLDERS[d.name.lower()], []).append(d)
+    if twice := [f"{' and '.join(d.name + '/' for d in ds)}" for ds in by_split.values() if len(ds) > 1]:
+        raise InputError(f"`{root}` has two folders for one split ({'; '.join(twice)}): merge them into one.")
+    if "train" not in by_split:
+        raise InputError(
+            f"`{root}` has split folders ({', '.join(d.name + '/' for d in splits)}) but no train/: the images to "
+            "train on go in train/<class>/."
+        )
+    class_names = sorted({c.name for d in splits for c in _subfolders(d)})
+    records, folders = [], []
+    for split, (d,) in sorted(by_split.items(), key=lambda kv: SPLITS.index(kv[0])):
+        files.look_beside(d)
+        for class_dir in _subfolders(d):
+            paths = files.images(class_dir)
+            records.extend((path, class_names.index(class_dir.name)) for path in paths)
+            folders.extend([split] * len(paths))
+    given = ", ".join(f"{split} from {ds[0].name}/" for split, ds in by_split.items())
+    carved = [s for s in SPLITS if s not in by_split]
+    notes = [f"split folders kept as given: {given}"
+             + (f"; {' and '.join(carved)} drawn from {by_split['train'][0].name}/ by class" if carved else "")]
+    return _Listing(class_names, records, folders=folders, notes=notes + files.notes(root))
 
 
 def _tfrecord_files(root: Path) -> list[Path]:
@@ -233,7 +349,7 @@ class _Record:
             return _parse_example(f.read(self.length), f"`{self.path}`")[0]
 
 
-def _tfrecord_records(root: Path) -> tuple[list[str], list[tuple[object, int]], int]:
+def _tfrecord_records(root: Path) -> _Listing:
     """Class names, (record, label) pairs and the number of damaged records, reading labels only."""
     records, damaged = [], 0
     for path in _tfrecord_files(root):
@@ -255,17 +371,17 @@ def _tfrecord_records(root: Path) -> tuple[list[str], list[tuple[object, int]], 
             )
     else:
         names = [str(i) for i in range(num_classes)]
-    return names, records, damaged
+    return _Listing(names, records, damaged)
 
 
-def _list_source(source: str, workdir: Path) -> tuple[list[str], list[tuple[object, int]], int]:
-    """Class names, (image or where to read it, label) pairs, and how many records were damaged.
+def _list_source(source: str, workdir: Path) -> _Listing:
+    """What ``source`` holds: class names, (image or where to read it, label) pairs, damaged records.
 
     Images are listed, not read: ingest decodes them one at a time, so memory
     does not grow with the dataset.
     """
     if source == BUNDLED:
-        return (*_bundled_digits(), 0)
+        return _Listing(*_bundled_digits())
     root = storage.fetch(source, workdir) if storage.is_gcs(source) else Path(source)
     if not root.exists():
         raise InputError(f"dataset source `{source}` does not exist: give a folder, a gs:// prefix or {BUNDLED}.")
@@ -273,34 +389,61 @@ def _list_source(source: str, workdir: Path) -> tuple[list[str], list[tuple[obje
         raise InputError(f"dataset source `{source}` is a file: give the folder that holds the class subfolders.")
     if _tfrecord_files(root):
         return _tfrecord_records(root)
-    return (*_folder_records(root), 0)
+    return _folder_records(root)
 
 
 # ---------------------------------------------------------------- split
 
 
-def split_indices(labels: list[int], config: IngestConfig, class_names: list[str]) -> dict[str, list[int]]:
-    """Stratified, seeded split: every class is split with the same fractions."""
+def split_indices(labels: list[int], config: IngestConfig, class_names: list[str],
+                  folders: list[str] | None = None) -> dict[str, list[int]]:
+    """Stratified, seeded split: every class is split with the same fractions.
+
+    With ``folders`` (a split-folder layout: the split each image's folder
+    names), an image in a validation or test folder stays in that split, and a
+    split that has no folder is drawn from each class's images in the train
+    folder with its fraction.
+    """
     rng = np.random.default_rng(config.seed)
+    given = sorted(set(folders or ()) - {"train"}, key=SPLITS.index)
+    carve = [name for name in ("test", "validation") if name not in given]
     by_class: dict[int, list[int]] = {}
+    fixed: dict[str, dict[int, list[int]]] = {name: {} for name in given}
     for index, label in enumerate(labels):
-        by_class.setdefault(label, []).append(index)
+        folder = folders[index] if folders else "train"
+        (by_class if folder == "train" else fixed[folder]).setdefault(label, []).append(index)
     splits: dict[str, list[int]] = {name: [] for name in SPLITS}
     # Every class that is too small, in one message: a user fixing one per run would need a run per class.
+    need = 1 + len(carve)
     small = [f"`{name}` has {len(by_class.get(label, []))}" for label, name in enumerate(class_names)
-             if len(by_class.get(label, [])) < 3]
-    if small:
+             if len(by_class.get(label, [])) < need]
+    if small and folders is None:
         raise InputError(
             f"{len(small)} class(es) have too few images: {'; '.join(small)}. Each class needs at least 3 "
             "(one each for train, validation and test): add images or remove the class."
         )
+    if small:
+        drawn = f", and one each drawn for {' and '.join(carve)}" if carve else ""
+        raise InputError(
+            f"{len(small)} class(es) have too few images in the train folder: {'; '.join(small)}. Each class needs "
+            f"at least {need} there (one to train on{drawn}): add images or remove the class."
+        )
+    missing = [f"`{name}` (none in the {' or '.join(s for s in given if label not in fixed[s])} folder)"
+               for label, name in enumerate(class_names) if any(label not in fixed[s] for s in given)]
+    if missing:
+        raise InputError(
+            f"{len(missing)} class(es) have no images in a split folder: {'; '.join(missing)}. Every class needs "
+            "images in each split folder: add them, or remove that split folder and kftune draws the split from train."
+        )
     for label in range(len(class_names)):
         members = list(rng.permutation(by_class[label]))
-        n_test = max(1, round(len(members) * config.test_fraction))
-        n_val = max(1, round(len(members) * config.validation_fraction))
+        n_test = max(1, round(len(members) * config.test_fraction)) if "test" in carve else 0
+        n_val = max(1, round(len(members) * config.validation_fraction)) if "validation" in carve else 0
         splits["test"] += members[:n_test]
         splits["validation"] += members[n_test : n_test + n_val]
         splits["train"] += members[n_test + n_val :]
+        for name in given:
+            splits[name] += fixed[name][label]
     return {name: [int(i) for i in rng.permutation(idx)] for name, idx in splits.items()}
 
 
@@ -433,7 +576,8 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
-        class_names, records, skipped = _list_source(config.source, Path(workdir))
+        listing = _list_source(config.source, Path(workdir))
+        class_names, records, skipped = listing.class_names, listing.records, listing.damaged
         if not records:
             raise InputError(
                 f"dataset source `{config.source}` holds no images: put image files "
@@ -441,13 +585,15 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
             )
         if len(class_names) < 2:
             raise InputError(f"dataset source `{config.source}` has {len(class_names)} class: a classifier needs at least 2.")
-        splits = split_indices([label for _, label in records], config, class_names)
+        splits = split_indices([label for _, label in records], config, class_names, listing.folders)
         # Before any image is decoded; checked again below on what was written (skipped images count out).
         train_counts = [0] * len(class_names)
         for index in splits["train"]:
             train_counts[records[index][1]] += 1
         _refuse_too_few_for_folds(train_counts, class_names, config.folds)
         progress(f"ingest: {len(records)} images, {len(class_names)} classes from {config.source}")
+        for note in listing.notes:
+            progress(f"ingest: {note}")
         total, bad = len(records) + skipped, []
         if skipped > config.max_corrupt_fraction * total:
             raise InputError(
@@ -495,6 +641,7 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
         seed=config.seed,
         fingerprint=fingerprint(output_dir),
         skipped=skipped,
+        notes=listing.notes,
     )
     info.save(output_dir)
     return info

@@ -408,6 +408,24 @@ CASES = [
     Case("ingest/two-classes-too-small-named-at-once",
          lambda c: ingest(c, source=str(_class_folders(c.tmp / "d", {"solo": 1, "pair": 2, "b": 6}))),
          r"2 class\(es\) have too few images: `pair` has 2; `solo` has 1"),
+    # Keras' split layout, data/train/<class>/ + data/validation/<class>/, when it cannot be kept as given.
+    Case("ingest/split-folders-mixed-with-class-folders",
+         lambda c: ingest(c, source=str(_class_folders(c.tmp / "d", {"train/cats": 5, "train/dogs": 5, "cats": 5}))),
+         r"`.*d` mixes split folders \(train/\) with other folders \(cats/\): put every class's folder inside",
+         after=_no_dataset_written),
+    Case("ingest/two-folders-for-one-split", lambda c: ingest(c, source=str(_class_folders(c.tmp / "d", {
+        "train/a": 5, "train/b": 5, "val/a": 2, "val/b": 2, "validation/a": 2, "validation/b": 2}))),
+         r"two folders for one split \(val/ and validation/\): merge them into one"),
+    Case("ingest/split-folders-without-train", lambda c: ingest(c, source=str(_class_folders(c.tmp / "d", {
+        "validation/a": 3, "validation/b": 3, "test/a": 3, "test/b": 3}))),
+         r"has split folders \(test/, validation/\) but no train/"),
+    Case("ingest/a-class-missing-from-the-validation-folder", lambda c: ingest(c, source=str(_class_folders(
+        c.tmp / "d", {"train/a": 5, "train/b": 5, "validation/a": 2}))),
+         r"1 class\(es\) have no images in a split folder: `b` \(none in the validation folder\)",
+         after=_no_dataset_written),
+    Case("ingest/too-few-in-the-train-folder-to-draw-test", lambda c: ingest(c, source=str(_class_folders(
+        c.tmp / "d", {"train/a": 5, "train/b": 1, "validation/a": 2, "validation/b": 2}))),
+         r"`b` has 1. Each class needs at least 2 there \(one to train on, and one each drawn for test\)"),
     Case("ingest/a-class-whose-images-are-all-undecodable", lambda c: ingest(c, source=_undecodable_class(c),
                                                                              max_corrupt_fraction=0.2),
          r"1 class\(es\) of `.*` have no image left in a split: `zebra` \(none in train, validation, test\)"),

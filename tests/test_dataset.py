@@ -90,6 +90,98 @@ def test_too_many_corrupt_files_fail(tmp_path):
         dataset.ingest(dataset.IngestConfig(source=str(root), image_size=8), tmp_path / "out", progress=lambda _: None)
 
 
+def _distinct_images(root: Path, counts: dict[str, int], start: int) -> dict[int, Path]:
+    """PNG files whose top-left pixel numbers them (``start``, ``start + 1``, ...), by number."""
+    import tensorflow as tf
+
+    files = {}
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for _ in range(count):
+            pixels = np.full((8, 8, 3), 128, np.uint8)
+            pixels[0, 0] = start
+            files[start] = root / name / f"{start}.png"
+            files[start].write_bytes(tf.io.encode_png(pixels).numpy())
+            start += 1
+    return files
+
+
+def _numbers(folder: Path, split: str) -> dict[int, int]:
+    """Image number -> label, of one split of an ingested dataset."""
+    images, labels = dataset.load_arrays(folder, split)
+    return {int(image[0, 0, 0]): int(label) for image, label in zip(images, labels, strict=True)}
+
+
+def test_the_keras_split_folder_layout_keeps_its_split_and_its_classes(tmp_path):
+    """data/train/<class>/ and data/validation/<class>/, as Keras' flow_from_directory examples keep them.
+
+    Read as class folders, `train` and `validation` became the two classes: a
+    model that learned which folder a photo came from.
+    """
+    root = tmp_path / "src"
+    train = _distinct_images(root / "train", {"cats": 10, "dogs": 10}, 0)
+    validation = _distinct_images(root / "validation", {"cats": 3, "dogs": 4}, 100)
+    (root / "validation" / "notes.txt").write_text("a file beside the class folders")
+    lines = []
+    info = dataset.ingest(dataset.IngestConfig(source=str(root), image_size=8), tmp_path / "out", progress=lines.append)
+    assert info.class_names == ["cats", "dogs"]
+    assert _numbers(tmp_path / "out", "validation") == {n: int("dogs" in str(p)) for n, p in validation.items()}
+    test, kept = _numbers(tmp_path / "out", "test"), _numbers(tmp_path / "out", "train")
+    # The test split is drawn from train/, 15% of each class (at least one), and nothing is in two splits.
+    assert sorted(test.values()) == [0, 0, 1, 1]
+    assert set(test) | set(kept) == set(train) and not set(test) & set(kept)
+    assert all(label == int("dogs" in str(train[n])) for n, label in {**test, **kept}.items())
+    assert "ingest: split folders kept as given: train from train/, validation from validation/; test drawn from " \
+           "train/ by class" in lines
+    assert info.notes[0].startswith("split folders kept as given")
+
+    # With a test folder too, and Keras' other names for the folders, every split is the user's.
+    other = tmp_path / "other"
+    _distinct_images(other / "training", {"a": 5, "b": 5}, 0)
+    _distinct_images(other / "val", {"a": 2, "b": 2}, 50)
+    held = _distinct_images(other / "test", {"a": 2, "b": 3}, 80)
+    info = dataset.ingest(dataset.IngestConfig(source=str(other), image_size=8), tmp_path / "out2",
+                          progress=lambda _: None)
+    assert info.splits == {"train": 10, "validation": 4, "test": 5}
+    assert set(_numbers(tmp_path / "out2", "test")) == set(held)
+
+
+def test_what_is_not_image_data_is_left_out_and_said(tmp_path):
+    """A folder as people hand it over: zipped on a Mac, a TIFF or two, a WebP, a photo outside any class."""
+    root = _write_folder(tmp_path / "src", {"cat": 6, "dog": 6})
+    for name in ("cat", "dog"):
+        # AppleDouble files carry a photo's name and extension but are metadata; so is __MACOSX/.
+        (root / name / "._0.png").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)
+        (root / "__MACOSX" / name).mkdir(parents=True)
+        (root / "__MACOSX" / name / "._0.png").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)
+        (root / name / ".DS_Store").write_bytes(b"\x00" * 8)
+        (root / name / ".thumbnails").mkdir()
+        (root / name / ".thumbnails" / "0.png").write_bytes((root / name / "0.png").read_bytes())
+        (root / name / "scan.tif").write_bytes(b"II*\x00" + b"\x00" * 60)
+    (root / "cat" / "photo.webp").write_bytes(_webp(tmp_path))
+    (root / "stray.jpg").write_bytes((root / "cat" / "0.png").read_bytes())
+    lines = []
+    info = dataset.ingest(dataset.IngestConfig(source=str(root), image_size=8), tmp_path / "out", progress=lines.append)
+    # Nothing undecodable was met: the metadata never reached the decoder, and the WebP is an image.
+    assert info.class_names == ["cat", "dog"] and info.skipped == 0
+    assert sum(info.splits.values()) == 13
+    assert info.notes == [
+        "left out 2 file(s) that are not bmp, gif, jpeg, jpg, png, webp images (.tif: 2): convert them to PNG or "
+        "JPEG to train on them",
+        "left out macOS metadata (__MACOSX/, 2 '._' file(s)): it is not image data",
+        "left out 1 image(s) that are not in a class folder (first: stray.jpg): each image's folder names its class",
+    ]
+    assert all(f"ingest: {note}" in lines for note in info.notes)
+
+
+def _webp(tmp_path: Path) -> bytes:
+    """A real WebP file (lossless), written by Pillow (matplotlib's dependency)."""
+    from PIL import Image
+
+    Image.fromarray(np.full((9, 7, 3), 200, np.uint8)).save(tmp_path / "x.webp", lossless=True)
+    return (tmp_path / "x.webp").read_bytes()
+
+
 def test_tfrecord_source_with_labels_file(tmp_path):
     import tensorflow as tf
 

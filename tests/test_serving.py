@@ -31,8 +31,9 @@ def jpeg_photos(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     info = dataset.ingest(config, data_dir, progress=lambda _: None)
     # The test split's files, in the order ingest wrote them (the same listing and split ingest made).
-    class_names, records, _ = dataset._list_source(str(source), data_dir)
-    test = dataset.split_indices([label for _, label in records], config, class_names)["test"]
+    listing = dataset._list_source(str(source), data_dir)
+    records = listing.records
+    test = dataset.split_indices([label for _, label in records], config, listing.class_names)["test"]
     files = [records[i] for i in test]
 
     tf.keras.utils.set_random_seed(0)

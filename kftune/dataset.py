@@ -58,7 +58,8 @@ class IngestConfig:
             layout (``train/<class>/``, ``validation/<class>/``, optionally
             ``test/<class>/``; that split is kept), or ``*.tfrecord`` shards
             with ``image`` and ``label`` features (and optionally a
-            ``labels.txt`` with one class name per line).
+            ``labels.txt`` with one class name per line; a TensorFlow
+            Datasets folder works as it is, its split kept).
         image_size: Images are resized to ``image_size`` x ``image_size``.
         channels: 1 (grayscale) or 3 (RGB; what pretrained backbones expect).
         validation_fraction: Share of each class held out for validation.
@@ -349,10 +350,57 @@ class _Record:
             return _parse_example(f.read(self.length), f"`{self.path}`")[0]
 
 
+# TensorFlow Datasets names its shards `<dataset>-<split>.tfrecord-00000-of-00004`.
+_TFDS_SHARD = re.compile(r"-([a-z][a-z_]*)\.tfrecord-\d+-of-\d+$")
+# The class names of the shards' labels, one per line: kftune's name, then the file TensorFlow Datasets
+# writes beside its shards for a ClassLabel feature named `label`.
+LABELS_FILES = ("labels.txt", "label.labels.txt")
+
+
+def _shard_split(relative: Path) -> str | None:
+    """The split a shard's name or folder names (``train``, ``validation``, ``test``), else None.
+
+    Anything else a TensorFlow Datasets shard names (``extra``, ``unlabeled``)
+    comes back as it is, to be left out.
+    """
+    if match := _TFDS_SHARD.search(relative.name.lower()):
+        return SPLIT_FOLDERS.get(match.group(1), match.group(1))
+    found = {SPLIT_FOLDERS[token] for part in relative.parts for token in re.split(r"[-_.]", part.lower())
+             if token in SPLIT_FOLDERS}
+    return found.pop() if len(found) == 1 else None
+
+
+def _shard_splits(root: Path, shards: list[Path]) -> tuple[list[str] | None, list[str]]:
+    """Each shard's split, when every shard's name gives one (else None), and the splits left out."""
+    named = [_shard_split(path.relative_to(root)) for path in shards]
+    if not any(named):
+        return None, []
+    if not all(named):
+        unnamed = [str(path.relative_to(root)) for path, split in zip(shards, named, strict=True) if not split]
+        raise InputError(
+            f"`{root}` has TFRecord shards named by split and shards that are not ({', '.join(unnamed[:3])}): name "
+            "each shard's split (train-00000.tfrecord, validation-00000.tfrecord), or none of them and kftune splits."
+        )
+    if "train" not in named:
+        raise InputError(
+            f"`{root}` has TFRecord shards of the splits {sorted(set(named))} but none of train: the examples to "
+            "train on go in shards named train."
+        )
+    return named, sorted(set(named) - set(SPLITS))
+
+
 def _tfrecord_records(root: Path) -> _Listing:
-    """Class names, (record, label) pairs and the number of damaged records, reading labels only."""
-    records, damaged = [], 0
-    for path in _tfrecord_files(root):
+    """Class names, (record, label) pairs and the number of damaged records, reading labels only.
+
+    Shards whose names give their split (``train-*.tfrecord``, TensorFlow
+    Datasets' ``<name>-train.tfrecord-*``) keep it, as split folders do.
+    """
+    shards = _tfrecord_files(root)
+    splits, others = _shard_splits(root, shards)
+    records, damaged, folders = [], 0, []
+    for number, path in enumerate(shards):
+        if splits and splits[number] in others:
+            continue
         for index, (offset, length, data) in enumerate(_shard_records(path)):
             if data is None:
                 damaged += 1
@@ -360,9 +408,10 @@ def _tfrecord_records(root: Path) -> _Listing:
                 continue
             _, label = _parse_example(data, f"record {index} of TFRecord shard `{path}`")
             records.append((_Record(path, offset, length), label))
-    labels_file = root / "labels.txt"
+            folders += [splits[number]] if splits else []
     num_classes = max((label for _, label in records), default=-1) + 1
-    if labels_file.exists():
+    labels_file = next((root / name for name in LABELS_FILES if (root / name).exists()), None)
+    if labels_file:
         names = [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
         if len(names) < num_classes:
             raise InputError(
@@ -371,7 +420,16 @@ def _tfrecord_records(root: Path) -> _Listing:
             )
     else:
         names = [str(i) for i in range(num_classes)]
-    return _Listing(names, records, damaged)
+    notes = []
+    if splits:
+        kept = sorted(set(splits) - set(others), key=SPLITS.index)
+        carved = [s for s in SPLITS if s not in kept]
+        notes.append(f"split of the shards' names kept as given: {', '.join(kept)}"
+                     + (f"; {' and '.join(carved)} drawn from train by class" if carved else ""))
+    if others:
+        notes.append(f"left out the shards of {', '.join(others)}: kftune trains, validates and tests on train, "
+                     "validation and test")
+    return _Listing(names, records, damaged, folders=folders or None, notes=notes)
 
 
 def _list_source(source: str, workdir: Path) -> _Listing:

@@ -204,6 +204,54 @@ def test_tfrecord_source_with_labels_file(tmp_path):
     assert sum(info.splits.values()) == 12
 
 
+def _numbered_shard(path: Path, numbers: range, classes: int) -> None:
+    """A TFRecord shard of PNGs whose top-left pixel is the example's number, label number % classes."""
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for n in numbers:
+            pixels = np.full((8, 8, 3), 128, np.uint8)
+            pixels[0, 0] = n
+            feature = {
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.encode_png(pixels).numpy()])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[n % classes])),
+                # TensorFlow Datasets stores more features beside them; kftune reads image and label.
+                "image/filename": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"%d.png" % n])),
+            }
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+
+
+def test_a_tensorflow_datasets_folder_keeps_its_class_names_and_its_split(tmp_path):
+    """What `tfds.load('beans')` leaves in ~/tensorflow_datasets/beans/0.1.0/: shards named by split, label.labels.txt."""
+    src = tmp_path / "beans" / "0.1.0"
+    src.mkdir(parents=True)
+    _numbered_shard(src / "beans-train.tfrecord-00000-of-00002", range(0, 12), 3)
+    _numbered_shard(src / "beans-train.tfrecord-00001-of-00002", range(12, 24), 3)
+    _numbered_shard(src / "beans-test.tfrecord-00000-of-00001", range(100, 106), 3)
+    _numbered_shard(src / "beans-extra.tfrecord-00000-of-00001", range(200, 203), 3)
+    (src / "label.labels.txt").write_text("angular_leaf_spot\nbean_rust\nhealthy\n")
+    (src / "dataset_info.json").write_text("{}")
+    lines = []
+    info = dataset.ingest(dataset.IngestConfig(source=str(src), image_size=8), tmp_path / "out", progress=lines.append)
+    assert info.class_names == ["angular_leaf_spot", "bean_rust", "healthy"]
+    assert _numbers(tmp_path / "out", "test") == {n: n % 3 for n in range(100, 106)}
+    validation, train = _numbers(tmp_path / "out", "validation"), _numbers(tmp_path / "out", "train")
+    assert set(validation) | set(train) == set(range(24)) and not set(validation) & set(train)
+    assert sorted(validation.values()) == [0, 1, 2]  # 15% of each class's 8 training examples, at least one
+    assert info.notes == ["split of the shards' names kept as given: train, test; validation drawn from train by class",
+                          "left out the shards of extra: kftune trains, validates and tests on train, validation "
+                          "and test"]
+    assert all(f"ingest: {note}" in lines for note in info.notes)
+
+
+def test_shards_named_by_split_and_shards_that_are_not_are_refused(tmp_path):
+    _numbered_shard(tmp_path / "train-00000.tfrecord", range(10), 2)
+    _numbered_shard(tmp_path / "more.tfrecord", range(10, 20), 2)
+    with pytest.raises(InputError, match=r"shards named by split and shards that are not \(more\.tfrecord\)"):
+        dataset.ingest(dataset.IngestConfig(source=str(tmp_path), image_size=8), tmp_path / "out",
+                       progress=lambda _: None)
+
+
 def test_gcs_prefix_source(tmp_path, bucket):
     from kftune import storage
 

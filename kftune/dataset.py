@@ -600,7 +600,7 @@ def fingerprint(folder: str | Path) -> str:
 
 
 def _refuse_emptied_classes(per_class: dict[str, list[int]], class_names: list[str], source: str) -> None:
-    """Refuses a dataset in which skipping undecodable images left a class with no image in some split.
+    """Refuses a dataset in which skipping images left a class with no image in some split.
 
     Under ``max_corrupt_fraction`` overall, a class whose files are all bad would
     otherwise be published with zero images: a model that can never predict it.
@@ -609,8 +609,9 @@ def _refuse_emptied_classes(per_class: dict[str, list[int]], class_names: list[s
              for label, name in enumerate(class_names) if any(per_class[s][label] == 0 for s in SPLITS)]
     if empty:
         raise InputError(
-            f"after skipping undecodable images, {len(empty)} class(es) of `{source}` have no image left in a "
-            f"split: {'; '.join(empty)}. Fix or replace those files, or remove the class."
+            f"after skipping undecodable images (and copies of another split's images), {len(empty)} class(es) of "
+            f"`{source}` have no image left in a split: {'; '.join(empty)}. Fix or replace those files, add images, "
+            "or remove the class."
         )
 
 
@@ -627,6 +628,60 @@ def _refuse_too_few_for_folds(train_counts: list[int], class_names: list[str], f
         f"`folds`={folds} needs at least {folds} training images of every class, but class "
         f"`{class_names[smallest]}` has {train_counts[smallest]} in the training split: lower `folds` or add images."
     )
+
+
+def _describe(item, index: int) -> str:
+    """How a log line names one listed image: its file, its place in a shard, or its number."""
+    if isinstance(item, Path):
+        return str(item)
+    if isinstance(item, _Record):
+        return f"the record at byte {item.offset} of {item.path}"
+    return f"image {index}"
+
+
+class _Copies:
+    """Finds images whose pixels, as written (resized), repeat an image written before.
+
+    Scraped and merged datasets hold copies. A validation or test image that
+    repeats a training image scores the model on what it trained on (a test image
+    that repeats a validation image, on what picked it), so it is left out. The
+    same pixels under two labels are named: one label is wrong.
+    """
+
+    def __init__(self):
+        self._first: dict[bytes, tuple[int, int, int]] = {}  # pixels' digest -> (split, label, record index)
+        self.left_out = dict.fromkeys(SPLITS, 0)
+        self.example: tuple[int, int] | None = None
+        self.conflicts: list[tuple[int, int]] = []
+
+    def leave_out(self, image: np.ndarray, split: str, label: int, index: int) -> bool:
+        key = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+        first = self._first.setdefault(key, (SPLITS.index(split), label, index))
+        if first[2] == index:
+            return False
+        if first[1] != label:
+            self.conflicts.append((first[2], index))
+        if first[0] == SPLITS.index(split):
+            return False  # a copy inside one split weighs that image twice; it leaks nothing
+        self.left_out[split] += 1
+        self.example = self.example or (first[2], index)
+        return True
+
+    def notes(self, records: list[tuple[object, int]], class_names: list[str]) -> list[str]:
+        notes = []
+        if self.example:
+            first, copy = self.example
+            counts = " and ".join(f"{n} {split}" for split, n in self.left_out.items() if n)
+            notes.append(f"left out {counts} image(s) whose pixels repeat an image of an earlier split (first: "
+                         f"{_describe(records[copy][0], copy)}, a copy of {_describe(records[first][0], first)}): "
+                         "left in, they would score the model on images it has already seen")
+        if self.conflicts:
+            a, b = self.conflicts[0]
+            notes.append(f"{len(self.conflicts)} image(s) repeat an image of another class (first: "
+                         f"{_describe(records[a][0], a)} in `{class_names[records[a][1]]}` and "
+                         f"{_describe(records[b][0], b)} in `{class_names[records[b][1]]}`): one of the labels "
+                         "is wrong; fix or remove them")
+        return notes
 
 
 def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str], None] = log.info) -> DatasetInfo:
@@ -659,7 +714,7 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
                 f"checksums fail), more than max_corrupt_fraction={config.max_corrupt_fraction}: copy the shards "
                 "again from their source."
             )
-        counts, per_class = {}, {split: [0] * len(class_names) for split in SPLITS}
+        counts, per_class, copies = {}, {split: [0] * len(class_names) for split in SPLITS}, _Copies()
         for split in SPLITS:
             writer = ShardWriter(output_dir, split, config.shard_size)
             for index in splits[split]:
@@ -668,8 +723,8 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
                     image = _to_image(item, config)
                 except Exception as e:  # noqa: BLE001 - any undecodable file is skipped and counted
                     skipped += 1
-                    name = item if isinstance(item, Path) else f"record {index}"
-                    bad.append(str(name))
+                    name = _describe(item, index)
+                    bad.append(name)
                     reason = re.sub(r"\{\{.*?\}\}\s*", "", getattr(e, "message", str(e))).splitlines()[0]
                     log.warning("skipping %s: %s", name, reason)
                     # Fail as soon as the share is out of bounds, not after decoding the rest.
@@ -681,11 +736,16 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
                             f"{config.max_corrupt_fraction}: fix or remove the bad files, or raise max_corrupt_fraction."
                         ) from None
                     continue
+                if copies.leave_out(image, split, label, index):
+                    continue
                 writer.write(image, label)
                 per_class[split][label] += 1
             writer.close()
             counts[split] = writer.count
             progress(f"ingest: wrote {writer.count} {split} images")
+        notes = listing.notes + copies.notes(records, class_names)
+        for note in notes[len(listing.notes):]:
+            progress(f"ingest: {note}")
         _refuse_emptied_classes(per_class, class_names, config.source)
         _refuse_too_few_for_folds(per_class["train"], class_names, config.folds)
     if skipped:
@@ -699,7 +759,7 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
         seed=config.seed,
         fingerprint=fingerprint(output_dir),
         skipped=skipped,
-        notes=listing.notes,
+        notes=notes,
     )
     info.save(output_dir)
     return info

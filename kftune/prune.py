@@ -461,6 +461,27 @@ def _schedule(config: PruneConfig, end_step: int):
     )
 
 
+# Pruning turns a schedule gets when a small training split leaves fewer steps than `prune_frequency`.
+SMALL_DATA_TURNS = 4
+
+
+def _fit_frequency(config: PruneConfig, steps: int, progress: Callable[[str], None]) -> PruneConfig:
+    """``config``, pruning more often when its frequency leaves no pruning turn in ``steps`` training steps.
+
+    The default frequency (10) suits training splits of hundreds of batches; a
+    small split (8 batches of 120 images at prune_epochs=1) would otherwise stop
+    the step after search and fine-tune have spent their GPU time. A schedule
+    that starts late (``prune_begin_step``) is the user's own and is left to
+    :func:`end_step`'s refusal.
+    """
+    if config.prune_method != "magnitude" or config.prune_begin_step or config.prune_frequency <= steps:
+        return config
+    frequency = max(1, steps // SMALL_DATA_TURNS)
+    progress(f"prune: {steps} training steps are too few to prune every {config.prune_frequency} "
+             f"(prune_frequency): pruning every {frequency} step(s) instead, {steps // frequency} turns")
+    return dataclasses.replace(config, prune_frequency=frequency)
+
+
 def end_step(config: PruneConfig, steps: int) -> int:
     """The step pruning ends at: ``config.prune_end_step``, or the last pruning turn of ``steps`` training steps.
 
@@ -835,6 +856,7 @@ def prune(
     hyper = dict(meta.hyperparameters) if meta else {}
     batch_size = config.batch_size or int(hyper.get("batch_size", 32))
     steps = math.ceil(info.splits["train"] / batch_size) * config.prune_epochs
+    config = _fit_frequency(config, steps, progress)
     if not info.splits.get("validation"):
         raise InputError(f"the validation split of `{dataset_dir}` is empty: ingest with a larger validation_fraction.")
     # The schedule's end step is tfmot's; structured pruning trains on whatever the number of steps.

@@ -50,8 +50,9 @@ _ITERATION = re.compile(r"-iteration-(\d+)")
 _EPOCH = re.compile(r"^Epoch (\d+)/(\d+)$")
 # Keras' line at the end of each epoch (verbose=2), also of a fit of one epoch, which has no "Epoch 1/1" line.
 _EPOCH_END = re.compile(r"^\d+/\d+ - .* - [\d.]+m?s/epoch - ")
-# kftune's own lines that carry a headline figure, echoed under their task.
-_ECHO = re.compile(r"^(search: trial \d+ |evaluate: \w+ \(.*\) accuracy |prune: \d+%: )")
+# kftune's own lines that carry a headline figure, or say what ingest left out of the data, echoed under their task.
+_ECHO = re.compile(r"^(search: trial \d+ |evaluate: \w+ \(.*\) accuracy |prune: \d+%: "
+                   r"|ingest: (left out |split |skipped |\d+ image\(s\) repeat ))")
 
 
 def plain(text: str) -> str:

@@ -1,6 +1,7 @@
 """Ingest: sources, reproducible splits, bad input."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,31 @@ def test_tfrecord_source_with_labels_file(tmp_path):
     assert info.class_names == ["left", "right"]
     assert info.shape == (8, 8, 1)
     assert sum(info.splits.values()) == 12
+
+
+def test_copies_across_splits_are_left_out_and_a_copy_under_two_labels_is_named(tmp_path):
+    """A scraped dataset: each photo saved twice, one of them also filed under the wrong class."""
+    root = tmp_path / "src"
+    files = _distinct_images(root, {"cat": 20, "dog": 20}, 0)
+    for n in range(40):
+        (files[n].parent / f"copy-{n}.png").write_bytes(files[n].read_bytes())
+    (root / "dog" / "misfiled.png").write_bytes(files[3].read_bytes())
+    lines = []
+    info = dataset.ingest(dataset.IngestConfig(source=str(root), image_size=8), tmp_path / "out", progress=lines.append)
+    splits = {split: _numbers(tmp_path / "out", split) for split in dataset.SPLITS}
+    # Every photo is in one split only; a copy inside the training split is kept (it leaks nothing).
+    assert not set(splits["train"]) & set(splits["validation"]) and not set(splits["test"]) & \
+        (set(splits["train"]) | set(splits["validation"]))
+    assert set().union(*splits.values()) == set(range(40))
+    written = sum(info.splits.values())
+    assert written < 81 and info.splits["train"] > len(splits["train"])
+    left_out, conflict = info.notes
+    assert re.match(r"left out \d+ validation and \d+ test image\(s\) whose pixels repeat an image of an earlier "
+                    r"split \(first: .*\.png, a copy of .*\.png\): left in, they would score", left_out)
+    assert sum(int(n) for n in re.findall(r"(\d+) (?:validation|test)", left_out)) == 81 - written
+    assert re.match(r"1 image\(s\) repeat an image of another class \(first: .*cat/(copy-)?3\.png in `cat` and "
+                    r".*dog/misfiled\.png in `dog`\): one of the labels is wrong", conflict)
+    assert f"ingest: {conflict}" in lines
 
 
 def _numbered_shard(path: Path, numbers: range, classes: int) -> None:

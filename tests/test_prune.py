@@ -3,6 +3,7 @@ search keeps the highest level within budget, TFLite export works, and bad input
 
 import gzip
 import json
+import math
 import re
 import shutil
 import signal
@@ -296,6 +297,23 @@ def test_bad_config_is_rejected_naming_the_input(fields, message):
     with pytest.raises(InputError) as error:
         pr.PruneConfig(**fields)
     assert message in str(error.value)
+
+
+def test_a_training_split_too_small_for_the_frequency_is_pruned_more_often_not_refused(digits_dir, trained_model_dir,
+                                                                                        tmp_path):
+    """120 photos at batch 16 are 8 steps an epoch, fewer than the default frequency's 10.
+
+    Refused, the run stopped at prune after search and fine-tune had spent their GPU time (a run-local of a
+    user's folder of photos with prune_epochs=1).
+    """
+    steps = math.ceil(dataset.DatasetInfo.load(digits_dir).splits["train"] / 32)
+    lines = []
+    report = pr.prune(digits_dir, trained_model_dir, pr.PruneConfig(target_sparsity=0.6, prune_epochs=1,
+                                                                    prune_frequency=steps + 1, prune_quantize=""),
+                      tmp_path / "out", progress=lines.append, verbose=0)
+    assert f"prune: {steps} training steps are too few to prune every {steps + 1} (prune_frequency): pruning " \
+           f"every {steps // 4} step(s) instead, 4 turns" in lines
+    assert abs(report.sparsity["overall"] - 0.6) <= 0.01
 
 
 @pytest.mark.parametrize("fields, message", [

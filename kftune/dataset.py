@@ -229,6 +229,11 @@ class _Files:
         return notes
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sorted, as ingest reads a class folder (no hidden files, no macOS metadata)."""
+    return _Files().images(folder)
+
+
 def _folder_records(root: Path) -> _Listing:
     top = _subfolders(root)
     if not top:

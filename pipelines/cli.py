@@ -419,10 +419,11 @@ def _add_serving_parsers(commands) -> None:
              "of either; every file is checked against the version's MANIFEST.json first.")
     cmd = commands.add_parser(
         "predict", help="classify image files with an exported version", description=(
-            "Classifies image files (JPEG, PNG, GIF, BMP; any size, grayscale or colour) with an exported version, "
-            "offline: one line per image, file, best label and its score. " + where))
+            "Classifies image files (JPEG, PNG, GIF, BMP, WebP; any size, grayscale or colour; a folder stands for "
+            "the images in it and its subfolders) with an exported version, offline: one line per image, file, best "
+            "label and its score. " + where))
     cmd.add_argument("model_uri", metavar="MODEL_URI")
-    cmd.add_argument("images", nargs="+", metavar="IMAGE")
+    cmd.add_argument("images", nargs="+", metavar="IMAGE", help="an image file, or a folder of them")
     cmd.add_argument("--top-k", type=int, default=1, help="labels per image, best first (default: 1)")
     cmd.add_argument("--json", action="store_true", help="one JSON object per line: file, labels, scores")
     cmd.add_argument("--workdir", default="", help="where a gs:// version is downloaded (default: a temporary folder)")
@@ -445,19 +446,29 @@ def _predict(args) -> int:
 
     import numpy as np
 
-    from kftune import serving
+    from kftune import dataset, serving
     from kftune.errors import InputError
 
     if args.top_k < 1:
         raise InputError(f"--top-k must be a whole number >= 1. Received: {args.top_k}")
-    missing = [f for f in args.images if not Path(f).is_file()]
+    missing = [f for f in args.images if not Path(f).exists()]
     if missing:
         raise InputError(f"{len(missing)} image file(s) do not exist: {', '.join(missing[:5])}: check the paths.")
+    # A folder stands for the images in it, and in its subfolders (a test set kept in class folders).
+    paths = []
+    for name in args.images:
+        if not Path(name).is_dir():
+            paths.append(name)
+        elif found := dataset.image_files(Path(name)):
+            paths += [str(path) for path in found]
+        else:
+            raise InputError(f"folder `{name}` holds no image files ({', '.join(sorted(dataset.IMAGE_SUFFIXES))}): "
+                             "give image files, or a folder of them.")
     with tempfile.TemporaryDirectory() as workdir:
         served = serving.open_version(args.model_uri, args.workdir or workdir)
         print(f"kftune: {serving.describe(served)}", file=sys.stderr)
         decoded: dict[str, object] = {}
-        for path in args.images:
+        for path in paths:
             # A bad file is named on stderr, the others still answered, and the exit code says one failed.
             try:
                 decoded[path] = serving.decode(Path(path).read_bytes(), served.spec, f"`{path}`")
@@ -474,7 +485,7 @@ def _predict(args) -> int:
                     answers = ", ".join(f"{label} {score:.4f}" for label, score in
                                         zip(prediction.labels, prediction.scores, strict=True))
                     print(f"{path}\t{answers}")
-        failed = len(args.images) - len(files)
+        failed = len(paths) - len(files)
     return 1 if failed else 0
 
 

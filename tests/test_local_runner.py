@@ -178,7 +178,8 @@ def test_the_fine_tune_headline_counts_the_epochs_trained_also_a_fit_of_one(tmp_
 
 
 def test_what_ingest_left_out_of_the_data_is_shown_under_its_task(tmp_path):
-    """A user who gave a messy folder learns from run-local's screen, not from a log file, what was not used."""
+    """A user who gave a messy folder learns from run-local's screen, not from a log file, what was not used
+    (and that a small training split changed the pruning schedule)."""
     import io
 
     out = io.StringIO()
@@ -188,7 +189,9 @@ def test_what_ingest_left_out_of_the_data_is_shown_under_its_task(tmp_path):
              "ingest: left out 12 file(s) that are not bmp, gif, jpeg, jpg, png, webp images (.tif: 12): convert them",
              "ingest: left out 3 validation image(s) whose pixels repeat an image of an earlier split (first: a.png)",
              "ingest: 2 image(s) repeat an image of another class (first: a.png in `cat` and b.png in `dog`)",
-             "ingest: skipped 1 undecodable image(s) of 40"]
+             "ingest: skipped 1 undecodable image(s) of 40",
+             "prune: 8 training steps are too few to prune every 10 (prune_frequency): pruning every 2 step(s) "
+             "instead, 4 turns"]
     for line in ["ingest: 40 images, 2 classes from data", *shown, "ingest: wrote 28 train images"]:
         console.child_line(task, line)
     assert out.getvalue().splitlines() == [f"         {'ingest':<17} {line.partition(': ')[2]}" for line in shown]

@@ -419,6 +419,22 @@ def test_kftune_predict_prints_json_or_plain_lines_and_names_a_bad_file(base, ph
     errors = [line for line in captured.err.splitlines() if line.startswith("kftune: error")]
     assert len(errors) == 1 and errors[0].startswith(f"kftune: error: `{bad}` is not an image kftune can decode")
 
+    # A folder stands for its images, its subfolders' too, as ingest reads a class folder: a test set kept in
+    # class folders is classified in one command; macOS metadata and other files are not sent.
+    folder = tmp_path / "test-set"
+    for f in files[:3]:
+        (folder / ("cat" if "gray" in f else "dog")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, folder / ("cat" if "gray" in f else "dog") / Path(f).name)
+    (folder / "dog" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)
+    (folder / "README.txt").write_text("photos from the field")
+    assert cli.main(["predict", str(base / "1"), str(folder), files[3], "--json"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(a["file"]).name for a in answers] == ["7-gray.jpg", "0.jpg", "6.png", "8-40px.jpg"]
+    assert [a["labels"][0] for a in answers] == [expected[Path(a["file"]).name] for a in answers]
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["predict", str(base / "1"), str(tmp_path / "empty")]) == 2
+    assert f"kftune: error: folder `{tmp_path / 'empty'}` holds no image files" in capsys.readouterr().err
+
     # A base: its newest complete version, 2 (int8 TFLite through LiteRT).
     assert cli.main(["predict", str(base), files[0]]) == 0
     captured = capsys.readouterr()

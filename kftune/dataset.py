@@ -9,8 +9,9 @@ Sources: the bundled dataset (scikit-learn's handwritten digits, upscaled; it
 ships inside scikit-learn, so no network is needed), a folder with one
 subfolder per class (or Keras' ``flow_from_directory`` layout, ``train/<class>/``
 and ``validation/<class>/``, whose split is kept), TFRecord shards with ``image``
-(encoded PNG/JPEG) and ``label`` (int64) features, or a ``gs://`` prefix holding
-any of them.
+(encoded PNG/JPEG) and ``label`` (int64) features (a TensorFlow Datasets folder
+as it is), a ``.zip`` or ``.tar.gz`` archive of any of them, or a ``gs://``
+prefix or object holding any of them.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ class IngestConfig:
             ``test/<class>/``; that split is kept), or ``*.tfrecord`` shards
             with ``image`` and ``label`` features (and optionally a
             ``labels.txt`` with one class name per line; a TensorFlow
-            Datasets folder works as it is, its split kept).
+            Datasets folder works as it is, its split kept). A ``.zip`` or
+            ``.tar.gz`` file (local or ``gs://``) is unpacked and read as the
+            folder it holds.
         image_size: Images are resized to ``image_size`` x ``image_size``.
         channels: 1 (grayscale) or 3 (RGB; what pretrained backbones expect).
         validation_fraction: Share of each class held out for validation.
@@ -437,6 +440,42 @@ def _tfrecord_records(root: Path) -> _Listing:
     return _Listing(names, records, damaged, folders=folders or None, notes=notes)
 
 
+# Archives a source may be, as datasets are downloaded (Keras' flower_photos.tgz, a Kaggle .zip).
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def _unpack(archive: Path, source: str, workdir: Path) -> tuple[Path, str]:
+    """Extracts a .zip or tar archive under ``workdir``: the folder that holds its data, and a line saying so.
+
+    The data folder is the archive's single top folder where there is one
+    (flower_photos.tgz holds flower_photos/), down as long as there is one.
+    Neither format can write outside the folder: zipfile drops ``..`` and
+    absolute paths, and tarfile's ``data`` filter refuses them and links.
+    """
+    import tarfile
+    import zipfile
+
+    target = workdir / "unpacked"
+    target.mkdir()
+    try:
+        if archive.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(target)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(target, filter="data")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+        raise InputError(f"dataset source `{source}` is not an archive that can be read ({e}): download it again, "
+                         "or give the folder it unpacks to.") from None
+    root = target
+    while len(entries := [p for p in root.iterdir() if not p.name.startswith(".") and p.name != MACOS_FOLDER]) == 1 \
+            and entries[0].is_dir():
+        root = entries[0]
+    files = sum(1 for p in target.rglob("*") if p.is_file())
+    inside = f"; its data in {root.relative_to(target)}/" if root != target else ""
+    return root, f"unpacked {archive.name} ({files} files){inside}"
+
+
 def _list_source(source: str, workdir: Path) -> _Listing:
     """What ``source`` holds: class names, (image or where to read it, label) pairs, damaged records.
 
@@ -448,11 +487,16 @@ def _list_source(source: str, workdir: Path) -> _Listing:
     root = storage.fetch(source, workdir) if storage.is_gcs(source) else Path(source)
     if not root.exists():
         raise InputError(f"dataset source `{source}` does not exist: give a folder, a gs:// prefix or {BUNDLED}.")
+    unpacked = []
+    if root.is_file() and root.name.lower().endswith(ARCHIVE_SUFFIXES):
+        root, line = _unpack(root, source, workdir)
+        unpacked.append(line)
     if not root.is_dir():
-        raise InputError(f"dataset source `{source}` is a file: give the folder that holds the class subfolders.")
-    if _tfrecord_files(root):
-        return _tfrecord_records(root)
-    return _folder_records(root)
+        raise InputError(f"dataset source `{source}` is a file: give the folder that holds the class subfolders, or "
+                         f"an archive of it ({', '.join(ARCHIVE_SUFFIXES)}).")
+    listing = _tfrecord_records(root) if _tfrecord_files(root) else _folder_records(root)
+    listing.notes[:0] = unpacked
+    return listing
 
 
 # ---------------------------------------------------------------- split

@@ -230,6 +230,48 @@ def test_copies_across_splits_are_left_out_and_a_copy_under_two_labels_is_named(
     assert f"ingest: {conflict}" in lines
 
 
+def test_an_archive_is_unpacked_and_its_single_top_folder_read(tmp_path):
+    """As datasets are downloaded: Keras' flower_photos.tgz, a .zip made on a Mac (with __MACOSX/ beside the data)."""
+    import tarfile
+    import zipfile
+
+    data = _write_folder(tmp_path / "flower_photos", {"daisy": 5, "tulips": 6})
+    (data / "LICENSE.txt").write_text("CC-BY")
+    with tarfile.open(tmp_path / "flower_photos.tgz", "w:gz") as t:
+        t.add(data, arcname="flower_photos")
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:
+        for path in sorted(data.rglob("*")):
+            z.write(path, f"photos/{path.relative_to(data)}")
+            if path.suffix == ".png":
+                z.writestr(f"__MACOSX/photos/{path.parent.name}/._{path.name}", b"\x00\x05\x16\x07" + b"\x00" * 60)
+    folder = dataset.ingest(dataset.IngestConfig(source=str(data), image_size=8), tmp_path / "folder",
+                            progress=lambda _: None)
+    for archive, line in (("flower_photos.tgz", "unpacked flower_photos.tgz (12 files); its data in flower_photos/"),
+                          ("photos.zip", "unpacked photos.zip (23 files); its data in photos/")):
+        lines = []
+        info = dataset.ingest(dataset.IngestConfig(source=str(tmp_path / archive), image_size=8),
+                              tmp_path / archive.replace(".", "-"), progress=lines.append)
+        # The same images, split the same way: the dataset an archive gives is the folder's.
+        assert info.class_names == ["daisy", "tulips"] and info.fingerprint == folder.fingerprint
+        assert info.notes == [line] and f"ingest: {line}" in lines
+
+
+def test_an_archive_that_cannot_be_read_or_reaches_outside_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
+    with tarfile.open(tmp_path / "escape.tar", "w") as t:
+        info = tarfile.TarInfo("../outside.png")
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"png"))
+    for name in ("broken.zip", "escape.tar"):
+        with pytest.raises(InputError, match=rf"dataset source `.*{name}` is not an archive that can be read \("):
+            dataset.ingest(dataset.IngestConfig(source=str(tmp_path / name), image_size=8), tmp_path / "out",
+                           progress=lambda _: None)
+    assert not (tmp_path.parent / "outside.png").exists()
+
+
 def _numbered_shard(path: Path, numbers: range, classes: int) -> None:
     """A TFRecord shard of PNGs whose top-left pixel is the example's number, label number % classes."""
     import tensorflow as tf
@@ -289,6 +331,16 @@ def test_gcs_prefix_source(tmp_path, bucket):
                           progress=lambda _: None)
     assert info.class_names == ["x", "y"]
     assert sum(info.splits.values()) == 10
+
+    # One object instead of thousands: the same folder uploaded as a .tar.gz.
+    import tarfile
+
+    with tarfile.open(tmp_path / "src.tar.gz", "w:gz") as t:
+        t.add(root, arcname="src")
+    client.bucket(bucket).blob("archives/src.tar.gz").upload_from_filename(str(tmp_path / "src.tar.gz"))
+    packed = dataset.ingest(dataset.IngestConfig(source=f"gs://{bucket}/archives/src.tar.gz", image_size=8),
+                            tmp_path / "out2", progress=lambda _: None)
+    assert packed.fingerprint == info.fingerprint and packed.notes == ["unpacked src.tar.gz (10 files); its data in src/"]
 
 
 @pytest.mark.parametrize(

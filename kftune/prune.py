@@ -97,7 +97,9 @@ class PruneConfig:
             the target there); 0 means the last pruning step of training.
         prune_frequency: Prune every this many steps.
         prune_layer_types: Comma-separated Keras layer class names to prune
-            (``Conv2D,Dense``); empty prunes every prunable layer.
+            (``Conv2D,Dense``); empty prunes every prunable layer, a
+            keras.applications base's trainable layers included (magnitude:
+            the base is inlined, and the model handed on flat).
         prune_allocation: How ``target_sparsity`` is shared: ``auto`` (the
             default) is ``global`` for magnitude and ``uniform`` for structured,
             what recovers best in the measurements of each. Magnitude:
@@ -569,12 +571,10 @@ def _wrap(model, config: PruneConfig, end: int, patterns: dict[str, str] | None 
     tfmot = _tfmot()
     k = models.keras()
     types = config.layer_type_names
-    nested = [layer.name for layer in model.layers if isinstance(layer, k.Model)]
-    if nested and not types:
-        raise InputError(
-            f"layer `{nested[0]}` is a nested model (a pretrained backbone), which tfmot cannot prune whole: "
-            "set `prune_layer_types` (for example Dense) to prune only those layers."
-        )
+    if not types and any(isinstance(layer, k.Model) for layer in model.layers):
+        # tfmot cannot wrap a nested model (a keras.applications base): every layer to prune means the base's
+        # layers too, so the base is inlined (the same layers, weights and outputs) and handed on flat.
+        model = structured.flat(model)
     if types and not any(type(layer).__name__ in types for layer in model.layers):
         present = sorted({type(layer).__name__ for layer in model.layers})
         raise InputError(f"`prune_layer_types`={config.prune_layer_types} matches no layer of the model; it has: {', '.join(present)}.")

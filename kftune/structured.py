@@ -843,6 +843,30 @@ def allocate(measured: Sensitivity, fraction: float) -> dict[str, float]:
     return shares(float("inf"))
 
 
+def _rebuilt(model, g: Graph):
+    """A new model from the flat graph ``g`` of ``model``, with its layers' weights and trainable flags."""
+    k = models.keras()
+    custom = {type(layer).__name__: type(layer) for layer in g.layers.values() if layer is not None}
+    with k.utils.custom_object_scope(custom):
+        rebuilt = k.Model.from_config(copy.deepcopy(g.config)) if not g.sequential else k.models.clone_model(model)
+    for layer in rebuilt.layers:
+        if (source := g.layers.get(layer.name)) is not None:
+            if source.weights:
+                layer.set_weights(source.get_weights())
+            layer.trainable = source.trainable
+    return rebuilt
+
+
+def flat(model):
+    """``model`` with its nested functional bases inlined: the same layers, weights, trainable flags and outputs.
+
+    tfmot wraps only a model's own layers, and a keras.applications base is one
+    layer of the classifier around it; inlined, its convolutions can be pruned.
+    Each inner layer keeps the ``training`` its base was called with.
+    """
+    return _rebuilt(model, graph(model))
+
+
 def masked(model, the_plan: Plan):
     """The original model, flat, with every removed channel's input rows zeroed in the layers that read it.
 
@@ -851,19 +875,13 @@ def masked(model, the_plan: Plan):
     reaches nothing but its readers' zeroed rows. The contract the tests hold
     :func:`shrink` to.
     """
-    k = models.keras()
     g = graph(model)
     a = _analyse(g, None)
     full = {}
     for grp in the_plan.groups:
         if grp.keep is not None:
             full[a.spaces.find(a.producers[grp.producers[0]])] = grp
-    custom = {type(layer).__name__: type(layer) for layer in g.layers.values() if layer is not None}
-    with k.utils.custom_object_scope(custom):
-        flat = k.Model.from_config(copy.deepcopy(g.config)) if not g.sequential else k.models.clone_model(model)
-    for layer in flat.layers:
-        if g.layers.get(layer.name) is not None and g.layers[layer.name].weights:
-            layer.set_weights(g.layers[layer.name].get_weights())
+    flat = _rebuilt(model, g)
     kept = {root: grp.keep for root, grp in full.items()}
     for name, layout in a.readers.items():
         rows = _rows(layout, kept, a.spaces)

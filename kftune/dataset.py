@@ -237,11 +237,12 @@ def image_files(folder: Path) -> list[Path]:
     return _Files().images(folder)
 
 
-def _folder_records(root: Path) -> _Listing:
+def _folder_records(root: Path, where: str) -> _Listing:
+    """The images under ``root`` (``where`` names it in messages: the source the user gave)."""
     top = _subfolders(root)
     if not top:
         raise InputError(
-            f"`{root}` has no class subfolders: put each class's images in its own subfolder "
+            f"`{where}` has no class subfolders: put each class's images in its own subfolder "
             "(data/cat/*.jpg, data/dog/*.jpg) or give TFRecord shards."
         )
     files = _Files()
@@ -254,7 +255,7 @@ def _folder_records(root: Path) -> _Listing:
         return _Listing([d.name for d in top], records, notes=files.notes(root))
     if others := [d.name for d in top if d not in splits]:
         raise InputError(
-            f"`{root}` mixes split folders ({', '.join(d.name + '/' for d in splits)}) with other folders "
+            f"`{where}` mixes split folders ({', '.join(d.name + '/' for d in splits)}) with other folders "
             f"({', '.join(o + '/' for o in others[:3])}): put every class's folder inside the split folders, "
             "or give one folder per class and let kftune split them."
         )
@@ -262,10 +263,10 @@ def _folder_records(root: Path) -> _Listing:
     for d in splits:
         by_split.setdefault(SPLIT_FOLDERS[d.name.lower()], []).append(d)
     if twice := [f"{' and '.join(d.name + '/' for d in ds)}" for ds in by_split.values() if len(ds) > 1]:
-        raise InputError(f"`{root}` has two folders for one split ({'; '.join(twice)}): merge them into one.")
+        raise InputError(f"`{where}` has two folders for one split ({'; '.join(twice)}): merge them into one.")
     if "train" not in by_split:
         raise InputError(
-            f"`{root}` has split folders ({', '.join(d.name + '/' for d in splits)}) but no train/: the images to "
+            f"`{where}` has split folders ({', '.join(d.name + '/' for d in splits)}) but no train/: the images to "
             "train on go in train/<class>/."
         )
     class_names = sorted({c.name for d in splits for c in _subfolders(d)})
@@ -378,7 +379,7 @@ def _shard_split(relative: Path) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _shard_splits(root: Path, shards: list[Path]) -> tuple[list[str] | None, list[str]]:
+def _shard_splits(root: Path, shards: list[Path], where: str) -> tuple[list[str] | None, list[str]]:
     """Each shard's split, when every shard's name gives one (else None), and the splits left out."""
     named = [_shard_split(path.relative_to(root)) for path in shards]
     if not any(named):
@@ -386,25 +387,25 @@ def _shard_splits(root: Path, shards: list[Path]) -> tuple[list[str] | None, lis
     if not all(named):
         unnamed = [str(path.relative_to(root)) for path, split in zip(shards, named, strict=True) if not split]
         raise InputError(
-            f"`{root}` has TFRecord shards named by split and shards that are not ({', '.join(unnamed[:3])}): name "
+            f"`{where}` has TFRecord shards named by split and shards that are not ({', '.join(unnamed[:3])}): name "
             "each shard's split (train-00000.tfrecord, validation-00000.tfrecord), or none of them and kftune splits."
         )
     if "train" not in named:
         raise InputError(
-            f"`{root}` has TFRecord shards of the splits {sorted(set(named))} but none of train: the examples to "
+            f"`{where}` has TFRecord shards of the splits {sorted(set(named))} but none of train: the examples to "
             "train on go in shards named train."
         )
     return named, sorted(set(named) - set(SPLITS))
 
 
-def _tfrecord_records(root: Path) -> _Listing:
+def _tfrecord_records(root: Path, where: str) -> _Listing:
     """Class names, (record, label) pairs and the number of damaged records, reading labels only.
 
     Shards whose names give their split (``train-*.tfrecord``, TensorFlow
     Datasets' ``<name>-train.tfrecord-*``) keep it, as split folders do.
     """
     shards = _tfrecord_files(root)
-    splits, others = _shard_splits(root, shards)
+    splits, others = _shard_splits(root, shards, where)
     records, damaged, folders = [], 0, []
     for number, path in enumerate(shards):
         if splits and splits[number] in others:
@@ -487,14 +488,15 @@ def _list_source(source: str, workdir: Path) -> _Listing:
     root = storage.fetch(source, workdir) if storage.is_gcs(source) else Path(source)
     if not root.exists():
         raise InputError(f"dataset source `{source}` does not exist: give a folder, a gs:// prefix or {BUNDLED}.")
-    unpacked = []
+    unpacked, where = [], source
     if root.is_file() and root.name.lower().endswith(ARCHIVE_SUFFIXES):
         root, line = _unpack(root, source, workdir)
         unpacked.append(line)
+        where = f"{source}, unpacked" + (f", {root.name}/" if root.name != "unpacked" else "")
     if not root.is_dir():
         raise InputError(f"dataset source `{source}` is a file: give the folder that holds the class subfolders, or "
                          f"an archive of it ({', '.join(ARCHIVE_SUFFIXES)}).")
-    listing = _tfrecord_records(root) if _tfrecord_files(root) else _folder_records(root)
+    listing = _tfrecord_records(root, where) if _tfrecord_files(root) else _folder_records(root, where)
     listing.notes[:0] = unpacked
     return listing
 

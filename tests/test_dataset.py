@@ -271,6 +271,16 @@ def test_an_archive_that_cannot_be_read_or_reaches_outside_is_refused(tmp_path):
                            progress=lambda _: None)
     assert not (tmp_path.parent / "outside.png").exists()
 
+    # What is wrong inside an archive is said of the archive the user gave, not of a temporary folder.
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "loose.zip", "w") as z:
+        z.writestr("photos/0.png", b"png")
+        z.writestr("photos/1.png", b"png")
+    with pytest.raises(InputError, match=rf"^`{tmp_path}/loose\.zip, unpacked, photos/` has no class subfolders"):
+        dataset.ingest(dataset.IngestConfig(source=str(tmp_path / "loose.zip"), image_size=8), tmp_path / "out",
+                       progress=lambda _: None)
+
 
 def _numbered_shard(path: Path, numbers: range, classes: int) -> None:
     """A TFRecord shard of PNGs whose top-left pixel is the example's number, label number % classes."""

@@ -245,6 +245,13 @@ def _folder_records(root: Path, where: str) -> _Listing:
             f"`{where}` has no class subfolders: put each class's images in its own subfolder "
             "(data/cat/*.jpg, data/dog/*.jpg) or give TFRecord shards."
         )
+    if len(top) == 1 and len(inner := _subfolders(top[0])) > 1 and top[0].name.lower() not in SPLIT_FOLDERS:
+        # data/flower_photos/<class>/ given as data: one class, the folder that holds the classes.
+        raise InputError(
+            f"dataset source `{where}` has 1 class folder, `{top[0].name}/`, which holds {len(inner)} folders "
+            f"({', '.join(d.name for d in inner[:4])}{', ...' if len(inner) > 4 else ''}): if those are the classes, "
+            f"give `{where.rstrip('/')}/{top[0].name}` as source; a classifier needs at least 2 classes."
+        )
     files = _Files()
     files.look_beside(root)
     splits = [d for d in top if d.name.lower() in SPLIT_FOLDERS and _subfolders(d)]

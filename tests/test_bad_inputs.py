@@ -403,6 +403,10 @@ CASES = [
          r"dataset source `.*d` holds no images"),
     Case("ingest/one-class", lambda c: ingest(c, source=str(_class_folders(c.tmp / "d", {"only": 6}))),
          r"dataset source `.*d` has 1 class: a classifier needs at least 2"),
+    Case("ingest/the-folder-above-the-class-folders",
+         lambda c: ingest(c, source=str(_class_folders(c.tmp / "d", {"flower_photos/daisy": 4, "flower_photos/roses": 4}))),
+         r"dataset source `.*d` has 1 class folder, `flower_photos/`, which holds 2 folders \(daisy, roses\): if "
+         r"those are the classes, give `.*d/flower_photos` as source"),
     Case("ingest/class-with-one-image", lambda c: ingest(c, source=str(_class_folders(c.tmp / "d", {"solo": 1, "b": 6}))),
          r"1 class\(es\) have too few images: `solo` has 1. Each class needs at least 3"),
     Case("ingest/two-classes-too-small-named-at-once",

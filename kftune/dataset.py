@@ -657,6 +657,21 @@ def fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+# A largest class this many times the smallest: accuracy says little about the small classes.
+IMBALANCE_RATIO = 10
+
+
+def _imbalance(train_counts: list[int], class_names: list[str]) -> list[str]:
+    """A line naming the smallest and largest classes when they are IMBALANCE_RATIO or more apart."""
+    small = min(range(len(class_names)), key=lambda label: train_counts[label])
+    large = max(range(len(class_names)), key=lambda label: train_counts[label])
+    if not train_counts[small] or train_counts[large] < IMBALANCE_RATIO * train_counts[small]:
+        return []
+    return [f"the classes are imbalanced: `{class_names[small]}` has {train_counts[small]} training images, "
+            f"`{class_names[large]}` {train_counts[large]} ({train_counts[large] / train_counts[small]:.0f}x): "
+            "accuracy mostly measures the large classes; read the evaluation's per-class recall"]
+
+
 def _refuse_emptied_classes(per_class: dict[str, list[int]], class_names: list[str], source: str) -> None:
     """Refuses a dataset in which skipping images left a class with no image in some split.
 
@@ -801,7 +816,7 @@ def ingest(config: IngestConfig, output_dir: str | Path, progress: Callable[[str
             writer.close()
             counts[split] = writer.count
             progress(f"ingest: wrote {writer.count} {split} images")
-        notes = listing.notes + copies.notes(records, class_names)
+        notes = listing.notes + copies.notes(records, class_names) + _imbalance(per_class["train"], class_names)
         for note in notes[len(listing.notes):]:
             progress(f"ingest: {note}")
         _refuse_emptied_classes(per_class, class_names, config.source)

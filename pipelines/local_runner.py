@@ -52,7 +52,7 @@ _EPOCH = re.compile(r"^Epoch (\d+)/(\d+)$")
 _EPOCH_END = re.compile(r"^\d+/\d+ - .* - [\d.]+m?s/epoch - ")
 # kftune's own lines that carry a headline figure, or say what ingest left out of the data, echoed under their task.
 _ECHO = re.compile(r"^(search: trial \d+ |evaluate: \w+ \(.*\) accuracy |prune: \d+%: "
-                   r"|ingest: (left out |split |skipped |\d+ image\(s\) repeat )|prune: \d+ training steps are too few )")
+                   r"|ingest: (left out |split |skipped |\d+ image\(s\) repeat |the classes are imbalanced)|prune: \d+ training steps are too few )")
 
 
 def plain(text: str) -> str:

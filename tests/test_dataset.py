@@ -282,6 +282,16 @@ def test_an_archive_that_cannot_be_read_or_reaches_outside_is_refused(tmp_path):
                        progress=lambda _: None)
 
 
+def test_classes_ten_times_apart_are_said_to_be_imbalanced(tmp_path):
+    root = _write_folder(tmp_path / "src", {"rare": 5, "common": 60, "usual": 20}, size=(8, 8))
+    info = dataset.ingest(dataset.IngestConfig(source=str(root), image_size=8), tmp_path / "out", progress=lambda _: None)
+    assert info.notes == ["the classes are imbalanced: `rare` has 3 training images, `common` 42 (14x): accuracy mostly "
+                          "measures the large classes; read the evaluation's per-class recall"]
+    balanced = _write_folder(tmp_path / "even", {"a": 30, "b": 6}, size=(8, 8))
+    assert dataset.ingest(dataset.IngestConfig(source=str(balanced), image_size=8), tmp_path / "out2",
+                          progress=lambda _: None).notes == []
+
+
 def _numbered_shard(path: Path, numbers: range, classes: int) -> None:
     """A TFRecord shard of PNGs whose top-left pixel is the example's number, label number % classes."""
     import tensorflow as tf

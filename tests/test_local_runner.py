@@ -190,6 +190,7 @@ def test_what_ingest_left_out_of_the_data_is_shown_under_its_task(tmp_path):
              "ingest: left out 3 validation image(s) whose pixels repeat an image of an earlier split (first: a.png)",
              "ingest: 2 image(s) repeat an image of another class (first: a.png in `cat` and b.png in `dog`)",
              "ingest: skipped 1 undecodable image(s) of 40",
+             "ingest: the classes are imbalanced: `rare` has 3 training images, `common` 42 (14x): accuracy mostly",
              "prune: 8 training steps are too few to prune every 10 (prune_frequency): pruning every 2 step(s) "
              "instead, 4 turns"]
     for line in ["ingest: 40 images, 2 classes from data", *shown, "ingest: wrote 28 train images"]:

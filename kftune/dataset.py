@@ -458,7 +458,8 @@ def _unpack(archive: Path, source: str, workdir: Path) -> tuple[Path, str]:
     The data folder is the archive's single top folder where there is one
     (flower_photos.tgz holds flower_photos/), down as long as there is one.
     Neither format can write outside the folder: zipfile drops ``..`` and
-    absolute paths, and tarfile's ``data`` filter refuses them and links.
+    absolute paths, and tarfile's ``data`` filter refuses them, and links
+    that point outside.
     """
     import tarfile
     import zipfile

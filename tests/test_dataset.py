@@ -270,6 +270,20 @@ def test_an_archive_that_cannot_be_read_or_reaches_outside_is_refused(tmp_path):
             dataset.ingest(dataset.IngestConfig(source=str(tmp_path / name), image_size=8), tmp_path / "out",
                            progress=lambda _: None)
     assert not (tmp_path.parent / "outside.png").exists()
+    # A zip's ../ and absolute names are cut back to names inside the folder (zipfile), never followed.
+    import zipfile
+
+    _write_folder(tmp_path / "ok", {"a": 3, "b": 3}, size=(8, 8))
+    with zipfile.ZipFile(tmp_path / "escape.zip", "w") as z:
+        for path in sorted((tmp_path / "ok").rglob("*.png")):
+            z.write(path, f"ok/{path.relative_to(tmp_path / 'ok')}")
+        z.writestr("../../outside.png", b"png")
+        z.writestr(str(tmp_path.parent / "absolute.png"), b"png")
+    with pytest.raises(InputError, match=r"have too few images: `[^`]+` has 1"):  # the absolute name, kept inside
+        dataset.ingest(dataset.IngestConfig(source=str(tmp_path / "escape.zip"), image_size=8), tmp_path / "out-zip",
+                       progress=lambda _: None)
+    assert not (tmp_path.parent / "outside.png").exists() and not (tmp_path.parent.parent / "outside.png").exists()
+    assert not (tmp_path.parent / "absolute.png").exists()
 
     # What is wrong inside an archive is said of the archive the user gave, not of a temporary folder.
     import zipfile

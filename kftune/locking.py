@@ -111,7 +111,10 @@ class lock:  # noqa: N801 - used as a context manager
                 held = blob.bucket.get_blob(blob.name, **storage._calls())
             if held is None:
                 return False
-            text = held.download_as_text(**storage._calls())
+            try:
+                text = held.download_as_text(**storage._calls())
+            except exceptions.NotFound:
+                return False  # released between the two reads: free now, taken on the next try
             if text.find(self.token) >= 0:
                 self._generation = held.generation  # our own upload, whose answer was lost and retried
                 return True

@@ -88,6 +88,33 @@ def test_on_gcs_a_held_lock_blocks_the_next_holder_until_released(bucket, fault_
     assert left is None
 
 
+def test_on_gcs_a_lock_released_between_its_two_reads_is_taken_not_an_error(bucket, fault_proxy, monkeypatch):
+    """The waiter reads the lock's metadata, then its content; the holder released it in between.
+
+    The content read then finds no such generation. It was raised out of the waiter (a search worker
+    stopped by its neighbour's release; seen once in CI): the lock is free, so the waiter tries again.
+    """
+    from google.cloud.storage import Blob
+
+    # The proxy refuses a create whose ifGenerationMatch=0 fails, as GCS does (the emulator would overwrite).
+    proxy = fault_proxy({"api": ["ok"], "upload": ["ok"], "download": ["ok"]})
+    uri = f"gs://{bucket}/state/oracle.lock"
+    holder = locking.lock(uri, poll=0.02).__enter__()
+    read = Blob.download_as_text
+    released = []
+
+    def release_first(self, *args, **kwargs):
+        if not released:
+            released.append(holder.__exit__(None, None, None))
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Blob, "download_as_text", release_first)
+    with locking.lock(uri, poll=0.02, stale_after=60, timeout=30):
+        assert released and proxy.preconditions_refused >= 1
+        assert storage._client().bucket(bucket).get_blob("state/oracle.lock") is not None
+    assert storage._client().bucket(bucket).get_blob("state/oracle.lock") is None
+
+
 def test_on_gcs_a_dead_holders_lock_is_taken_over_once_stale(bucket):
     storage._client().bucket(bucket).blob("state/oracle.lock").upload_from_string('{"holder": "gone"}')
     time.sleep(1.2)

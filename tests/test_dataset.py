@@ -284,10 +284,20 @@ def test_an_archive_that_cannot_be_read_or_reaches_outside_is_refused(tmp_path):
                        progress=lambda _: None)
     assert not (tmp_path.parent / "outside.png").exists() and not (tmp_path.parent.parent / "outside.png").exists()
     assert not (tmp_path.parent / "absolute.png").exists()
+    # Ingest unpacks into a temporary folder of its own; into one this test controls, the escapes would land
+    # beside it: the tar's is refused, the zip's names are cut back inside.
+    tar_work, zip_work = tmp_path / "t" / "work", tmp_path / "z" / "work"
+    tar_work.mkdir(parents=True)
+    zip_work.mkdir(parents=True)
+    with pytest.raises(InputError, match="is not an archive that can be read"):
+        dataset._unpack(tmp_path / "escape.tar", "escape.tar", tar_work)
+    assert not (tar_work / "outside.png").exists() and not list((tar_work / "unpacked").iterdir())
+    dataset._unpack(tmp_path / "escape.zip", "escape.zip", zip_work)
+    assert not (zip_work / "outside.png").exists() and not (zip_work.parent / "outside.png").exists()
+    assert (zip_work / "unpacked" / "outside.png").read_bytes() == b"png"
+    assert (zip_work / "unpacked" / tmp_path.parent.relative_to("/") / "absolute.png").read_bytes() == b"png"
 
     # What is wrong inside an archive is said of the archive the user gave, not of a temporary folder.
-    import zipfile
-
     with zipfile.ZipFile(tmp_path / "loose.zip", "w") as z:
         z.writestr("photos/0.png", b"png")
         z.writestr("photos/1.png", b"png")
